@@ -1,0 +1,38 @@
+""" `bam-models list`: every zoo model with parameters and FLOPs measured on the meta device. """
+import argparse
+import json
+from typing import Dict, List
+
+from bam_models.models import list_zoo_models
+from bam_models.profiling import model_stats
+
+
+def model_table(stats: List[Dict[str, float]]) -> str:
+    """Markdown table of `model_stats` rows (the README's model table is this output)."""
+    lines = [
+        '| model | params | GFLOPs | GMACs | input |',
+        '|---|---:|---:|---:|---:|',
+    ]
+    for row in stats:
+        lines.append(
+            f"| `{row['model']}` | {row['params']:,} | {row['gflops']:.3f} | {row['gmacs']:.3f} | {row['input_size']} |")
+    return '\n'.join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    stats = [model_stats(name) for name in list_zoo_models(args.pattern)]
+    if not stats:
+        raise SystemExit(f"no zoo model matches {args.pattern!r}; run `bam-models list` to see them all")
+    print(json.dumps(stats, indent=2) if args.json else model_table(stats))
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        'list', help='list zoo models with parameters and FLOPs',
+        description='Every registered zoo model with its parameter count and the FLOPs of one 224x224 forward '
+                    'pass, counted by torch.utils.flop_counter on the meta device (GMACs = GFLOPs / 2, the '
+                    'unit the BAM/CBAM papers call GFLOPs).')
+    parser.add_argument('pattern', nargs='?', default='', help="wildcard filter, e.g. '*_cbam'")
+    parser.add_argument('--json', action='store_true', help='print JSON instead of a Markdown table')
+    parser.set_defaults(func=run)

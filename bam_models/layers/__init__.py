@@ -1,0 +1,2 @@
+from .bam import BAM, BamChannelGate, BamSpatialGate, GateBatchNorm2d
+from .cbam import CBAM, CbamChannelGate, CbamSpatialGate

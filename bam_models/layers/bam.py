@@ -1,0 +1,210 @@
+""" Bottleneck Attention Module (BAM)
+
+Park, Woo, Lee, Kweon, "BAM: Bottleneck Attention Module", BMVC 2018 (arXiv:1807.06514).
+
+The default configuration is the architecture of the authors' released ImageNet weights, which differs from
+the paper's equation: the two branches are combined by an element-wise PRODUCT, `F * (1 + sigmoid(Mc * Ms))`,
+and neither branch ends in BatchNorm. `fusion="sum"` gives the paper's `sigmoid(BN(Mc) + BN(Ms))`, and
+`fusion="max"` the max-combination of the paper's ablation (also with a closing BN per branch, as there).
+`gates="channel"` / `gates="spatial"` keep a single branch, as in the paper's Table 1 ablations.
+"""
+from collections import OrderedDict
+from typing import Optional, Type
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from timm.layers import make_divisible
+from timm.layers._fx import register_notrace_module
+
+__all__ = ['BAM', 'BamChannelGate', 'BamSpatialGate', 'GateBatchNorm2d']
+
+_FUSIONS = ('product', 'sum', 'max')
+_GATES = ('both', 'channel', 'spatial')
+
+
+@register_notrace_module  # the single-value check depends on the input shape, which FX cannot trace
+class GateBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d for globally pooled (B, C, 1, 1) gate activations that also trains at batch size 1.
+
+    A pooled batch of one sample holds a single value per channel, where batch statistics are undefined
+    (plain BatchNorm raises "Expected more than 1 value per channel when training"). Detection and
+    segmentation fine-tuning routinely runs at one image per device, so for such a batch this layer
+    normalises with its running statistics, exactly as in eval mode, and leaves them untouched. With two or
+    more values per channel it is an ordinary BatchNorm2d: same state dict, same numerics, and still an
+    instance of nn.BatchNorm2d, so `timm.layers.freeze_batch_norm_2d`, SyncBatchNorm conversion and
+    torchvision's FrozenBatchNorm2d replacement cover it.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        use_batch_stats = not self.track_running_stats
+        if self.training and not use_batch_stats:
+            use_batch_stats = x.shape[0] * x.shape[2] * x.shape[3] > 1
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and use_batch_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return F.batch_norm(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            self.eps,
+        )
+
+
+class BamChannelGate(nn.Module):
+    """Channel branch Mc: global average pool -> FC -> BN -> ReLU -> FC, giving (B, C, 1, 1) logits.
+
+    The FCs are 1x1 convolutions on the pooled map so every norm is a BatchNorm2d.
+    """
+
+    def __init__(
+            self,
+            channels: int,
+            rd_channels: int,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            out_norm: bool = False,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=True, **dd)
+        self.bn = GateBatchNorm2d(rd_channels, **dd)
+        self.act = act_layer(inplace=True)
+        self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=True, **dd)
+        self.bn_out = GateBatchNorm2d(channels, **dd) if out_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.mean((2, 3), keepdim=True)  # pooled over both dims: any H != W, no size-derived kernel
+        x = self.act(self.bn(self.fc1(x)))
+        return self.bn_out(self.fc2(x))
+
+
+class BamSpatialGate(nn.Sequential):
+    """Spatial branch Ms: 1x1 reduce -> `num_dilated` dilated 3x3 convs -> 1x1 to one map, (B, 1, H, W)."""
+
+    def __init__(
+            self,
+            channels: int,
+            rd_channels: int,
+            dilation: int = 4,
+            num_dilated: int = 2,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            out_norm: bool = False,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        layers = OrderedDict()
+        layers['conv_reduce'] = nn.Conv2d(channels, rd_channels, 1, bias=True, **dd)
+        layers['bn_reduce'] = nn.BatchNorm2d(rd_channels, **dd)
+        layers['act_reduce'] = act_layer(inplace=True)
+        for i in range(num_dilated):
+            # padding = dilation keeps H x W for a 3x3 kernel at any dilation
+            layers[f'conv_dil{i}'] = nn.Conv2d(
+                rd_channels, rd_channels, 3, padding=dilation, dilation=dilation, bias=True, **dd)
+            layers[f'bn_dil{i}'] = nn.BatchNorm2d(rd_channels, **dd)
+            layers[f'act_dil{i}'] = act_layer(inplace=True)
+        layers['conv_out'] = nn.Conv2d(rd_channels, 1, 1, bias=True, **dd)
+        if out_norm:
+            layers['bn_out'] = nn.BatchNorm2d(1, **dd)
+        super().__init__(layers)
+
+
+class BAM(nn.Module):
+    """Bottleneck Attention Module: `out = F + F * sigmoid(fuse(Mc(F), Ms(F)))`.
+
+    Args:
+        channels: input (= output) channels C.
+        rd_ratio: hidden width ratio, the paper's 1/r with r = 16.
+        rd_channels: explicit hidden width, overrides `rd_ratio`.
+        rd_divisor: hidden width is rounded to a multiple of this (and never below it, so C < 16 works).
+        dilation: dilation of the spatial branch's 3x3 convolutions (paper: 4).
+        num_dilated: number of dilated 3x3 convolutions (paper: 2).
+        fusion: 'product' (authors' released weights), 'sum' (paper's equation) or 'max' (paper's ablation).
+        gates: 'both', or 'channel' / 'spatial' for single-branch ablations.
+        act_layer: activation inside both branches.
+    """
+
+    def __init__(
+            self,
+            channels: int,
+            rd_ratio: float = 1. / 16,
+            rd_channels: Optional[int] = None,
+            rd_divisor: int = 1,
+            dilation: int = 4,
+            num_dilated: int = 2,
+            fusion: str = 'product',
+            gates: str = 'both',
+            act_layer: Type[nn.Module] = nn.ReLU,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        if fusion not in _FUSIONS:
+            raise ValueError(f"BAM fusion must be one of {_FUSIONS}, got {fusion!r}.")
+        if gates not in _GATES:
+            raise ValueError(f"BAM gates must be one of {_GATES}, got {gates!r}.")
+        if gates != 'both' and fusion != 'product':
+            raise ValueError(
+                f"BAM fusion={fusion!r} combines two branches but gates={gates!r} keeps one; "
+                f"use fusion='product' (ignored for a single branch) or gates='both'.")
+        dd = {'device': device, 'dtype': dtype}
+        if rd_channels is None:
+            rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.)
+        self.channels = channels
+        self.rd_channels = rd_channels
+        self.fusion = fusion
+        self.gates = gates
+        # the paper closes each branch with BN before combining; the released product form does not
+        out_norm = fusion != 'product'
+        self.channel_gate = BamChannelGate(
+            channels, rd_channels, act_layer=act_layer, out_norm=out_norm, **dd,
+        ) if gates in ('both', 'channel') else None
+        self.spatial_gate = BamSpatialGate(
+            channels, rd_channels, dilation=dilation, num_dilated=num_dilated, act_layer=act_layer,
+            out_norm=out_norm, **dd,
+        ) if gates in ('both', 'spatial') else None
+        self.init_weights()
+
+    @torch.jit.ignore
+    def init_weights(self) -> None:
+        """The authors' init: kaiming-normal (fan_out) convs in the spatial branch, default-initialised FCs,
+        every bias zero, BN weight one."""
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Conv2d):
+                if name.startswith('spatial_gate'):
+                    nn.init.kaiming_normal_(module.weight, mode='fan_out')
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.BatchNorm2d):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+
+    def attention_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The pre-sigmoid attention map, broadcastable to x: (B, C, H, W), (B, C, 1, 1) or (B, 1, H, W)."""
+        if self.channel_gate is None:
+            assert self.spatial_gate is not None
+            return self.spatial_gate(x)
+        channel = self.channel_gate(x)
+        if self.spatial_gate is None:
+            return channel
+        spatial = self.spatial_gate(x)
+        if self.fusion == 'product':
+            return channel * spatial
+        if self.fusion == 'sum':
+            return channel + spatial
+        return torch.maximum(channel, spatial)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (1. + torch.sigmoid(self.attention_logits(x)))
+
+    def extra_repr(self) -> str:
+        return f'channels={self.channels}, rd_channels={self.rd_channels}, fusion={self.fusion}, gates={self.gates}'

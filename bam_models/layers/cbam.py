@@ -1,0 +1,122 @@
+""" Convolutional Block Attention Module (CBAM)
+
+Woo, Park, Lee, Kweon, "CBAM: Convolutional Block Attention Module", ECCV 2018 (arXiv:1807.06521).
+
+This is the architecture of the authors' released ImageNet weights: a channel gate (average- and max-pooled
+descriptors through one shared MLP with biases, summed, sigmoid) followed by a spatial gate (channel-wise
+[max, mean] -> 7x7 conv without bias -> BatchNorm -> sigmoid). The authors' code stacks the max map first
+while the paper writes the mean first; we keep the released order so their weights load unchanged.
+
+timm's `CbamModule` is the same idea with the spatial maps stacked [mean, max], no MLP biases by default and
+the default BN momentum, so its weights do not transfer without swapping the 7x7 conv's two input channels.
+"""
+from typing import Optional, Type
+
+import torch
+import torch.nn as nn
+
+from timm.layers import make_divisible
+
+__all__ = ['CBAM', 'CbamChannelGate', 'CbamSpatialGate']
+
+
+class CbamChannelGate(nn.Module):
+    """Channel weights sigmoid(MLP(avgpool(x)) + MLP(maxpool(x))), shape (B, C, 1, 1)."""
+
+    def __init__(
+            self,
+            channels: int,
+            rd_channels: int,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            mlp_bias: bool = True,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias, **dd)
+        self.act = act_layer(inplace=True)
+        self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[0]
+        # both descriptors go through the shared MLP as one batch: one pair of matmuls instead of two
+        pooled = torch.cat([x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)], dim=0)
+        mlp_out = self.fc2(self.act(self.fc1(pooled)))
+        return torch.sigmoid(mlp_out[:batch] + mlp_out[batch:])
+
+
+class CbamSpatialGate(nn.Module):
+    """Spatial weights sigmoid(BN(conv7x7([max_c(x), mean_c(x)]))), shape (B, 1, H, W)."""
+
+    def __init__(
+            self,
+            kernel_size: int = 7,
+            bn_momentum: float = 0.01,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False, **dd)
+        self.bn = nn.BatchNorm2d(1, momentum=bn_momentum, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
+        return torch.sigmoid(self.bn(self.conv(pooled)))
+
+
+class CBAM(nn.Module):
+    """Convolutional Block Attention Module: channel gate, then spatial gate, each multiplied into x.
+
+    Args:
+        channels: input (= output) channels C.
+        rd_ratio: hidden width ratio of the channel MLP (paper: 1/16).
+        rd_channels: explicit hidden width, overrides `rd_ratio`.
+        rd_divisor: hidden width is rounded to a multiple of this (and never below it, so C < 16 works).
+        spatial_kernel_size: kernel of the spatial gate's convolution (paper: 7).
+        act_layer: activation inside the channel MLP.
+        mlp_bias: biases in the channel MLP (the authors' weights have them).
+        spatial_bn_momentum: momentum of the spatial gate's BN (authors: 0.01).
+    """
+
+    def __init__(
+            self,
+            channels: int,
+            rd_ratio: float = 1. / 16,
+            rd_channels: Optional[int] = None,
+            rd_divisor: int = 1,
+            spatial_kernel_size: int = 7,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            mlp_bias: bool = True,
+            spatial_bn_momentum: float = 0.01,
+            device=None,
+            dtype=None,
+    ):
+        super().__init__()
+        dd = {'device': device, 'dtype': dtype}
+        if rd_channels is None:
+            rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.)
+        self.channels = channels
+        self.rd_channels = rd_channels
+        self.channel_gate = CbamChannelGate(channels, rd_channels, act_layer=act_layer, mlp_bias=mlp_bias, **dd)
+        self.spatial_gate = CbamSpatialGate(spatial_kernel_size, bn_momentum=spatial_bn_momentum, **dd)
+        self.init_weights()
+
+    @torch.jit.ignore
+    def init_weights(self) -> None:
+        """The authors' init: default-initialised MLP with zero biases, kaiming-normal (fan_out) spatial conv,
+        spatial BN weight zero so that every spatial map starts at sigmoid(0) = 0.5."""
+        nn.init.kaiming_normal_(self.spatial_gate.conv.weight, mode='fan_out')
+        nn.init.zeros_(self.spatial_gate.bn.weight)
+        nn.init.zeros_(self.spatial_gate.bn.bias)
+        for fc in (self.channel_gate.fc1, self.channel_gate.fc2):
+            if fc.bias is not None:
+                nn.init.zeros_(fc.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x * self.channel_gate(x)
+        return x * self.spatial_gate(x)
+
+    def extra_repr(self) -> str:
+        return f'channels={self.channels}, rd_channels={self.rd_channels}'

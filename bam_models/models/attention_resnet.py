@@ -1,0 +1,268 @@
+""" BAM and CBAM ResNets, Wide ResNets and ResNeXts on timm's ResNet
+
+BAM (Park et al. 2018) refines the output of layer1, layer2 and layer3, just before each downsampling stage.
+The module lives inside the stage it refines (`layer1.bam`), so every trunk parameter keeps timm's (and
+torchvision's) name, plain-trunk checkpoints load with only the BAM keys missing, and every features_only
+wrapper and forward_intermediates return BAM-refined maps.
+
+CBAM (Woo et al. 2018) sits in every residual block after the last BN and before the residual add, which is
+timm's block attention slot (`layer1.0.se`).
+"""
+from functools import partial
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from timm.models import register_model
+from timm.models._builder import build_model_with_cfg
+from timm.models._manipulate import checkpoint_seq
+from timm.models._registry import generate_default_cfgs
+from timm.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from bam_models.layers import BAM, CBAM
+from ._checks import check_image_batch
+
+__all__ = ['AttentionResNet']
+
+BAM_STAGES = (1, 2, 3)
+
+
+class AttentionResNet(ResNet):
+    """timm's ResNet with BAM inside the stages named by `bam_stages` (CBAM goes in through `block_args`).
+
+    Args:
+        bam_stages: stages (1-4) whose output BAM refines; () for none.
+        bam_args: keyword arguments for every BAM (fusion, rd_ratio, dilation, ...).
+        All other arguments are timm's ResNet's.
+    """
+
+    def __init__(
+            self,
+            *args,
+            bam_stages: Sequence[int] = (),
+            bam_args: Optional[Dict[str, Any]] = None,
+            **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        dd = {'device': kwargs.get('device'), 'dtype': kwargs.get('dtype')}
+        for stage in bam_stages:
+            if stage not in (1, 2, 3, 4):
+                raise ValueError(f"bam_stages entries must be ResNet stages 1-4, got {stage}.")
+            stage_channels = self.feature_info[stage]['num_chs']
+            getattr(self, f'layer{stage}').add_module('bam', BAM(stage_channels, **(bam_args or {}), **dd))
+        self.bam_stages = tuple(bam_stages)
+        self.min_input_size = kwargs.get('output_stride', 32)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        if coarse:
+            return dict(stem=r'^conv1|bn1|maxpool', blocks=r'^layer(\d+)')
+        # a stage's BAM joins the group of that stage's last block rather than the head
+        return dict(
+            stem=r'^conv1|bn1|maxpool',
+            blocks=[(r'^layer(\d+)\.bam', (99999,)), (r'^layer(\d+)\.(\d+)', None)],
+        )
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        check_image_batch(x, self.in_chans, self.min_input_size)
+        return super().forward_intermediates(
+            x, indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
+            intermediates_only=intermediates_only,
+        )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        # timm's body plus the input check; TorchScript cannot compile a super() call here
+        check_image_batch(x, self.in_chans, self.min_input_size)
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.act1(x)
+        x = self.maxpool(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq([self.layer1, self.layer2, self.layer3, self.layer4], x, flatten=True)
+        else:
+            x = self.layer1(x)
+            x = self.layer2(x)
+            x = self.layer3(x)
+            x = self.layer4(x)
+        return x
+
+
+def _create_resnet_attn(variant: str, pretrained: bool = False, **kwargs) -> AttentionResNet:
+    return build_model_with_cfg(AttentionResNet, variant, pretrained, **kwargs)
+
+
+def _bam_args(block, layers, **kwargs) -> Dict[str, Any]:
+    """Architecture kwargs of a BAM ResNet; user kwargs (e.g. bam_args=dict(fusion='sum')) win."""
+    return dict(dict(block=block, layers=layers, bam_stages=BAM_STAGES), **kwargs)
+
+
+def _cbam_args(block, layers, **kwargs) -> Dict[str, Any]:
+    """Architecture kwargs of a CBAM ResNet; `cbam_args` configure every block's CBAM."""
+    cbam_args = kwargs.pop('cbam_args', None) or {}
+    attn_layer = partial(CBAM, **cbam_args) if cbam_args else CBAM
+    block_args = dict(kwargs.pop('block_args', None) or {})
+    block_args.setdefault('attn_layer', attn_layer)
+    return dict(block=block, layers=layers, block_args=block_args, **kwargs)
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    return {
+        'url': '',
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bilinear',
+        'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
+        'first_conv': 'conv1', 'classifier': 'fc',
+        'license': 'mit',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'resnet18_bam': _cfg(),
+    'resnet34_bam': _cfg(),
+    'resnet50_bam': _cfg(),
+    'resnet101_bam': _cfg(),
+    'resnet152_bam': _cfg(),
+    'wide_resnet50_2_bam': _cfg(),
+    'wide_resnet101_2_bam': _cfg(),
+    'resnext50_32x4d_bam': _cfg(),
+    'resnext101_32x4d_bam': _cfg(),
+    'resnext101_32x8d_bam': _cfg(),
+    'resnet18_cbam': _cfg(),
+    'resnet34_cbam': _cfg(),
+    'resnet50_cbam': _cfg(),
+    'resnet101_cbam': _cfg(),
+    'resnet152_cbam': _cfg(),
+    'wide_resnet50_2_cbam': _cfg(),
+    'resnext50_32x4d_cbam': _cfg(),
+    'resnext101_32x8d_cbam': _cfg(),
+})
+
+
+@register_model
+def resnet18_bam(pretrained: bool = False, **kwargs) -> AttentionResNet:
+    """ResNet-18 with BAM after layer1-3."""
+    return _create_resnet_attn('resnet18_bam', pretrained, **_bam_args(BasicBlock, (2, 2, 2, 2), **kwargs))
+
+
+@register_model
+def resnet34_bam(pretrained: bool = False, **kwargs) -> AttentionResNet:
+    """ResNet-34 with BAM after layer1-3."""
+    return _create_resnet_attn('resnet34_bam', pretrained, **_bam_args(BasicBlock, (3, 4, 6, 3), **kwargs))
+
+
+@register_model
+def resnet50_bam(pretrained: bool = False, **kwargs) -> AttentionResNet:
+    """ResNet-50 with BAM after layer1-3 (the authors' ImageNet architecture)."""
+    return _create_resnet_attn('resnet50_bam', pretrained, **_bam_args(Bottleneck, (3, 4, 6, 3), **kwargs))
+
+
+@register_model
+def resnet101_bam(pretrained: bool = False, **kwargs) -> AttentionResNet:
+    """ResNet-101 with BAM after layer1-3."""
+    return _create_resnet_attn('resnet101_bam', pretrained, **_bam_args(Bottleneck, (3, 4, 23, 3), **kwargs))
+
+
+@register_model
+def resnet152_bam(pretrained: bool = False, **kwargs) -> AttentionResNet:
+    """ResNet-152 with BAM after layer1-3."""
+    return _create_resnet_attn('resnet152_bam', pretrained, **_bam_args(Bottleneck, (3, 8, 36, 3), **kwargs))
+
+
+@register_model
+def wide_resnet50_2_bam(pretrained: bool = False, **kwargs) -> AttentionResNet:
+    """Wide ResNet-50-2 with BAM after layer1-3."""
+    return _create_resnet_attn(
+        'wide_resnet50_2_bam', pretrained, **_bam_args(Bottleneck, (3, 4, 6, 3), base_width=128, **kwargs))
+
+
+@register_model
+def wide_resnet101_2_bam(pretrained: bool = False, **kwargs) -> AttentionResNet:
+    """Wide ResNet-101-2 with BAM after layer1-3."""
+    return _create_resnet_attn(
+        'wide_resnet101_2_bam', pretrained, **_bam_args(Bottleneck, (3, 4, 23, 3), base_width=128, **kwargs))
+
+
+@register_model
+def resnext50_32x4d_bam(pretrained: bool = False, **kwargs) -> AttentionResNet:
+    """ResNeXt-50 32x4d with BAM after layer1-3."""
+    return _create_resnet_attn(
+        'resnext50_32x4d_bam', pretrained,
+        **_bam_args(Bottleneck, (3, 4, 6, 3), cardinality=32, base_width=4, **kwargs))
+
+
+@register_model
+def resnext101_32x4d_bam(pretrained: bool = False, **kwargs) -> AttentionResNet:
+    """ResNeXt-101 32x4d with BAM after layer1-3."""
+    return _create_resnet_attn(
+        'resnext101_32x4d_bam', pretrained,
+        **_bam_args(Bottleneck, (3, 4, 23, 3), cardinality=32, base_width=4, **kwargs))
+
+
+@register_model
+def resnext101_32x8d_bam(pretrained: bool = False, **kwargs) -> AttentionResNet:
+    """ResNeXt-101 32x8d with BAM after layer1-3."""
+    return _create_resnet_attn(
+        'resnext101_32x8d_bam', pretrained,
+        **_bam_args(Bottleneck, (3, 4, 23, 3), cardinality=32, base_width=8, **kwargs))
+
+
+@register_model
+def resnet18_cbam(pretrained: bool = False, **kwargs) -> AttentionResNet:
+    """ResNet-18 with CBAM in every block."""
+    return _create_resnet_attn('resnet18_cbam', pretrained, **_cbam_args(BasicBlock, (2, 2, 2, 2), **kwargs))
+
+
+@register_model
+def resnet34_cbam(pretrained: bool = False, **kwargs) -> AttentionResNet:
+    """ResNet-34 with CBAM in every block."""
+    return _create_resnet_attn('resnet34_cbam', pretrained, **_cbam_args(BasicBlock, (3, 4, 6, 3), **kwargs))
+
+
+@register_model
+def resnet50_cbam(pretrained: bool = False, **kwargs) -> AttentionResNet:
+    """ResNet-50 with CBAM in every block (the authors' ImageNet architecture)."""
+    return _create_resnet_attn('resnet50_cbam', pretrained, **_cbam_args(Bottleneck, (3, 4, 6, 3), **kwargs))
+
+
+@register_model
+def resnet101_cbam(pretrained: bool = False, **kwargs) -> AttentionResNet:
+    """ResNet-101 with CBAM in every block."""
+    return _create_resnet_attn('resnet101_cbam', pretrained, **_cbam_args(Bottleneck, (3, 4, 23, 3), **kwargs))
+
+
+@register_model
+def resnet152_cbam(pretrained: bool = False, **kwargs) -> AttentionResNet:
+    """ResNet-152 with CBAM in every block."""
+    return _create_resnet_attn('resnet152_cbam', pretrained, **_cbam_args(Bottleneck, (3, 8, 36, 3), **kwargs))
+
+
+@register_model
+def wide_resnet50_2_cbam(pretrained: bool = False, **kwargs) -> AttentionResNet:
+    """Wide ResNet-50-2 with CBAM in every block."""
+    return _create_resnet_attn(
+        'wide_resnet50_2_cbam', pretrained, **_cbam_args(Bottleneck, (3, 4, 6, 3), base_width=128, **kwargs))
+
+
+@register_model
+def resnext50_32x4d_cbam(pretrained: bool = False, **kwargs) -> AttentionResNet:
+    """ResNeXt-50 32x4d with CBAM in every block."""
+    return _create_resnet_attn(
+        'resnext50_32x4d_cbam', pretrained,
+        **_cbam_args(Bottleneck, (3, 4, 6, 3), cardinality=32, base_width=4, **kwargs))
+
+
+@register_model
+def resnext101_32x8d_cbam(pretrained: bool = False, **kwargs) -> AttentionResNet:
+    """ResNeXt-101 32x8d with CBAM in every block."""
+    return _create_resnet_attn(
+        'resnext101_32x8d_cbam', pretrained,
+        **_cbam_args(Bottleneck, (3, 4, 23, 3), cardinality=32, base_width=8, **kwargs))

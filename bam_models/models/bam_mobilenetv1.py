@@ -1,0 +1,152 @@
+""" BAM MobileNetV1 on timm's EfficientNet builder
+
+One BAM before each of MobileNetV1's four stride-2 stages, i.e. refining the outputs of blocks.0-3 (64, 128,
+256 and 512 channels at width 1.0), which reproduces the paper's parameter count (4.32M vs 4.23M). Each BAM
+lives inside the stage it refines (`blocks.0.bam`), so trunk keys are timm's `mobilenetv1_*` keys.
+"""
+from functools import partial
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from timm.models import register_model
+from timm.models._builder import build_model_with_cfg
+from timm.models._efficientnet_builder import decode_arch_def, resolve_act_layer, resolve_bn_args, round_channels
+from timm.models._manipulate import checkpoint_seq
+from timm.models._registry import generate_default_cfgs
+from timm.models.efficientnet import EfficientNet
+
+from bam_models.layers import BAM
+from ._checks import check_image_batch
+
+__all__ = ['BamMobileNetV1']
+
+# stages 0-3 feed the four stride-2 stages 1-4
+BAM_STAGES = (0, 1, 2, 3)
+
+_MOBILENETV1_ARCH = [
+    ['dsa_r1_k3_s1_c64'],
+    ['dsa_r2_k3_s2_c128'],
+    ['dsa_r2_k3_s2_c256'],
+    ['dsa_r6_k3_s2_c512'],
+    ['dsa_r2_k3_s2_c1024'],
+]
+
+
+class BamMobileNetV1(EfficientNet):
+    """timm's EfficientNet (built as MobileNetV1) with BAM at the end of the stages in `bam_stages`."""
+
+    def __init__(
+            self,
+            *args,
+            bam_stages: Sequence[int] = BAM_STAGES,
+            bam_args: Optional[Dict[str, Any]] = None,
+            **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        dd = {'device': kwargs.get('device'), 'dtype': kwargs.get('dtype')}
+        for stage in bam_stages:
+            if not 0 <= stage < len(self.blocks):
+                raise ValueError(f"bam_stages entries must be stage indices 0-{len(self.blocks) - 1}, got {stage}.")
+            stage_channels = self.feature_info[stage]['num_chs']
+            self.blocks[stage].add_module('bam', BAM(stage_channels, **(bam_args or {}), **dd))
+        self.bam_stages = tuple(bam_stages)
+        self.min_input_size = kwargs.get('output_stride', 32)
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        if coarse:
+            blocks = [(r'^blocks\.(\d+)', None)]
+        else:
+            # a stage's BAM joins the group of that stage's last block rather than the head
+            blocks = [(r'^blocks\.(\d+)\.bam', (99999,)), (r'^blocks\.(\d+)\.(\d+)', None)]
+        return dict(stem=r'^conv_stem|bn1', blocks=blocks + [(r'conv_head|bn2', (99999,))])
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+            extra_blocks: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        check_image_batch(x, self.in_chans, self.min_input_size)
+        return super().forward_intermediates(
+            x, indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
+            intermediates_only=intermediates_only, extra_blocks=extra_blocks,
+        )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        # timm's body plus the input check; TorchScript cannot compile a super() call here
+        check_image_batch(x, self.in_chans, self.min_input_size)
+        x = self.conv_stem(x)
+        x = self.bn1(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x, flatten=True)
+        else:
+            x = self.blocks(x)
+        x = self.conv_head(x)
+        x = self.bn2(x)
+        return x
+
+
+def _create_mobilenetv1_bam(
+        variant: str,
+        channel_multiplier: float = 1.0,
+        pretrained: bool = False,
+        **kwargs,
+) -> BamMobileNetV1:
+    """Same arguments as timm's `_gen_mobilenet_v1` (headless MobileNetV1, ReLU6), built as BamMobileNetV1.
+
+    features_only goes through timm's feature wrappers (not EfficientNetFeatures, which would rebuild the
+    trunk without BAM), so every `feature_cls` sees the refined maps.
+    """
+    model_kwargs = dict(
+        block_args=decode_arch_def(_MOBILENETV1_ARCH),
+        num_features=0,
+        stem_size=32,
+        round_chs_fn=partial(round_channels, multiplier=channel_multiplier),
+        norm_layer=kwargs.pop('norm_layer', None) or partial(nn.BatchNorm2d, **resolve_bn_args(kwargs)),
+        act_layer=resolve_act_layer(kwargs, 'relu6'),
+        **kwargs,
+    )
+    return build_model_with_cfg(
+        BamMobileNetV1,
+        variant,
+        pretrained,
+        feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2, 3, 4)),
+        **model_kwargs,
+    )
+
+
+def _cfg(**kwargs) -> Dict[str, Any]:
+    return {
+        'url': '',
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bicubic',
+        'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
+        'first_conv': 'conv_stem', 'classifier': 'classifier',
+        'license': 'mit',
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    'mobilenetv1_100_bam': _cfg(),
+    'mobilenetv1_125_bam': _cfg(),
+})
+
+
+@register_model
+def mobilenetv1_100_bam(pretrained: bool = False, **kwargs) -> BamMobileNetV1:
+    """MobileNetV1 (width 1.0) with BAM before each stride-2 stage."""
+    return _create_mobilenetv1_bam('mobilenetv1_100_bam', 1.0, pretrained=pretrained, **kwargs)
+
+
+@register_model
+def mobilenetv1_125_bam(pretrained: bool = False, **kwargs) -> BamMobileNetV1:
+    """MobileNetV1 (width 1.25) with BAM before each stride-2 stage."""
+    return _create_mobilenetv1_bam('mobilenetv1_125_bam', 1.25, pretrained=pretrained, **kwargs)
