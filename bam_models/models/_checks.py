@@ -1,15 +1,14 @@
 """ Input validation shared by the zoo's model classes. """
 import torch
 
-from timm.layers._fx import register_notrace_function
 
 __all__ = ['check_image_batch']
 
 
-@register_notrace_function  # shape-dependent raise; FX keeps it as an opaque call
 def check_image_batch(x: torch.Tensor, in_chans: int, min_size: int) -> None:
     """Raise a ValueError naming the expected shape unless x is a (B, in_chans, H, W) batch with H, W >= min_size.
 
+    The raise depends on the input shape, which FX cannot trace: calling modules register it with torch.fx.wrap.
     `min_size` is the network's total stride: below it the last stage sees less than one pixel of image and
     its attention and pooling run on padding alone.
     """

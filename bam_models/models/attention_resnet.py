@@ -22,6 +22,9 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 from bam_models.layers import BAM, CBAM
 from ._checks import check_image_batch
 
+# FX patches wrapped names in the globals of the module that calls them, so each calling module wraps it
+torch.fx.wrap('check_image_batch')
+
 __all__ = ['AttentionResNet']
 
 BAM_STAGES = (1, 2, 3)

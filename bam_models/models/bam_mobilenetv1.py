@@ -20,6 +20,9 @@ from timm.models.efficientnet import EfficientNet
 from bam_models.layers import BAM
 from ._checks import check_image_batch
 
+# FX patches wrapped names in the globals of the module that calls them, so each calling module wraps it
+torch.fx.wrap('check_image_batch')
+
 __all__ = ['BamMobileNetV1']
 
 # stages 0-3 feed the four stride-2 stages 1-4
