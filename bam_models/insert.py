@@ -58,14 +58,16 @@ def insert_bam(model: nn.Module, bam_args: Optional[Dict[str, Any]] = None) -> n
     """
     if _is_resnet(model):
         stages = [getattr(model, f'layer{i}') for i in RESNET_BAM_STAGES]
-        channels = [_block_out_channels(stage[-1]) for stage in stages]
     elif _is_mobilenetv1(model):
         stages = [model.blocks[i] for i in MOBILENETV1_BAM_STAGES]
-        channels = [model.feature_info[i]['num_chs'] for i in MOBILENETV1_BAM_STAGES]
     else:
         raise _unsupported(model, 'insert_bam')
     if any(hasattr(stage, 'bam') for stage in stages):
         raise ValueError("insert_bam: the model already has BAM modules; insert them only once.")
+    if _is_resnet(model):
+        channels = [_block_out_channels(stage[-1]) for stage in stages]
+    else:
+        channels = [model.feature_info[i]['num_chs'] for i in MOBILENETV1_BAM_STAGES]
     dd = _factory_kwargs(model)
     for stage, num_chs in zip(stages, channels):
         stage.add_module('bam', BAM(num_chs, **(bam_args or {}), **dd).train(model.training))
@@ -108,7 +110,8 @@ def insert_cbam(model: nn.Module, cbam_args: Optional[Dict[str, Any]] = None) ->
         raise TypeError("insert_cbam: CBAM is defined for residual blocks and MobileNetV1 has none; use insert_bam.")
     if not _is_resnet(model):
         raise _unsupported(model, 'insert_cbam')
-    blocks = [block for i in range(1, 5) for block in getattr(model, f'layer{i}')]
+    blocks = [block for i in range(1, 5) for name, block in getattr(model, f'layer{i}').named_children()
+              if name != 'bam']
     if any(getattr(block, 'se', None) is not None for block in blocks):
         raise ValueError("insert_cbam: the model's blocks already have an attention module (block.se).")
     dd = _factory_kwargs(model)
