@@ -135,6 +135,7 @@ def test_pretrained_cfg_and_head_contract(name):
     assert model.get_classifier() is model.get_submodule(cfg['classifier'])
     x = torch.empty(2, *cfg['input_size'], device='meta')
     assert model(x).shape == (2, 1000)
+    assert tuple(model.forward_features(x).shape[-2:]) == tuple(cfg['pool_size'])
     assert model.forward_head(model.forward_features(x), pre_logits=True).shape == (2, model.num_features)
     model.reset_classifier(7)
     assert model(x).shape == (2, 7)
