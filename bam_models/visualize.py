@@ -352,7 +352,7 @@ def save_attention_figure(
         axes[row, -1].imshow(image)
         axes[row, -1].imshow(heatmaps[row], cmap='jet', alpha=0.5, vmin=0., vmax=1.)
         axes[row, -1].set_title(
-            f'Grad-CAM {cam_layer_name}\n{cam_size[0]}x{cam_size[1]} {label}{prob}', fontsize=7)
+            f'Grad-CAM {cam_layer_name}\n{cam_size[0]}x{cam_size[1]}, top: {label}{prob}', fontsize=7)
         for ax in axes[row]:
             ax.axis('off')
     fig.tight_layout()
