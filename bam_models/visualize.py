@@ -153,9 +153,11 @@ def capture_attention(model: nn.Module, images: torch.Tensor) -> AttentionCaptur
                 outputs[gate_name] = output.detach().float().clone()
         return hook
 
+    ran: List[str] = []
     handles = []
     try:
         for name, module in attention_modules:
+            handles.append(module.register_forward_hook(lambda m, args, out, name=name: ran.append(name)))
             for gate_name in ('channel_gate', 'spatial_gate'):
                 gate = getattr(module, gate_name, None)
                 if gate is not None:
@@ -166,6 +168,14 @@ def capture_attention(model: nn.Module, images: torch.Tensor) -> AttentionCaptur
             handle.remove()
 
     modules_by_name = dict(attention_modules)
+    for name in ran:
+        module = modules_by_name[name]
+        expected = {g for g in ('channel_gate', 'spatial_gate') if getattr(module, g, None) is not None}
+        if set(gate_outputs.get(name, ())) != expected:
+            raise RuntimeError(
+                f"{name} ({type(module).__name__}) ran without calling its gate submodules {sorted(expected)} "
+                f"as modules, so their forward hooks could not see the attention; call them as "
+                f"`self.channel_gate(x)` / `self.spatial_gate(x)` inside {type(module).__name__}.forward.")
     maps = {}
     with torch.no_grad():
         for name in order:

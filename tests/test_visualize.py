@@ -91,8 +91,11 @@ def test_capture_shapes_ranges_and_identical_output(name, train):
 def _module_io(model: nn.Module, module_type, images):
     """(input, output) of every module of `module_type`, recorded independently of bam_models.visualize."""
     records = {}
-    handles = [m.register_forward_hook(lambda mod, args, out, n=n: records.__setitem__(n, (args[0].clone(), out.clone())))
-               for n, m in model.named_modules() if isinstance(m, module_type)]
+
+    def record(name):
+        # copies: the block adds the shortcut into the attention output in place afterwards
+        return lambda module, args, out: records.__setitem__(name, (args[0].clone(), out.clone()))
+    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if isinstance(m, module_type)]
     with torch.no_grad():
         model(images)
     for handle in handles:
@@ -308,3 +311,13 @@ def test_cli_visualize_explains_missing_or_mismatched_weights(tmp_path, image_fi
     with pytest.raises(SystemExit, match='does not fit resnet18_bam.*missing keys'):
         cli_main(['visualize', '--model', 'resnet18_bam', '--checkpoint', str(tmp_path / 'cbam.safetensors'),
                   '--image', image_files[0], '--out', out])
+
+
+def test_capture_refuses_a_bam_that_bypasses_its_gate_modules():
+    model = _model('resnet18_bam').eval()
+    bam = model.layer2.bam
+    # a forward computing the gates without calling them as modules would silently hide them from hooks
+    bam.forward = lambda x: x * (1 + torch.sigmoid(bam.channel_gate.forward(x) * bam.spatial_gate.forward(x)))
+    with pytest.raises(RuntimeError, match='layer2.bam .BAM. ran without calling its gate submodules'):
+        capture_attention(model, torch.randn(1, 3, SIZE, SIZE))
+    assert _hook_count(model) == 0
