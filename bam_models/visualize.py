@@ -224,12 +224,7 @@ def grad_cam(
             if classes is None:
                 model.eval()
                 with torch.no_grad():
-                    logits = model(images)
-                if logits.dim() != 2:
-                    raise ValueError(
-                        f"Grad-CAM needs classifier logits of shape (B, num_classes), the model returned "
-                        f"{list(logits.shape)}; create it with num_classes > 0.")
-                classes = logits.argmax(1).tolist()
+                    classes = _class_probabilities(model, model(images)).argmax(1).tolist()
             cam = GradCAM(model=model, target_layers=[target_layer])
             try:
                 # an input that requires grad keeps Grad-CAM working when every parameter is frozen
@@ -242,6 +237,16 @@ def grad_cam(
         for param, grad in saved_grads:
             param.grad = grad
     return heatmaps, list(classes)
+
+
+def _class_probabilities(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    # a timm model created with num_classes=0 returns pooled features, also of shape (B, N)
+    if logits.dim() != 2 or getattr(model, 'num_classes', None) == 0:
+        raise ValueError(
+            f"Grad-CAM needs classifier logits of shape (B, num_classes), the model returned "
+            f"{'features' if logits.dim() == 2 else 'a tensor'} of shape {list(logits.shape)}; create it with "
+            f"num_classes > 0.")
+    return logits.detach().float().softmax(1).cpu()
 
 
 def _display_images(
@@ -329,10 +334,8 @@ def save_attention_figure(
         with torch.no_grad():
             capture = capture_attention(model, images)
         size_hook.remove()
-        logits = capture.output
-        probs = logits.float().softmax(1).cpu() if logits.dim() == 2 else None
-        heatmaps, classes = grad_cam(model, images, cam_layer,
-                                     classes=None if probs is None else probs.argmax(1).tolist())
+        probs = _class_probabilities(model, capture.output)
+        heatmaps, classes = grad_cam(model, images, cam_layer, classes=probs.argmax(1).tolist())
     finally:
         size_hook.remove()
         model.train(was_training)
@@ -358,11 +361,10 @@ def save_attention_figure(
                 f'[{spatial.min():.3f}, {spatial.max():.3f}]', fontsize=7)
         cls = classes[row]
         label = class_names[cls] if class_names is not None else f'class {cls}'
-        prob = '' if probs is None else f' p={probs[row, cls]:.2f}'
         axes[row, -1].imshow(image)
         axes[row, -1].imshow(heatmaps[row], cmap='jet', alpha=0.5, vmin=0., vmax=1.)
         axes[row, -1].set_title(
-            f'Grad-CAM {cam_layer_name}\n{cam_size[0]}x{cam_size[1]}, top: {label}{prob}', fontsize=7)
+            f'Grad-CAM {cam_layer_name}\n{cam_size[0]}x{cam_size[1]}, top: {label} p={probs[row, cls]:.2f}', fontsize=7)
         for ax in axes[row]:
             ax.axis('off')
     fig.tight_layout()

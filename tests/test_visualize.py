@@ -321,3 +321,9 @@ def test_capture_refuses_a_bam_that_bypasses_its_gate_modules():
     with pytest.raises(RuntimeError, match='layer2.bam .BAM. ran without calling its gate submodules'):
         capture_attention(model, torch.randn(1, 3, SIZE, SIZE))
     assert _hook_count(model) == 0
+
+
+def test_figure_needs_a_classifier(tmp_path):
+    model = _model('resnet18_bam', num_classes=0).eval()
+    with pytest.raises(ValueError, match='needs classifier logits.*num_classes > 0'):
+        save_attention_figure(model, torch.randn(1, 3, SIZE, SIZE), str(tmp_path / 'x.png'))
