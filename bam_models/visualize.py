@@ -1,0 +1,372 @@
+""" Attention maps and Grad-CAM for BAM and CBAM models.
+
+`capture_attention(model, images)` runs one ordinary forward pass with forward hooks on every BAM / CBAM
+gate and returns what each module multiplied into its feature map, per module and grouped per stage. The
+model's output is returned unchanged (the hooks only copy the gates' small outputs) and every hook is removed
+before the function returns, also when the forward pass raises.
+
+Value definitions, all in [0, 1]:
+
+- BAM multiplies its input F by `1 + A` with `A = sigmoid(fuse(Mc, Ms))` of shape (B, C, H, W). Its
+  `spatial` map is the mean of A over channels (B, H, W) and its `channel` weights the mean of A over H and W
+  (B, C): the attention actually applied, averaged along the other axis. The raw branch logits alone are
+  not shown because under the authors' product fusion the sign of Mc decides what Ms means. The full
+  multiplier is therefore `1 + spatial` / `1 + channel` in [1, 2]. A channel-only BAM has no spatial map,
+  a spatial-only BAM no channel weights (None).
+- CBAM multiplies by its channel weights sigmoid(MLP(avg) + MLP(max)) (B, C) and then by its spatial map
+  sigmoid(BN(conv([max, mean]))) (B, H, W); both are returned as they are.
+- A stage holding several CBAM blocks (one per residual block in a ResNet stage) reports the mean over its
+  blocks of their spatial maps and of their channel weights; the per-block maps stay in `modules`.
+
+`save_attention_figure(model, images, out_path)` draws the input, every stage's spatial attention upsampled
+onto it, and a Grad-CAM (the `grad-cam` package) of the top class at the last stage.
+"""
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from bam_models.layers import BAM, CBAM
+
+__all__ = [
+    'AttentionMap', 'AttentionCapture', 'capture_attention', 'grad_cam', 'default_cam_layer',
+    'save_attention_figure',
+]
+
+
+@dataclass
+class AttentionMap:
+    """Attention of one BAM/CBAM module or the mean over one stage's modules.
+
+    spatial: (B, H, W) in [0, 1], or None for a channel-only BAM.
+    channel: (B, C) in [0, 1], or None for a spatial-only BAM.
+    """
+    name: str
+    kind: str  # 'BAM' or 'CBAM'
+    modules: Tuple[str, ...]
+    spatial: Optional[torch.Tensor]
+    channel: Optional[torch.Tensor]
+
+    @property
+    def size(self) -> Optional[Tuple[int, int]]:
+        """(H, W) of the spatial map."""
+        return None if self.spatial is None else tuple(self.spatial.shape[-2:])
+
+
+@dataclass
+class AttentionCapture:
+    """Result of `capture_attention`: the model output and the attention by module and by stage, in forward
+    order."""
+    output: Any
+    modules: Dict[str, AttentionMap] = field(default_factory=dict)
+    stages: Dict[str, AttentionMap] = field(default_factory=dict)
+
+
+def _stage_name(model: nn.Module, module_name: str) -> str:
+    """The innermost nn.Sequential containing the module (`layer2` for `layer2.bam` and `layer2.1.se`,
+    `blocks.1` for `blocks.1.bam`), or the module's own name if none contains it."""
+    parts = module_name.split('.')
+    for end in range(len(parts) - 1, 0, -1):
+        prefix = '.'.join(parts[:end])
+        if isinstance(model.get_submodule(prefix), nn.Sequential):
+            return prefix
+    return module_name
+
+
+def _fuse_bam_logits(bam: BAM, channel: torch.Tensor, spatial: torch.Tensor) -> torch.Tensor:
+    if bam.fusion == 'product':
+        return channel * spatial
+    if bam.fusion == 'sum':
+        return channel + spatial
+    if bam.fusion == 'max':
+        return torch.maximum(channel, spatial)
+    raise ValueError(f"capture_attention cannot combine BAM fusion={bam.fusion!r}; known: product, sum, max.")
+
+
+def _bam_attention(name: str, bam: BAM, outputs: Dict[str, torch.Tensor]) -> AttentionMap:
+    channel_logits, spatial_logits = outputs.get('channel_gate'), outputs.get('spatial_gate')
+    if channel_logits is not None and spatial_logits is not None:
+        attention = torch.sigmoid(_fuse_bam_logits(bam, channel_logits, spatial_logits))
+        spatial, channel = attention.mean(1), attention.mean((2, 3))
+    else:
+        spatial = None if spatial_logits is None else torch.sigmoid(spatial_logits)[:, 0]
+        channel = None if channel_logits is None else torch.sigmoid(channel_logits).flatten(1)
+    return AttentionMap(name, 'BAM', (name,), spatial, channel)
+
+
+def _cbam_attention(name: str, outputs: Dict[str, torch.Tensor]) -> AttentionMap:
+    return AttentionMap(name, 'CBAM', (name,), outputs['spatial_gate'][:, 0], outputs['channel_gate'].flatten(1))
+
+
+def _mean_or_none(maps: List[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+    if any(m is None for m in maps):
+        return None
+    return torch.stack(maps).mean(0)
+
+
+def _group_by_stage(model: nn.Module, modules: Dict[str, AttentionMap]) -> Dict[str, AttentionMap]:
+    grouped: Dict[str, List[AttentionMap]] = {}
+    for name, attention in modules.items():
+        grouped.setdefault(_stage_name(model, name), []).append(attention)
+    stages = {}
+    for stage, members in grouped.items():
+        if len(members) == 1:
+            stages[stage] = AttentionMap(stage, members[0].kind, members[0].modules, members[0].spatial,
+                                         members[0].channel)
+            continue
+        kinds = sorted({m.kind for m in members})
+        stages[stage] = AttentionMap(
+            stage, '+'.join(kinds), tuple(m.name for m in members),
+            _mean_or_none([m.spatial for m in members]), _mean_or_none([m.channel for m in members]),
+        )
+    return stages
+
+
+def capture_attention(model: nn.Module, images: torch.Tensor) -> AttentionCapture:
+    """Run `model(images)` once and return its output with every BAM / CBAM attention map.
+
+    The forward pass runs in the model's current mode (train or eval) and grad mode, exactly as a plain
+    call would, so the output is bit-identical to `model(images)`. Maps are detached float32 tensors on the
+    model's device; see the module docstring for their definitions. Modules that did not run (e.g. behind
+    a features_only cut) are absent.
+    """
+    attention_modules = [(name, m) for name, m in model.named_modules() if isinstance(m, (BAM, CBAM))]
+    if not attention_modules:
+        raise ValueError(
+            f"capture_attention found no BAM or CBAM module in {type(model).__name__}; pass a zoo model "
+            f"(bam_models.list_zoo_models()) or one prepared with bam_models.insert_bam / insert_cbam.")
+
+    gate_outputs: Dict[str, Dict[str, torch.Tensor]] = {}
+    order: List[str] = []
+
+    def make_hook(module_name: str, gate_name: str):
+        def hook(gate: nn.Module, args: Any, output: torch.Tensor) -> None:
+            outputs = gate_outputs.setdefault(module_name, {})
+            if module_name not in order:
+                order.append(module_name)
+            # the first call is the forward pass; a second one would be a recomputation for backward
+            if gate_name not in outputs:
+                # a copy, so that in-place ops the model may apply later cannot change what we return
+                outputs[gate_name] = output.detach().float().clone()
+        return hook
+
+    ran: List[str] = []
+    handles = []
+    try:
+        for name, module in attention_modules:
+            handles.append(module.register_forward_hook(lambda m, args, out, name=name: ran.append(name)))
+            for gate_name in ('channel_gate', 'spatial_gate'):
+                gate = getattr(module, gate_name, None)
+                if gate is not None:
+                    handles.append(gate.register_forward_hook(make_hook(name, gate_name)))
+        output = model(images)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    modules_by_name = dict(attention_modules)
+    for name in ran:
+        module = modules_by_name[name]
+        expected = {g for g in ('channel_gate', 'spatial_gate') if getattr(module, g, None) is not None}
+        if set(gate_outputs.get(name, ())) != expected:
+            raise RuntimeError(
+                f"{name} ({type(module).__name__}) ran without calling its gate submodules {sorted(expected)} "
+                f"as modules, so their forward hooks could not see the attention; call them as "
+                f"`self.channel_gate(x)` / `self.spatial_gate(x)` inside {type(module).__name__}.forward.")
+    maps = {}
+    with torch.no_grad():
+        for name in order:
+            module = modules_by_name[name]
+            if isinstance(module, BAM):
+                maps[name] = _bam_attention(name, module, gate_outputs[name])
+            else:
+                maps[name] = _cbam_attention(name, gate_outputs[name])
+    return AttentionCapture(output=output, modules=maps, stages=_group_by_stage(model, maps))
+
+
+def default_cam_layer(model: nn.Module) -> Tuple[str, nn.Module]:
+    """The module whose output Grad-CAM explains by default: the last feature stage (`layer4`, `blocks.4`)."""
+    feature_info = getattr(model, 'feature_info', None)
+    if feature_info:
+        name = feature_info[-1]['module']
+        return name, model.get_submodule(name)
+    if hasattr(model, 'layer4'):
+        return 'layer4', model.layer4
+    raise ValueError(
+        f"cannot tell the last feature stage of {type(model).__name__} (no timm feature_info, no layer4); "
+        f"pass target_layer= the module whose activations Grad-CAM should use.")
+
+
+def grad_cam(
+        model: nn.Module,
+        images: torch.Tensor,
+        target_layer: Optional[nn.Module] = None,
+        classes: Optional[Sequence[int]] = None,
+) -> Tuple[np.ndarray, List[int]]:
+    """Grad-CAM (pytorch_grad_cam.GradCAM) at `target_layer` (default: the last stage) for `classes`
+    (default: each image's top class). Returns (B, H, W) heatmaps in [0, 1] at input resolution and the
+    classes explained.
+
+    Runs in eval mode; the model's mode and its parameters' .grad are restored afterwards.
+    """
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    if target_layer is None:
+        target_layer = default_cam_layer(model)[1]
+    was_training = model.training
+    saved_grads = [(p, p.grad) for p in model.parameters()]
+    try:
+        with torch.enable_grad():
+            if classes is None:
+                model.eval()
+                with torch.no_grad():
+                    classes = _class_probabilities(model, model(images)).argmax(1).tolist()
+            cam = GradCAM(model=model, target_layers=[target_layer])
+            try:
+                # an input that requires grad keeps Grad-CAM working when every parameter is frozen
+                heatmaps = cam(input_tensor=images.detach().requires_grad_(True),
+                               targets=[ClassifierOutputTarget(int(c)) for c in classes])
+            finally:
+                cam.activations_and_grads.release()
+    finally:
+        model.train(was_training)
+        for param, grad in saved_grads:
+            param.grad = grad
+    return heatmaps, list(classes)
+
+
+def _class_probabilities(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    # a timm model created with num_classes=0 returns pooled features, also of shape (B, N)
+    if logits.dim() != 2 or getattr(model, 'num_classes', None) == 0:
+        raise ValueError(
+            f"Grad-CAM needs classifier logits of shape (B, num_classes), the model returned "
+            f"{'features' if logits.dim() == 2 else 'a tensor'} of shape {list(logits.shape)}; create it with "
+            f"num_classes > 0.")
+    return logits.detach().float().softmax(1).cpu()
+
+
+def _display_images(
+        model: nn.Module,
+        images: torch.Tensor,
+        display_images: Optional[Union[torch.Tensor, np.ndarray]],
+) -> np.ndarray:
+    """(B, H, W, 3) float images in [0, 1]: `display_images` if given, else `images` un-normalised with the
+    model's pretrained_cfg mean and std."""
+    if display_images is None:
+        from timm.data import resolve_data_config
+        config = resolve_data_config(model=model)
+        mean = torch.tensor(config['mean'], device=images.device).view(1, -1, 1, 1)
+        std = torch.tensor(config['std'], device=images.device).view(1, -1, 1, 1)
+        shown = (images.detach().float() * std + mean).cpu().permute(0, 2, 3, 1).numpy()
+    elif isinstance(display_images, torch.Tensor):
+        shown = display_images.detach().float().cpu()
+        if shown.dim() == 4 and shown.shape[1] in (1, 3):
+            shown = shown.permute(0, 2, 3, 1)
+        shown = shown.numpy()
+    else:
+        shown = np.asarray(display_images, dtype=np.float32)
+    if shown.ndim == 3:
+        shown = shown[..., None]
+    if shown.max() > 1.5:  # 0-255 images
+        shown = shown / 255.
+    if shown.shape[-1] == 1:
+        shown = np.repeat(shown, 3, axis=-1)
+    if shown.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"display_images holds {shown.shape[0]} images but images holds {images.shape[0]}; pass one "
+            f"display image per input image.")
+    return np.clip(shown, 0., 1.)
+
+
+def _upsample(spatial: torch.Tensor, size: Tuple[int, int]) -> np.ndarray:
+    return F.interpolate(spatial[:, None].float().cpu(), size=size, mode='bilinear', align_corners=False)[:, 0].numpy()
+
+
+def _normalise(heatmap: np.ndarray) -> np.ndarray:
+    """Min-max to [0, 1] for display; a constant map (e.g. CBAM's spatial gate at init, 0.5) keeps its value."""
+    span = heatmap.max() - heatmap.min()
+    return (heatmap - heatmap.min()) / span if span > 1e-6 else heatmap
+
+
+def save_attention_figure(
+        model: nn.Module,
+        images: torch.Tensor,
+        out_path: str,
+        display_images: Optional[Union[torch.Tensor, np.ndarray]] = None,
+        class_names: Optional[Sequence[str]] = None,
+        target_layer: Optional[str] = None,
+        titles: Optional[Sequence[str]] = None,
+        panel_inches: float = 2.0,
+        dpi: int = 100,
+) -> AttentionCapture:
+    """Write a PNG with one row per image: the input, each stage's spatial attention overlaid on it, and a
+    Grad-CAM of the top class.
+
+    Args:
+        model: a zoo model (or one with BAM/CBAM inserted); evaluated in eval mode, its mode restored after.
+        images: (B, C, H, W) batch, already normalised as the model expects.
+        out_path: where to write the figure (format from the suffix, e.g. .png).
+        display_images: what to draw under the overlays, (B, H, W[, 3]) or (B, 3, H, W), floats in [0, 1]
+            or 0-255; default: `images` un-normalised with the model's pretrained_cfg mean/std.
+        class_names: names of the classes, for the Grad-CAM titles.
+        target_layer: module name for Grad-CAM (default: the last feature stage, e.g. 'layer4').
+        titles: one label per image (e.g. the true class), shown over the input.
+    Returns the `capture_attention` result (eval mode) behind the figure.
+
+    Overlays are min-max scaled per panel for visibility; each panel's title gives the stage, the module
+    type and count, the map size, and the actual range of the map (mean attention, see module docstring).
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global backend or figure state is touched
+
+    if target_layer is None:
+        cam_layer_name, cam_layer = default_cam_layer(model)
+    else:
+        cam_layer_name, cam_layer = target_layer, model.get_submodule(target_layer)
+    cam_sizes = []
+    size_hook = cam_layer.register_forward_hook(lambda module, args, output: cam_sizes.append(output.shape[-2:]))
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            capture = capture_attention(model, images)
+        size_hook.remove()
+        probs = _class_probabilities(model, capture.output)
+        heatmaps, classes = grad_cam(model, images, cam_layer, classes=probs.argmax(1).tolist())
+    finally:
+        size_hook.remove()
+        model.train(was_training)
+    cam_size = tuple(cam_sizes[0])
+
+    shown = _display_images(model, images, display_images)
+    height, width = shown.shape[1:3]
+    stages = [s for s in capture.stages.values() if s.spatial is not None]
+    columns = 2 + len(stages)
+    fig = Figure(figsize=(panel_inches * columns, panel_inches * 1.15 * len(shown)))
+    axes = fig.subplots(len(shown), columns, squeeze=False)
+    for row, image in enumerate(shown):
+        axes[row, 0].imshow(image)
+        axes[row, 0].set_title('input' if titles is None else str(titles[row]), fontsize=8)
+        for col, stage in enumerate(stages, start=1):
+            spatial = stage.spatial[row]
+            overlay = _upsample(spatial[None], (height, width))[0]
+            count = f'{stage.kind}' if len(stage.modules) == 1 else f'{len(stage.modules)}\u00d7{stage.kind} mean'
+            axes[row, col].imshow(image)
+            axes[row, col].imshow(_normalise(overlay), cmap='jet', alpha=0.5, vmin=0., vmax=1.)
+            axes[row, col].set_title(
+                f'{stage.name} {count}\n{spatial.shape[0]}x{spatial.shape[1]} '
+                f'[{spatial.min():.3f}, {spatial.max():.3f}]', fontsize=7)
+        cls = classes[row]
+        label = class_names[cls] if class_names is not None else f'class {cls}'
+        axes[row, -1].imshow(image)
+        axes[row, -1].imshow(heatmaps[row], cmap='jet', alpha=0.5, vmin=0., vmax=1.)
+        axes[row, -1].set_title(
+            f'Grad-CAM {cam_layer_name}\n{cam_size[0]}x{cam_size[1]}, top: {label} p={probs[row, cls]:.2f}', fontsize=7)
+        for ax in axes[row]:
+            ax.axis('off')
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=dpi)
+    return capture
