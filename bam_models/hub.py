@@ -242,7 +242,7 @@ def _key_check(source: _WeightSource, classifier: Sequence[str], first_conv: Seq
     def check(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
         expected = model.state_dict()
         missing = [k for k in expected if k not in state_dict and k not in adapted]
-        unexpected = [k for k in state_dict if k not in expected and k not in adapted]
+        unexpected = sorted(k for k in state_dict if k not in expected and k not in adapted)
         mismatched = [
             f'{k}: checkpoint {tuple(v.shape)}, model {tuple(expected[k].shape)}'
             for k, v in state_dict.items()
