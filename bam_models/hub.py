@@ -249,7 +249,7 @@ def _key_check(source: _WeightSource, classifier: Sequence[str], first_conv: Seq
             if k in expected and k not in adapted_shape and v.shape != expected[k].shape
         ]
         attention = attention_keys(model)
-        is_trunk = bool(missing) and set(missing) == set(attention)
+        is_trunk = bool(missing) and set(missing) == set(attention) and not unexpected and not mismatched
         if source.kind == 'full' and is_trunk:
             is_trunk = False  # a manifest 'full' entry that lacks the attention is broken, not a trunk
         if source.kind == 'trunk' and not is_trunk and not (unexpected or mismatched or missing):
