@@ -18,6 +18,7 @@ from bam_models.hub import PretrainedWeightsError, TrunkOnlyWeightsWarning, Unve
 from bam_models.manifest import PACKAGED_MANIFEST, load_manifest, update_manifest_entry
 
 from _hub_server import LocalHub
+from test_convert import randomize_  # random BN statistics too; default-init nets also run slowly on CPU
 
 OFFICIAL = 'resnet50_bam.official_in1k'
 TRUNK = 'resnet18_bam.tv_in1k'
@@ -42,7 +43,7 @@ def hub(tmp_path, monkeypatch):
 
 def publish_fake_timm_trunk(hub: LocalHub, tmp_path: Path, plain: str = 'resnet18', repo: str = 'timm/resnet18.tv_in1k'):
     """A timm-style repo of a random plain model, as timm's own ImageNet repos are laid out."""
-    model = timm.create_model(plain)
+    model = randomize_(timm.create_model(plain))
     folder = tmp_path / 'trunk_src'
     timm.models.save_for_hf(model, folder, safe_serialization=True)
     return model, hub.commit(repo, folder)
@@ -57,7 +58,10 @@ def test_default_tag_end_to_end_with_publish(hub, tmp_path, caplog, capsys):
                  'not published', 'resnet50_bam.tv_in1k'):
         assert part in message
 
-    source = timm.create_model('resnet50_bam').eval()
+    source = randomize_(timm.create_model('resnet50_bam'))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = source(x)
     save_file(source.state_dict(), tmp_path / 'ckpt.safetensors')
     repo = 'bam-models/resnet50_bam.official_in1k'
     assert cli_main(['publish', OFFICIAL, '--checkpoint', str(tmp_path / 'ckpt.safetensors'),
@@ -77,9 +81,8 @@ def test_default_tag_end_to_end_with_publish(hub, tmp_path, caplog, capsys):
 
     update_manifest_entry(OFFICIAL, hub.manifest, revision=hub.commit(repo), published=True)
     model = timm.create_model('resnet50_bam', pretrained=True).eval()
-    x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        assert torch.equal(model(x), source(x))
+        assert torch.equal(model(x), expected)
     assert model.pretrained_cfg['tag'] == 'official_in1k'
     assert any(f"resolve/{entry_rev}/model.safetensors" in r
                for r in hub.requests for entry_rev in [load_manifest(hub.manifest)['weights'][OFFICIAL]['revision']])
@@ -93,7 +96,7 @@ def test_default_tag_end_to_end_with_publish(hub, tmp_path, caplog, capsys):
     # hf-hub: names resolve config.json and the verified weights through the same server
     via_hub = timm.create_model(f'hf-hub:{repo}', pretrained=True).eval()
     with torch.no_grad():
-        assert torch.equal(via_hub(x), source(x))
+        assert torch.equal(via_hub(x), expected)
 
     # offline from the warm cache: no request reaches the server
     served = len(hub.requests)
@@ -170,12 +173,12 @@ def test_failures_are_single_actionable_errors(hub, tmp_path):
     hub.commit('someone/resnet34', tmp_path / 'r34')
     update_manifest_entry(TRUNK, hub.manifest, hf_hub_id='someone/resnet34', sha256=None, size=None,
                           unverified_reason='a test repo outside the manifest')
-    with pytest.raises(PretrainedWeightsError, match=r'unexpected keys \(96\): layer1\.2\.bn1\.bias, .*layer1\.2\.conv1\.weight'):
+    with pytest.warns(UnverifiedWeightsWarning), pytest.raises(PretrainedWeightsError, match=r'unexpected keys \(96\): layer1\.2\.bn1\.bias, .*layer1\.2\.conv1\.weight'):
         load()
 
 
 def test_local_files_with_other_class_counts(tmp_path):
-    model = timm.create_model('resnet18_bam', num_classes=10).eval()
+    model = randomize_(timm.create_model('resnet18_bam', num_classes=10))
     save_file(model.state_dict(), tmp_path / 'ten.safetensors')
     # the checkpoint's head says 10 classes: loaded, not silently dropped for the registered 1000
     loaded = timm.create_model('resnet18_bam', pretrained=True, num_classes=10,
