@@ -17,13 +17,11 @@ that names missing/unexpected keys. A trunk checkpoint (all and only the BAM/CBA
 a `TrunkOnlyWeightsWarning`; anything else missing is an error.
 """
 import hashlib
-import json
-import logging
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import safetensors.torch
 import torch
@@ -50,7 +48,6 @@ __all__ = [
     'build_model_with_weights', 'attention_keys', 'file_sha256', 'save_pretrained', 'model_card',
 ]
 
-_logger = logging.getLogger(__name__)
 
 HUB_FILENAME = 'model.safetensors'
 
@@ -164,7 +161,7 @@ def _download_verified(
         raise source.error(f"{filename} is not a readable safetensors file ({e}).", "Re-publish the file.") from None
 
 
-def _resolve_weights(cfg: Dict[str, Any], variant: str, cache_dir) -> (Dict[str, torch.Tensor], _WeightSource):
+def _resolve_weights(cfg: Dict[str, Any], variant: str, cache_dir) -> Tuple[Dict[str, torch.Tensor], _WeightSource]:
     """The state dict named by a resolved pretrained cfg, read and verified."""
     architecture = cfg.get('architecture') or variant
     tag = cfg.get('tag')
