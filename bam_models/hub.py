@@ -48,7 +48,6 @@ __all__ = [
     'build_model_with_weights', 'attention_keys', 'file_sha256', 'save_pretrained', 'model_card',
 ]
 
-
 HUB_FILENAME = 'model.safetensors'
 
 
