@@ -10,6 +10,8 @@ COMMANDS = (
     'list_models',
     'demo',
     'visualize',
+    'convert',
+    'publish',
 )
 
 

@@ -14,12 +14,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from timm.models import register_model
-from timm.models._builder import build_model_with_cfg
 from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import generate_default_cfgs
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from bam_models.hub import build_model_with_weights
 from bam_models.layers import BAM, CBAM
+from bam_models.manifest import manifest_default_cfgs
 from ._checks import check_image_batch
 
 # FX patches wrapped names in the globals of the module that calls them, so each calling module wraps it
@@ -99,7 +100,7 @@ class AttentionResNet(ResNet):
 
 
 def _create_resnet_attn(variant: str, pretrained: bool = False, **kwargs) -> AttentionResNet:
-    return build_model_with_cfg(AttentionResNet, variant, pretrained, **kwargs)
+    return build_model_with_weights(AttentionResNet, variant, pretrained, **kwargs)
 
 
 def _bam_args(block, layers, **kwargs) -> Dict[str, Any]:
@@ -128,26 +129,26 @@ def _cfg(**kwargs) -> Dict[str, Any]:
     }
 
 
-default_cfgs = generate_default_cfgs({
-    'resnet18_bam': _cfg(),
-    'resnet34_bam': _cfg(),
-    'resnet50_bam': _cfg(),
-    'resnet101_bam': _cfg(),
-    'resnet152_bam': _cfg(),
-    'wide_resnet50_2_bam': _cfg(),
-    'wide_resnet101_2_bam': _cfg(),
-    'resnext50_32x4d_bam': _cfg(),
-    'resnext101_32x4d_bam': _cfg(),
-    'resnext101_32x8d_bam': _cfg(),
-    'resnet18_cbam': _cfg(),
-    'resnet34_cbam': _cfg(),
-    'resnet50_cbam': _cfg(),
-    'resnet101_cbam': _cfg(),
-    'resnet152_cbam': _cfg(),
-    'wide_resnet50_2_cbam': _cfg(),
-    'resnext50_32x4d_cbam': _cfg(),
-    'resnext101_32x8d_cbam': _cfg(),
-})
+default_cfgs = generate_default_cfgs(manifest_default_cfgs((
+    'resnet18_bam',
+    'resnet34_bam',
+    'resnet50_bam',
+    'resnet101_bam',
+    'resnet152_bam',
+    'wide_resnet50_2_bam',
+    'wide_resnet101_2_bam',
+    'resnext50_32x4d_bam',
+    'resnext101_32x4d_bam',
+    'resnext101_32x8d_bam',
+    'resnet18_cbam',
+    'resnet34_cbam',
+    'resnet50_cbam',
+    'resnet101_cbam',
+    'resnet152_cbam',
+    'wide_resnet50_2_cbam',
+    'resnext50_32x4d_cbam',
+    'resnext101_32x8d_cbam',
+), _cfg))
 
 
 @register_model

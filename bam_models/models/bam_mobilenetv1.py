@@ -11,13 +11,14 @@ import torch
 import torch.nn as nn
 
 from timm.models import register_model
-from timm.models._builder import build_model_with_cfg
 from timm.models._efficientnet_builder import decode_arch_def, resolve_act_layer, resolve_bn_args, round_channels
 from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import generate_default_cfgs
 from timm.models.efficientnet import EfficientNet
 
+from bam_models.hub import build_model_with_weights
 from bam_models.layers import BAM
+from bam_models.manifest import manifest_default_cfgs
 from ._checks import check_image_batch
 
 # FX patches wrapped names in the globals of the module that calls them, so each calling module wraps it
@@ -116,7 +117,7 @@ def _create_mobilenetv1_bam(
         act_layer=resolve_act_layer(kwargs, 'relu6'),
         **kwargs,
     )
-    return build_model_with_cfg(
+    return build_model_with_weights(
         BamMobileNetV1,
         variant,
         pretrained,
@@ -137,10 +138,10 @@ def _cfg(**kwargs) -> Dict[str, Any]:
     }
 
 
-default_cfgs = generate_default_cfgs({
-    'mobilenetv1_100_bam': _cfg(),
-    'mobilenetv1_125_bam': _cfg(),
-})
+default_cfgs = generate_default_cfgs(manifest_default_cfgs((
+    'mobilenetv1_100_bam',
+    'mobilenetv1_125_bam',
+), _cfg))
 
 
 @register_model

@@ -1,0 +1,217 @@
+""" Conversion from pytorchcv (independent reference implementation), the authors' layout and torchvision. """
+import functools
+import re
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file
+
+import bam_models  # noqa: F401
+from bam_models.cli import main as cli_main
+from bam_models.convert import ConversionError, convert_state_dict, read_checkpoint, to_official_state_dict
+from bam_models.hub import TrunkOnlyWeightsWarning, attention_keys
+
+pytorchcv_provider = pytest.importorskip('pytorchcv.model_provider')
+
+PYTORCHCV_TO_OURS = {
+    'bam_resnet18': 'resnet18_bam',
+    'bam_resnet50': 'resnet50_bam',
+    'bam_resnet101': 'resnet101_bam',
+    'cbam_resnet50': 'resnet50_cbam',
+}
+
+
+def randomize_(model: nn.Module) -> nn.Module:
+    """Every parameter and BN statistic random (a default-initialised net leaves too many of them 0/1 to tell a
+    wrong mapping apart), scaled so that deep nets keep finite, O(1) activations."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d) or isinstance(module, nn.BatchNorm1d):
+                module.weight.uniform_(0.2, 0.5, generator=generator)
+                module.bias.uniform_(-0.2, 0.2, generator=generator)
+                module.running_mean.uniform_(-0.2, 0.2, generator=generator)
+                module.running_var.uniform_(0.5, 1.5, generator=generator)
+                module.num_batches_tracked.fill_(7)
+            elif isinstance(module, (nn.Conv2d, nn.Linear)):
+                fan_in = module.weight[0].numel()
+                module.weight.normal_(0, (2 / fan_in) ** 0.5, generator=generator)
+                if module.bias is not None:
+                    module.bias.uniform_(-0.2, 0.2, generator=generator)
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def pytorchcv_model(name: str) -> nn.Module:
+    model = pytorchcv_provider.get_model(name, pretrained=False)
+    # its 7x7 average pool needs 224 px inputs; adaptive pooling is identical there and lets tests run at 128 px
+    model.features.final_pool = nn.AdaptiveAvgPool2d(1)
+    return randomize_(model)
+
+
+@pytest.mark.parametrize('pytorchcv_name', list(PYTORCHCV_TO_OURS))
+def test_pytorchcv_conversion_gives_same_logits(pytorchcv_name):
+    reference = pytorchcv_model(pytorchcv_name)
+    arch = PYTORCHCV_TO_OURS[pytorchcv_name]
+    model = timm.create_model(arch).eval()
+    model.load_state_dict(convert_state_dict(reference.state_dict(), 'pytorchcv', arch))
+    x = torch.randn(2, 3, 64, 48)  # non-square: catches pooling over the wrong dims
+    with torch.no_grad():
+        expected, actual = reference(x), model(x)
+    assert expected.abs().max() > 0.1  # a dead net would compare equal for any mapping
+    assert (actual - expected).abs().max().item() <= 1e-4
+
+
+# the authors' key layout (FACTS: `module.` prefix, FC weights 2-D), built here from a pytorchcv model by a
+# mapping written independently of bam_models.convert
+_AUTHORS_FROM_PYTORCHCV = (
+    (r'features\.init_block\.conv\.conv\.', lambda m: 'conv1.'),
+    (r'features\.init_block\.conv\.bn\.', lambda m: 'bn1.'),
+    (r'features\.stage(\d)\.unit(\d+)\.(?:res_unit\.)?body\.conv(\d)\.conv\.',
+     lambda m: f'layer{m[1]}.{int(m[2]) - 1}.conv{m[3]}.'),
+    (r'features\.stage(\d)\.unit(\d+)\.(?:res_unit\.)?body\.conv(\d)\.bn\.',
+     lambda m: f'layer{m[1]}.{int(m[2]) - 1}.bn{m[3]}.'),
+    (r'features\.stage(\d)\.unit(\d+)\.(?:res_unit\.)?identity_conv\.conv\.',
+     lambda m: f'layer{m[1]}.{int(m[2]) - 1}.downsample.0.'),
+    (r'features\.stage(\d)\.unit(\d+)\.(?:res_unit\.)?identity_conv\.bn\.',
+     lambda m: f'layer{m[1]}.{int(m[2]) - 1}.downsample.1.'),
+    (r'features\.stage(\d)\.unit1\.bam\.ch_att\.init_fc\.fc\.',
+     lambda m: f'bam{int(m[1]) - 1}.channel_att.gate_c.gate_c_fc_0.'),
+    (r'features\.stage(\d)\.unit1\.bam\.ch_att\.init_fc\.bn\.',
+     lambda m: f'bam{int(m[1]) - 1}.channel_att.gate_c.gate_c_bn_1.'),
+    (r'features\.stage(\d)\.unit1\.bam\.ch_att\.final_fc\.',
+     lambda m: f'bam{int(m[1]) - 1}.channel_att.gate_c.gate_c_fc_final.'),
+    (r'features\.stage(\d)\.unit1\.bam\.sp_att\.init_conv\.conv\.',
+     lambda m: f'bam{int(m[1]) - 1}.spatial_att.gate_s.gate_s_conv_reduce0.'),
+    (r'features\.stage(\d)\.unit1\.bam\.sp_att\.init_conv\.bn\.',
+     lambda m: f'bam{int(m[1]) - 1}.spatial_att.gate_s.gate_s_bn_reduce0.'),
+    (r'features\.stage(\d)\.unit1\.bam\.sp_att\.dil_convs\.conv(\d)\.conv\.',
+     lambda m: f'bam{int(m[1]) - 1}.spatial_att.gate_s.gate_s_conv_di_{int(m[2]) - 1}.'),
+    (r'features\.stage(\d)\.unit1\.bam\.sp_att\.dil_convs\.conv(\d)\.bn\.',
+     lambda m: f'bam{int(m[1]) - 1}.spatial_att.gate_s.gate_s_bn_di_{int(m[2]) - 1}.'),
+    (r'features\.stage(\d)\.unit1\.bam\.sp_att\.final_conv\.',
+     lambda m: f'bam{int(m[1]) - 1}.spatial_att.gate_s.gate_s_conv_final.'),
+    (r'features\.stage(\d)\.unit(\d+)\.cbam\.ch_gate\.mlp\.fc1\.',
+     lambda m: f'layer{m[1]}.{int(m[2]) - 1}.cbam.ChannelGate.mlp.1.'),
+    (r'features\.stage(\d)\.unit(\d+)\.cbam\.ch_gate\.mlp\.fc2\.',
+     lambda m: f'layer{m[1]}.{int(m[2]) - 1}.cbam.ChannelGate.mlp.3.'),
+    (r'features\.stage(\d)\.unit(\d+)\.cbam\.sp_gate\.conv\.conv\.',
+     lambda m: f'layer{m[1]}.{int(m[2]) - 1}.cbam.SpatialGate.spatial.conv.'),
+    (r'features\.stage(\d)\.unit(\d+)\.cbam\.sp_gate\.conv\.bn\.',
+     lambda m: f'layer{m[1]}.{int(m[2]) - 1}.cbam.SpatialGate.spatial.bn.'),
+    (r'output\.', lambda m: 'fc.'),
+)
+
+# FACTS §4 key patterns after `module.`
+_AUTHORS_PATTERNS = [re.compile(p + '$') for p in (
+    r'(conv1|fc)\.(weight|bias)', r'bn1\.\w+', r'layer\d\.\d+\.conv\d\.weight', r'layer\d\.\d+\.bn\d\.\w+',
+    r'layer\d\.0\.downsample\.0\.weight', r'layer\d\.0\.downsample\.1\.\w+',
+    r'bam[123]\.channel_att\.gate_c\.gate_c_fc_(0|final)\.(weight|bias)', r'bam[123]\.channel_att\.gate_c\.gate_c_bn_1\.\w+',
+    r'bam[123]\.spatial_att\.gate_s\.gate_s_(conv_reduce0|conv_di_[01]|conv_final)\.(weight|bias)',
+    r'bam[123]\.spatial_att\.gate_s\.gate_s_(bn_reduce0|bn_di_[01])\.\w+',
+    r'layer\d\.\d+\.cbam\.ChannelGate\.mlp\.[13]\.(weight|bias)', r'layer\d\.\d+\.cbam\.SpatialGate\.spatial\.conv\.weight',
+    r'layer\d\.\d+\.cbam\.SpatialGate\.spatial\.bn\.\w+',
+)]
+
+
+def authors_state_dict(reference: nn.Module, num_batches_tracked: bool = True):
+    out = {}
+    for key, value in reference.state_dict().items():
+        if key.endswith('num_batches_tracked') and not num_batches_tracked:
+            continue
+        for pattern, rename in _AUTHORS_FROM_PYTORCHCV:
+            match = re.match(pattern, key)
+            if match:
+                out['module.' + rename(match) + key[match.end():]] = value.clone()
+                break
+        else:
+            raise AssertionError(f'test mapping misses {key}')
+    return out
+
+
+@pytest.mark.parametrize('pytorchcv_name, arch, num_keys', [
+    ('bam_resnet50', 'resnet50_bam', 416), ('cbam_resnet50', 'resnet50_cbam', 480)])
+@pytest.mark.parametrize('num_batches_tracked', [True, False])
+def test_authors_layout_round_trip_and_logits(pytorchcv_name, arch, num_keys, num_batches_tracked, tmp_path):
+    reference = pytorchcv_model(pytorchcv_name)
+    official = authors_state_dict(reference, num_batches_tracked)
+    # the layout is exactly FACTS §4: key count, names and 2-D FC weights
+    num_bn = sum(k.endswith('num_batches_tracked') for k in reference.state_dict())
+    assert len(official) == (num_keys if num_batches_tracked else num_keys - num_bn)
+    for key, value in official.items():
+        name = key[len('module.'):]
+        assert any(p.match(name) for p in _AUTHORS_PATTERNS), key
+        if re.search(r'gate_c_fc_0\.weight$|mlp\.1\.weight$', name):
+            assert value.dim() == 2 and value.shape[0] < value.shape[1]
+    torch.save({'epoch': 90, 'arch': 'resnet', 'best_prec1': torch.tensor(76.86), 'state_dict': official},
+               tmp_path / 'authors.pth.tar')
+
+    converted = convert_state_dict(read_checkpoint(tmp_path / 'authors.pth.tar'), 'official', arch)
+    back = to_official_state_dict(converted, num_batches_tracked=num_batches_tracked)
+    assert back.keys() == official.keys()
+    for key in official:
+        assert torch.equal(back[key], official[key]), key
+
+    if num_batches_tracked:  # the logits do not depend on the counters: compare them once per model
+        model = timm.create_model(arch).eval()
+        model.load_state_dict(converted)
+        x = torch.randn(1, 3, 48, 64)
+        with torch.no_grad():
+            assert (model(x) - reference(x)).abs().max().item() <= 1e-4
+
+
+def test_convert_cli_writes_hub_folder_and_aborts_on_foreign_keys(tmp_path, capsys):
+    reference = pytorchcv_model('bam_resnet18')
+    torch.save(reference.state_dict(), tmp_path / 'cv.pth')
+    assert cli_main(['convert', '--from', 'pytorchcv', '--arch', 'resnet18_bam', str(tmp_path / 'cv.pth'),
+                     str(tmp_path / 'out')]) == 0
+    assert 'sha256' in capsys.readouterr().out
+    assert {p.name for p in (tmp_path / 'out').iterdir()} == {'model.safetensors', 'config.json', 'README.md'}
+    # the written folder loads through timm's local-dir source with equal logits
+    model = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert (model(x) - reference(x)).abs().max().item() <= 1e-4
+
+    state = reference.state_dict()
+    state['features.stage2.unit1.bam.extra.weight'] = torch.zeros(1)
+    del state['features.stage3.unit1.bam.ch_att.final_fc.bias']
+    torch.save(state, tmp_path / 'bad.pth')
+    with pytest.raises(SystemExit, match=r"keys that resnet18_bam does not have \(1\): "
+                                         r"features\.stage2\.unit1\.bam\.extra\.weight"):
+        cli_main(['convert', '--from', 'pytorchcv', '--arch', 'resnet18_bam', str(tmp_path / 'bad.pth'),
+                  str(tmp_path / 'bad')])
+    del state['features.stage2.unit1.bam.extra.weight']
+    with pytest.raises(ConversionError, match=r'lacks keys .*\(1\): layer2\.bam\.channel_gate\.fc2\.bias'):
+        convert_state_dict(state, 'pytorchcv', 'resnet18_bam')
+    # a checkpoint of another depth fails on shapes/keys, never loads half-way
+    with pytest.raises(ConversionError):
+        convert_state_dict(state, 'pytorchcv', 'resnet34_bam')
+
+
+def test_untrusted_pickles_are_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (print, ('pwned',))
+    torch.save({'state_dict': {'conv1.weight': torch.zeros(1)}, 'evil': Payload()}, tmp_path / 'evil.pth')
+    with pytest.raises(ConversionError, match='weights_only=True'):
+        read_checkpoint(tmp_path / 'evil.pth')
+
+
+def test_torchvision_trunk_conversion(tmp_path):
+    plain = timm.create_model('resnet18')  # torchvision's key layout
+    torch.save(plain.state_dict(), tmp_path / 'tv.pth')
+    assert cli_main(['convert', '--from', 'torchvision', '--arch', 'resnet18_cbam', '--tag', 'tv_in1k',
+                     str(tmp_path / 'tv.pth'), str(tmp_path / 'out')]) == 0
+    written = load_file(tmp_path / 'out' / 'model.safetensors')
+    assert written.keys() == plain.state_dict().keys()  # the trunk only: no random attention is written
+    with pytest.warns(TrunkOnlyWeightsWarning, match='freshly initialised'):
+        model = timm.create_model(
+            'resnet18_cbam', pretrained=True,
+            pretrained_cfg_overlay=dict(file=str(tmp_path / 'out' / 'model.safetensors')))
+    assert torch.equal(model.layer3[1].conv2.weight,
+                       plain.layer3[1].conv2.weight)
+    assert len(attention_keys(model)) == 8 * 10  # 8 blocks x (fc1, fc2: weight+bias; conv; bn: 5)
+    assert model.layer1[0].se.spatial_gate.bn.weight.eq(0).all()  # CBAM's own init, untouched
