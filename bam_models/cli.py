@@ -9,6 +9,8 @@ from typing import List, Optional
 COMMANDS = (
     'list_models',
     'demo',
+    'train',
+    'validate',
 )
 
 
