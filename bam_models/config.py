@@ -109,7 +109,7 @@ CHOICES = {
 
 
 def _did_you_mean(name: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1)
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
     return f"; did you mean '{close[0]}'?" if close else f"; expected one of: {', '.join(options)}"
 
 

@@ -92,6 +92,10 @@ def check_config(cfg: RunConfig) -> List[str]:
     if cfg.train.amp == 'fp16' and not (cfg.train.device.startswith('cuda') or
                                          (cfg.train.device == 'auto' and torch.cuda.is_available())):
         raise ConfigError("train.amp 'fp16' needs a CUDA device; use train.amp=bf16 on CPU")
+    if cfg.model.sync_bn and not (cfg.train.device.startswith('cuda') or
+                                  (cfg.train.device == 'auto' and torch.cuda.is_available())):
+        raise ConfigError("model.sync_bn needs CUDA devices (torch's SyncBatchNorm is GPU-only); on CPU use "
+                          "model.sync_bn=false, or model.freeze=bn to take batch statistics out of training")
     if data.batch_size < 1 or cfg.schedule.epochs < 1:
         raise ConfigError("data.batch_size and schedule.epochs must be at least 1")
     return classes
