@@ -12,6 +12,8 @@ COMMANDS = (
     'visualize',
     'convert',
     'publish',
+    'train',
+    'validate',
 )
 
 

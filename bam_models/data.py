@@ -1,0 +1,135 @@
+""" Datasets and loaders for training: any folder dataset timm reads, and scikit-learn's bundled digits.
+
+The digits set (1,797 real 8x8 grey images of handwritten digits, 10 classes, shipped inside scikit-learn, so
+nothing is downloaded) is split once, stratified by class with `random_state=0`: 1,437 train and 360 test
+images. Images are served as RGB PIL images so that timm's transforms upsample them to the model input size.
+"""
+import math
+import os
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import create_dataset, create_transform
+
+DIGITS = 'digits'
+DIGITS_TEST_SIZE = 360
+DIGITS_SPLIT_SEED = 0
+
+
+class DigitsDataset(torch.utils.data.Dataset):
+    """scikit-learn's handwritten digits as 8x8 RGB PIL images; `split` is 'train' (1,437) or 'test' (360)."""
+
+    def __init__(self, split: str = 'train', transform=None):
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        if split not in ('train', 'test'):
+            raise ValueError(f"digits split must be 'train' or 'test', got {split!r}")
+        digits = load_digits()
+        indices = np.arange(len(digits.target))
+        train_idx, test_idx = train_test_split(
+            indices, test_size=DIGITS_TEST_SIZE, stratify=digits.target, random_state=DIGITS_SPLIT_SEED)
+        chosen = np.sort(train_idx if split == 'train' else test_idx)
+        # pixel values are 0..16
+        self.images = (digits.images[chosen] * (255.0 / 16.0)).round().astype(np.uint8)
+        self.targets = digits.target[chosen].astype(np.int64)
+        self.classes = [str(c) for c in range(10)]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        image = Image.fromarray(self.images[index], mode='L').convert('RGB')
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[index])
+
+
+def folder_classes(root: str, split: str) -> List[str]:
+    """Class names of an ImageFolder split without reading any image (sorted sub-folder names)."""
+    from timm.data.dataset_factory import _search_split
+    split_dir = _search_split(root, split)
+    if not os.path.isdir(split_dir):
+        raise FileNotFoundError(split_dir)
+    return sorted(d.name for d in os.scandir(split_dir) if d.is_dir())
+
+
+def build_dataset(dataset: str, split: str, train_split: str = 'train', val_split: str = 'validation'):
+    """`dataset` is 'digits' or a folder with train/val sub-folders in ImageFolder layout."""
+    if dataset == DIGITS:
+        return DigitsDataset('train' if split == 'train' else 'test')
+    return create_dataset('', root=dataset, split=train_split if split == 'train' else val_split,
+                          is_training=split == 'train')
+
+
+def dataset_classes(dataset) -> List[str]:
+    if isinstance(dataset, DigitsDataset):
+        return dataset.classes
+    class_to_idx = dataset.reader.class_to_idx
+    return sorted(class_to_idx, key=class_to_idx.get)
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """A shuffle that depends only on (seed, epoch), split across `num_replicas` processes by striding.
+
+    With one process it yields the whole permutation; with N processes, process r takes every N-th index
+    from r, so the N local batches of one step together hold exactly the samples of the single-process
+    batch of N times the size. Training on 1 or N processes therefore sees the same global batches.
+    `skip` drops the first samples of this process's share (resuming in the middle of an epoch).
+    """
+
+    def __init__(self, length: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True):
+        self.length = length
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> List[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.length, generator=generator).tolist()
+        else:
+            order = list(range(self.length))
+        if self.shuffle:  # equal shares so every process runs the same number of steps
+            order = order[:self.length - self.length % self.num_replicas]
+        return order[self.rank::self.num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.skip:])
+
+    def __len__(self) -> int:
+        return max(0, len(self._indices()) - self.skip)
+
+
+def create_train_eval_loaders(
+        train_set, val_set, data_config: dict, cfg_data, *, num_replicas: int, rank: int, seed: int,
+        pin_memory: bool) -> Tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    """Loaders with timm's transforms; the train loader's sampler is an EpochShuffleSampler."""
+    train_set.transform = create_transform(
+        data_config['input_size'], is_training=True, scale=tuple(cfg_data.scale), ratio=tuple(cfg_data.ratio),
+        hflip=cfg_data.hflip, color_jitter=cfg_data.color_jitter, auto_augment=cfg_data.auto_augment,
+        re_prob=cfg_data.re_prob, interpolation=data_config['interpolation'], mean=data_config['mean'],
+        std=data_config['std'])
+    val_set.transform = create_transform(
+        data_config['input_size'], is_training=False, interpolation=data_config['interpolation'],
+        mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct'],
+        crop_mode=data_config.get('crop_mode'))
+    common = dict(num_workers=cfg_data.workers, pin_memory=pin_memory,
+                  # workers restart every epoch so their seeds derive from the epoch's seed (exact resume)
+                  persistent_workers=False)
+    train_loader = torch.utils.data.DataLoader(
+        train_set, batch_size=cfg_data.batch_size, drop_last=True,
+        sampler=EpochShuffleSampler(len(train_set), num_replicas, rank, seed, shuffle=True), **common)
+    val_loader = torch.utils.data.DataLoader(
+        val_set, batch_size=cfg_data.eval_batch_size or cfg_data.batch_size, drop_last=False,
+        sampler=EpochShuffleSampler(len(val_set), num_replicas, rank, seed, shuffle=False), **common)
+    return train_loader, val_loader
