@@ -375,12 +375,15 @@ def save_pretrained(
         description: str = '',
         state_dict: Optional[Dict[str, torch.Tensor]] = None,
         data_config: Optional[Dict[str, Any]] = None,
+        model_config: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """Write a Hub repo folder: model.safetensors, config.json (timm's format, so `hf-hub:` and `local-dir:`
     names work) and a model card README.md.
 
     `state_dict` replaces `model.state_dict()` in the weights file (a trunk-only conversion writes only what
-    it converted); config.json always describes `model`. Returns sha256, size, num_params and the paths.
+    it converted); config.json always describes `model`, with `data_config` (the preprocessing the weights were
+    trained and evaluated with) and `model_config` (e.g. label_names) as in timm's `save_for_hf`.
+    Returns sha256, size, num_params and the paths.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -389,11 +392,11 @@ def save_pretrained(
         tag = model.pretrained_cfg.get('tag')
         arch_tag = f'{architecture}.{tag}' if tag else architecture
     if state_dict is None:
-        save_for_hf(model, out_dir, safe_serialization=True, data_config=data_config)
+        save_for_hf(model, out_dir, model_config=model_config, safe_serialization=True, data_config=data_config)
     else:
         safetensors.torch.save_file(
             {k: v.contiguous() for k, v in state_dict.items()}, out_dir / HUB_FILENAME, metadata={'format': 'pt'})
-        save_config_for_hf(model, out_dir / 'config.json', data_config=data_config)
+        save_config_for_hf(model, out_dir / 'config.json', model_config=model_config, data_config=data_config)
     weights = out_dir / HUB_FILENAME
     num_params = sum(p.numel() for p in model.parameters())
     (out_dir / 'README.md').write_text(model_card(

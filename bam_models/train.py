@@ -24,7 +24,7 @@ from timm.data import Mixup, resolve_data_config
 from timm.data.dataset_factory import _search_split
 from timm.layers import freeze_batch_norm_2d
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import get_arch_pretrained_cfgs, load_state_dict, save_for_hf, split_model_name_tag
+from timm.models import get_arch_pretrained_cfgs, load_state_dict, split_model_name_tag
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler, accuracy, dispatch_clip_grad
@@ -32,6 +32,7 @@ from timm.utils.distributed import init_distributed_device_so
 from tqdm import tqdm
 
 import bam_models  # noqa: F401  registers the zoo with timm
+from bam_models.hub import save_pretrained
 from bam_models.config import ConfigError, RunConfig
 from bam_models.data import (
     DIGITS, build_dataset, create_train_eval_loaders, dataset_classes, folder_classes)
@@ -161,18 +162,19 @@ def param_groups(model: nn.Module, weight_decay: float, attention_lr_scale: floa
 
 def export_best(model: nn.Module, out_dir: str, metrics: Dict[str, Any], data_config: Dict[str, Any],
                 label_names: Optional[List[str]] = None) -> Path:
-    """Writes model.safetensors + config.json (timm's Hub format) + a model card README.md."""
-    out = Path(out_dir)
-    model_config = dict(label_names=list(label_names)) if label_names else None
-    save_for_hf(model, str(out), model_config=model_config, safe_serialization=True, data_config=data_config)
-    arch = model.default_cfg.get('architecture', type(model).__name__)
-    rows = '\n'.join(f'| {k} | {v} |' for k, v in metrics.items())
-    out.joinpath('README.md').write_text(
-        f"---\ntags:\n- image-classification\n- timm\nlibrary_name: timm\nlicense: mit\n---\n"
-        f"# {arch} fine-tuned with bam_models\n\n"
-        f"```python\nimport bam_models, timm\nmodel = timm.create_model('local-dir:{out.name}')  # or hf-hub:ORG/NAME\n```\n\n"
-        f"| metric | value |\n|---|---|\n{rows}\n")
-    return out
+    """Writes the best weights as a Hub folder (model.safetensors, config.json in timm's format, model card)
+    that `timm.create_model('local-dir:...')` loads and `bam-models publish` uploads."""
+    top5 = metrics.get('top5')
+    save_pretrained(
+        model, out_dir,
+        metrics=[dict(dataset=metrics['dataset'], split='val', top1=metrics['top1'],
+                      top5=top5, input_size=data_config['input_size'][-1],
+                      measured_by='this project', reference=f"bam-models train, best of epoch {metrics['epoch']}")],
+        description=f"{model.pretrained_cfg.get('architecture')} fine-tuned with `bam-models train`.",
+        data_config=data_config,
+        model_config=dict(label_names=list(label_names)) if label_names else None,
+    )
+    return Path(out_dir)
 
 
 # ---------------------------------------------------------------------------------------------- state

@@ -1,8 +1,13 @@
 """ `bam-models demo` (what `make demo` runs): fine-tune resnet18_bam on scikit-learn's bundled handwritten digits
 on the CPU, export the best weights in Hub format, reload them with `timm.create_model('local-dir:...')` and check
-that the reloaded model scores the same on the 360 test images. """
+that the reloaded model scores the same on the 360 test images, then draw the reloaded model's attention maps and
+Grad-CAM for a few test digits. """
 import argparse
+import os
 import time
+
+# test digits drawn in the attention figure: the first test image of each of these classes
+FIGURE_CLASSES = (0, 3, 5, 8)
 
 # the same job as configs/digits.yaml (a test keeps the two equal); here so an installed package needs no file
 DIGITS_DEMO = {
@@ -38,9 +43,31 @@ def run(args: argparse.Namespace) -> int:
     print(f"reloaded        timm.create_model('local-dir:{summary['hub_dir']}') -> {reloaded['top1']:.2f} % "
           f"({'same' if same else 'DIFFERENT'})")
     print(f"time            {train_time:.1f} s for training, export and reload checks")
+    figure = os.path.join(summary['output'], 'attention.png')
+    write_attention_figure(f"local-dir:{summary['hub_dir']}", figure)
     print(f"files           {summary['output']}/ (last.pth, best.pth, log.jsonl, summary.json), "
           f"Hub format in {summary['hub_dir']}/")
+    print(f"attention maps  {figure} (BAM spatial attention per stage and Grad-CAM, {len(FIGURE_CLASSES)} test digits)")
     return 0 if same else 1
+
+
+def write_attention_figure(model_name: str, out_path: str) -> None:
+    """The model's BAM maps and Grad-CAM for test digits, preprocessed exactly as in validation."""
+    import timm
+    import torch
+    from timm.data import create_transform, resolve_data_config
+
+    from bam_models.data import DigitsDataset
+    from bam_models.visualize import save_attention_figure
+
+    model = timm.create_model(model_name, pretrained=True).eval()
+    dataset = DigitsDataset('test', transform=create_transform(
+        **resolve_data_config({}, model=model), is_training=False))
+    indices = [int((dataset.targets == c).nonzero()[0][0]) for c in FIGURE_CLASSES]
+    images = torch.stack([dataset[i][0] for i in indices])
+    save_attention_figure(
+        model, images, out_path,
+        titles=[f'digit {dataset.targets[i]}' for i in indices], class_names=dataset.classes)
 
 
 def register(subparsers) -> None:
