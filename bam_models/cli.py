@@ -10,6 +10,7 @@ COMMANDS = (
     'list_models',
     'demo',
     'export',
+    'detect_train',
 )
 
 
