@@ -98,7 +98,7 @@ def test_fasterrcnn_training_lowers_the_loss_and_evaluates():
     # 8 images of four different non-square and square sizes, two per batch: every batch mixes sizes
     samples = make_dataset(8, seed=0)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=0.02, momentum=0.9, weight_decay=1e-4)
+    optimizer = torch.optim.SGD(params, lr=0.01, momentum=0.9, weight_decay=1e-4)
     model.train()
     losses = []
     for step in range(30):
@@ -108,8 +108,9 @@ def test_fasterrcnn_training_lowers_the_loss_and_evaluates():
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+    # the first and the last four steps see the same four batches; measured ratio about 0.55 (seeds 0, 1)
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
-    assert last < 0.6 * first, f"loss went from {first:.3f} to {last:.3f}: {losses}"
+    assert last < 0.7 * first, f"loss went from {first:.3f} to {last:.3f}: {losses}"
 
     model.eval()
     with torch.no_grad():
