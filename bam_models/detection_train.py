@@ -63,7 +63,9 @@ def coco_dataset(images: str, annotations: str, train: bool, masks: bool = False
     if train:
         dataset.ids = [i for i in dataset.ids if dataset.coco.getAnnIds(imgIds=i, iscrowd=False)]
     keys = ('boxes', 'labels', 'image_id') + (('masks',) if masks else ())
-    return wrap_dataset_for_transforms_v2(dataset, target_keys=keys)
+    wrapped = wrap_dataset_for_transforms_v2(dataset, target_keys=keys)
+    wrapped.coco = dataset.coco  # the pycocotools index: category ids and COCOeval's ground truth
+    return wrapped
 
 
 def _collate(batch):
@@ -76,7 +78,8 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 @torch.no_grad()
-def evaluate_coco(model: torch.nn.Module, dataset: Dataset, device: torch.device, amp: bool = False) -> Dict[str, float]:
+def evaluate_coco(
+        model: torch.nn.Module, dataset: Dataset, device: torch.device, amp: bool = False) -> Dict[str, float]:
     """COCO box AP and AP50 of `model` on a dataset from `coco_dataset(..., train=False)`."""
     from pycocotools.cocoeval import COCOeval
 
@@ -91,7 +94,7 @@ def evaluate_coco(model: torch.nn.Module, dataset: Dataset, device: torch.device
             results.append(dict(image_id=int(target['image_id']), category_id=label, bbox=box, score=score))
     if not results:
         return {'ap': 0.0, 'ap50': 0.0}
-    coco = dataset._dataset.coco if hasattr(dataset, '_dataset') else dataset.coco
+    coco = dataset.coco
     evaluator = COCOeval(coco, coco.loadRes(results), 'bbox')
     evaluator.evaluate()
     evaluator.accumulate()
@@ -111,7 +114,7 @@ def train_detector(config: DetectionTrainConfig) -> Dict[str, float]:
     train_set = coco_dataset(config.images, config.annotations, train=True, masks=config.detector == 'maskrcnn')
     if len(train_set) == 0:
         raise ValueError(f"{config.annotations} has no annotated images; a detector needs boxes to train on")
-    num_classes = max(train_set._dataset.coco.getCatIds()) + 1  # category ids as labels, 0 is background
+    num_classes = max(train_set.coco.getCatIds()) + 1  # category ids as labels, 0 is background
     loader = DataLoader(
         train_set, batch_size=config.batch_size, shuffle=True, num_workers=config.workers,
         collate_fn=_collate, drop_last=len(train_set) > config.batch_size)
