@@ -14,6 +14,8 @@ COMMANDS = (
     'publish',
     'train',
     'validate',
+    'export',
+    'detect_train',
 )
 
 

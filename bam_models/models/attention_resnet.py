@@ -29,6 +29,18 @@ torch.fx.wrap('check_image_batch')
 __all__ = ['AttentionResNet']
 
 BAM_STAGES = (1, 2, 3)
+BAM_DILATION = 4  # BAM's default spatial-gate dilation (the paper's)
+
+
+def _dilated_bam_args(bam_args: Optional[Dict[str, Any]], natural_stride: int, stride: int) -> Dict[str, Any]:
+    """BAM arguments for a stage that output_stride < 32 may have dilated.
+
+    A dilated stage samples its maps `natural_stride / stride` times more densely; widening the spatial gate's
+    dilation by that factor keeps its receptive field in image pixels the one it was trained with.
+    """
+    bam_args = dict(bam_args or {})
+    bam_args['dilation'] = bam_args.get('dilation', BAM_DILATION) * max(natural_stride // stride, 1)
+    return bam_args
 
 
 class AttentionResNet(ResNet):
@@ -53,7 +65,8 @@ class AttentionResNet(ResNet):
             if stage not in (1, 2, 3, 4):
                 raise ValueError(f"bam_stages entries must be ResNet stages 1-4, got {stage}.")
             stage_channels = self.feature_info[stage]['num_chs']
-            getattr(self, f'layer{stage}').add_module('bam', BAM(stage_channels, **(bam_args or {}), **dd))
+            stage_bam_args = _dilated_bam_args(bam_args, 2 ** (stage + 1), self.feature_info[stage]['reduction'])
+            getattr(self, f'layer{stage}').add_module('bam', BAM(stage_channels, **stage_bam_args, **dd))
         self.bam_stages = tuple(bam_stages)
         self.min_input_size = kwargs.get('output_stride', 32)
 
