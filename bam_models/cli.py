@@ -9,6 +9,7 @@ from typing import List, Optional
 COMMANDS = (
     'list_models',
     'demo',
+    'benchmark',
 )
 
 
