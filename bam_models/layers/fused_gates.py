@@ -19,9 +19,8 @@ from timm.layers._fx import register_notrace_function
 
 __all__ = ['bam_gate', 'cbam_spatial_scale', 'fused_gating_supported']
 
-_BAM_FUSIONS = ('product', 'sum', 'max')
 
-
+@torch.jit.unused
 def fused_gating_supported() -> bool:
     """True in eager mode; False while scripting, tracing, exporting or compiling, which need plain ops."""
     if torch.jit.is_scripting() or torch.jit.is_tracing():
@@ -112,9 +111,9 @@ class _BamGate(torch.autograd.Function):
 def bam_gate(x: torch.Tensor, channel: torch.Tensor, spatial: torch.Tensor, fusion: str = 'product') -> torch.Tensor:
     """BAM's refinement `x * (1 + sigmoid(fuse(channel, spatial)))` for channel logits (B, C, 1, 1) and
     spatial logits (B, 1, H, W), fused as 'product', 'sum' or 'max'."""
-    if fusion not in _BAM_FUSIONS:
-        raise ValueError(f"BAM fusion must be one of {_BAM_FUSIONS}, got {fusion!r}.")
-    if fused_gating_supported():
+    if fusion != 'product' and fusion != 'sum' and fusion != 'max':
+        raise ValueError("BAM fusion must be 'product', 'sum' or 'max', got '" + fusion + "'.")
+    if not torch.jit.is_scripting() and fused_gating_supported():
         return _fused_bam_gate(x, channel, spatial, fusion)
     return _plain_bam_gate(x, channel, spatial, fusion)
 
@@ -159,7 +158,7 @@ def cbam_spatial_scale(
         channel: torch.Tensor,
 ) -> torch.Tensor:
     """CBAM's last step `refined * spatial`, where `refined = x * channel` is not kept alive for backward."""
-    if fused_gating_supported():
+    if not torch.jit.is_scripting() and fused_gating_supported():
         return _fused_cbam_spatial_scale(refined, spatial, x, channel)
     return refined * spatial
 
