@@ -16,6 +16,7 @@ COMMANDS = (
     'validate',
     'export',
     'detect_train',
+    'benchmark',
 )
 
 

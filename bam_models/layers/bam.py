@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from timm.layers import make_divisible
 from timm.layers._fx import register_notrace_module
 
+from .fused_gates import bam_gate
+
 __all__ = ['BAM', 'BamChannelGate', 'BamSpatialGate', 'GateBatchNorm2d']
 
 _FUSIONS = ('product', 'sum', 'max')
@@ -204,7 +206,11 @@ class BAM(nn.Module):
         return torch.maximum(channel, spatial)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * (1. + torch.sigmoid(self.attention_logits(x)))
+        if self.channel_gate is None or self.spatial_gate is None:
+            # a single branch's gate is small (B, C, 1, 1) or (B, 1, H, W): plain ops keep nothing large
+            return x * (1. + torch.sigmoid(self.attention_logits(x)))
+        # two branches broadcast to full size; bam_gate recomputes that product in backward instead of keeping it
+        return bam_gate(x, self.channel_gate(x), self.spatial_gate(x), self.fusion)
 
     def extra_repr(self) -> str:
         return f'channels={self.channels}, rd_channels={self.rd_channels}, fusion={self.fusion}, gates={self.gates}'

@@ -17,6 +17,8 @@ import torch.nn as nn
 
 from timm.layers import make_divisible
 
+from .fused_gates import cbam_spatial_scale
+
 __all__ = ['CBAM', 'CbamChannelGate', 'CbamSpatialGate']
 
 
@@ -39,9 +41,11 @@ class CbamChannelGate(nn.Module):
         self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch = x.shape[0]
+        batch, channels = x.shape[:2]
+        # max with indices (the authors' max_pool2d) saves only the argmax for backward, amax would keep x
+        max_pooled = x.flatten(2).max(dim=2)[0].view(batch, channels, 1, 1)
         # both descriptors go through the shared MLP as one batch: one pair of matmuls instead of two
-        pooled = torch.cat([x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)], dim=0)
+        pooled = torch.cat([x.mean((2, 3), keepdim=True), max_pooled], dim=0)
         mlp_out = self.fc2(self.act(self.fc1(pooled)))
         return torch.sigmoid(mlp_out[:batch] + mlp_out[batch:])
 
@@ -62,7 +66,8 @@ class CbamSpatialGate(nn.Module):
         self.bn = nn.BatchNorm2d(1, momentum=bn_momentum, **dd)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
+        # max with indices (the authors' torch.max) saves only the argmax for backward, amax would keep x
+        pooled = torch.cat([x.max(dim=1, keepdim=True)[0], x.mean(dim=1, keepdim=True)], dim=1)
         return torch.sigmoid(self.bn(self.conv(pooled)))
 
 
@@ -115,8 +120,10 @@ class CBAM(nn.Module):
                 nn.init.zeros_(fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x * self.channel_gate(x)
-        return x * self.spatial_gate(x)
+        channel = self.channel_gate(x)
+        refined = x * channel
+        # refined * spatial without keeping `refined` for backward: it is rebuilt from x and channel
+        return cbam_spatial_scale(refined, self.spatial_gate(refined), x, channel)
 
     def extra_repr(self) -> str:
         return f'channels={self.channels}, rd_channels={self.rd_channels}'

@@ -1,0 +1,334 @@
+""" What attention costs: parameters, FLOPs, latency, throughput, training-step time and peak memory.
+
+Every model is measured next to its plain trunk in the same process: each round runs every measurement for
+every model of a family, in an order rotated from round to round, and a figure is the median over rounds.
+Ratios are costs relative to the trunk (model time / trunk time, model memory / trunk memory), so a value
+of 1.05 means 5 % more time or memory than the plain network on the same machine in the same run.
+
+Peak memory is the growth of the process's peak resident set size over one training step (forward, loss,
+backward, optimizer step), starting with gradients set to None, so it counts activations, gradients and
+temporaries but not parameters or optimizer state. Linux only: the peak is reset through
+/proc/self/clear_refs and read from VmHWM, and glibc is told to serve every allocation above 128 KiB with
+its own mmap so that freed tensors leave the resident set at once. That allocator setting slows
+allocation, so memory is measured after all timings. Where this is unavailable the column stays empty.
+"""
+import ctypes
+import gc
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+import timm
+
+from bam_models.profiling import count_flops, count_params
+
+__all__ = [
+    'DEFAULT_FAMILIES', 'PAPER_REFERENCE', 'PEERS', 'BenchmarkSettings', 'run_benchmark', 'markdown_table',
+]
+
+# family name -> models measured together; the first is the plain trunk every ratio refers to
+DEFAULT_FAMILIES: Dict[str, List[str]] = {
+    'resnet50': ['resnet50', 'resnet50_bam', 'resnet50_cbam', 'seresnet50'],
+    'resnet18': ['resnet18', 'resnet18_bam', 'resnet18_cbam', 'seresnet18'],
+    'mobilenetv1_100': ['mobilenetv1_100', 'mobilenetv1_100_bam'],
+}
+
+# independent implementations of the same architectures (pytorchcv), added by `peers=True`
+PEERS: Dict[str, List[str]] = {
+    'resnet50': ['pytorchcv:bam_resnet50', 'pytorchcv:cbam_resnet50'],
+    'resnet18': ['pytorchcv:bam_resnet18', 'pytorchcv:cbam_resnet18'],
+}
+
+# published figures: parameters and the papers' "GFLOPs", which are multiply-adds (GMACs here)
+PAPER_REFERENCE: Dict[str, Dict[str, float]] = {
+    'resnet50': {'params': 25_557_032, 'gmacs': 3.86},
+    'resnet50_bam': {'params': 25_915_099, 'gmacs': 3.94},
+    'resnet50_cbam': {'params': 28_089_624, 'gmacs': 3.864},
+    'resnet18_bam': {'params': 11_712_503},
+    'mobilenetv1_100_bam': {'params': 4_320_000},
+}
+
+
+@dataclass
+class BenchmarkSettings:
+    img_size: int = 224
+    batch_size: int = 16
+    rounds: int = 5
+    threads: Optional[int] = None
+    latency_iters: int = 3
+    families: Sequence[str] = tuple(DEFAULT_FAMILIES)
+    models: Sequence[str] = ()
+    peers: bool = False
+    channels_last: bool = False
+    measure: Sequence[str] = ('latency', 'throughput', 'train', 'memory')
+    log: Callable[[str], None] = field(default=lambda msg: None, repr=False)
+
+
+def _create(name: str, device=None) -> nn.Module:
+    if name.startswith('pytorchcv:'):
+        from pytorchcv.model_provider import get_model
+        with torch.device(device or 'cpu'):
+            model = get_model(name.split(':', 1)[1], pretrained=False)
+        # pytorchcv's ResNets end in a fixed 7x7 average pool (224 input only); adaptive is equal at 224
+        if isinstance(getattr(model.features, 'final_pool', None), nn.AvgPool2d):
+            model.features.final_pool = nn.AdaptiveAvgPool2d(1)
+        return model
+    return timm.create_model(name, device=device)
+
+
+def _machine(threads: int) -> Dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    return {
+        'cpu': cpu,
+        'threads': str(threads),
+        'torch': torch.__version__,
+        'timm': timm.__version__,
+        'python': platform.python_version(),
+    }
+
+
+class _Subject:
+    """One model with its inputs, optimizer and collected timings."""
+
+    def __init__(self, name: str, settings: BenchmarkSettings):
+        self.name = name
+        self.model = _create(name)
+        fmt = torch.channels_last if settings.channels_last else torch.contiguous_format
+        self.model.to(memory_format=fmt)
+        size = settings.img_size
+        self.x1 = torch.randn(1, 3, size, size).to(memory_format=fmt)
+        self.xb = torch.randn(settings.batch_size, 3, size, size).to(memory_format=fmt)
+        self.target = torch.randint(0, 1000, (settings.batch_size,))
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.9)
+        self.latency_iters = settings.latency_iters
+        self.times: Dict[str, List[float]] = {'latency': [], 'throughput': [], 'train': []}
+
+    def train_step(self) -> None:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(self.model(self.xb), self.target)
+        loss.backward()
+        self.optimizer.step()
+
+    @torch.inference_mode()
+    def _infer(self, x: torch.Tensor, iters: int) -> float:
+        self.model.eval()
+        start = time.perf_counter()
+        for _ in range(iters):
+            self.model(x)
+        return (time.perf_counter() - start) / iters
+
+    def measure(self, what: str) -> None:
+        if what == 'latency':
+            self.times['latency'].append(self._infer(self.x1, self.latency_iters))
+        elif what == 'throughput':
+            self.times['throughput'].append(self._infer(self.xb, 1))
+        elif what == 'train':
+            start = time.perf_counter()
+            self.train_step()
+            self.times['train'].append(time.perf_counter() - start)
+
+    def peak_train_memory(self) -> Optional[int]:
+        """Peak RSS growth over one training step, in bytes (see module docstring); None off Linux."""
+        self.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        _LIBC.malloc_trim(0)  # free heap pages leave the resident set, so reusing them counts again
+        try:
+            with open('/proc/self/clear_refs', 'w') as f:
+                f.write('5')  # resets VmHWM to the current RSS
+        except OSError:
+            return None
+        start = _status_bytes('VmRSS')
+        self.train_step()
+        return _status_bytes('VmHWM') - start
+
+
+def _status_bytes(field: str) -> int:
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ':'))
+
+
+def _exact_allocation_accounting() -> bool:
+    """Make glibc return every freed block above 128 KiB to the OS at once, so RSS follows live tensors."""
+    if _LIBC is None or not hasattr(_LIBC, 'mallopt') or not hasattr(_LIBC, 'malloc_trim'):
+        return False
+    mmap_threshold, trim_threshold = -3, -1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    return bool(_LIBC.mallopt(mmap_threshold, 128 * 1024) and _LIBC.mallopt(trim_threshold, 128 * 1024))
+
+
+try:
+    _LIBC = ctypes.CDLL(None)
+except OSError:
+    _LIBC = None
+
+
+# ratio column -> measured column; every one is a cost (time per image or bytes), lower is better
+_RATIOS = {
+    'params_ratio': 'params',
+    'gflops_ratio': 'gflops',
+    'latency_ratio': 'latency_s',
+    'throughput_ratio': 'throughput_s',
+    'train_ratio': 'train_s',
+    'train_peak_ratio': 'train_peak_bytes',
+}
+
+
+def _reference_diff(value: float, reference: Optional[float]) -> Optional[float]:
+    return None if reference is None else value / reference - 1.
+
+
+def _family_rows(family: str, names: List[str], settings: BenchmarkSettings) -> List[Dict]:
+    subjects = [_Subject(name, settings) for name in names]
+    settings.log(f'[{family}] warm-up')
+    measures = [m for m in ('latency', 'throughput', 'train') if m in settings.measure]
+    for subject in subjects:
+        for what in measures:
+            subject.measure(what)
+        subject.times = {k: [] for k in subject.times}
+    for round_idx in range(settings.rounds):
+        settings.log(f'[{family}] round {round_idx + 1}/{settings.rounds}')
+        # rotating the order keeps any drift of the machine from favouring one model
+        shift = round_idx % len(subjects)
+        for what in measures:
+            for subject in subjects[shift:] + subjects[:shift]:
+                subject.measure(what)
+    rows = []
+    for subject in subjects:
+        stats_model = _create(subject.name, device='meta')
+        size = (3, settings.img_size, settings.img_size)
+        flops = count_flops(stats_model, size)
+        row = {
+            'family': family,
+            'model': subject.name,
+            'trunk': names[0],
+            'params': count_params(stats_model),
+            'gflops': flops / 1e9,
+            'gmacs': flops / 2e9,
+        }
+        paper = PAPER_REFERENCE.get(subject.name, {}) if settings.img_size == 224 else {}
+        row['paper_params'] = paper.get('params')
+        row['paper_params_diff'] = _reference_diff(row['params'], row['paper_params'])
+        row['paper_gmacs'] = paper.get('gmacs')
+        row['paper_gmacs_diff'] = _reference_diff(row['gmacs'], row['paper_gmacs'])
+        for what in measures:
+            row[f'{what}_s'] = statistics.median(subject.times[what])
+        if 'throughput' in measures:
+            row['throughput_img_s'] = settings.batch_size / row['throughput_s']
+        rows.append(row)
+    return rows
+
+
+def _add_memory(rows: List[Dict], settings: BenchmarkSettings) -> None:
+    if not _exact_allocation_accounting():
+        return
+    for row in rows:
+        settings.log(f"[{row['family']}] peak memory of {row['model']}")
+        subject = _Subject(row['model'], settings)
+        subject.train_step()  # optimizer state and one-off initialisation are not part of the step
+        peak = subject.peak_train_memory()
+        if peak is not None:
+            row['train_peak_bytes'] = peak
+        del subject
+
+
+def _add_ratios(rows: List[Dict]) -> None:
+    bases = {row['family']: row for row in reversed(rows)}  # the first row of each family
+    for row in rows:
+        base = bases[row['family']]
+        for ratio_key, key in _RATIOS.items():
+            if key in row and base.get(key):
+                row[ratio_key] = row[key] / base[key]
+
+
+def run_benchmark(settings: BenchmarkSettings) -> Dict:
+    """Measure every family (or `settings.models`, trunk first) and return machine, settings and rows."""
+    import bam_models  # noqa: F401  registers the zoo models with timm
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    if settings.models:
+        families = {settings.models[0]: list(settings.models)}
+    else:
+        unknown = [f for f in settings.families if f not in DEFAULT_FAMILIES]
+        if unknown:
+            raise ValueError(
+                f"unknown benchmark families {unknown}; choose from {list(DEFAULT_FAMILIES)} "
+                f"or name models explicitly (plain trunk first).")
+        families = {f: list(DEFAULT_FAMILIES[f]) for f in settings.families}
+    if settings.peers:
+        for family, names in families.items():
+            names.extend(p for p in PEERS.get(family, []) if p not in names)
+    rows = []
+    for family, names in families.items():
+        rows.extend(_family_rows(family, names, settings))
+    if 'memory' in settings.measure:
+        _add_memory(rows, settings)
+    _add_ratios(rows)
+    return {
+        'machine': _machine(torch.get_num_threads()),
+        'settings': {
+            'img_size': settings.img_size,
+            'batch_size': settings.batch_size,
+            'rounds': settings.rounds,
+            'latency_iters': settings.latency_iters,
+            'channels_last': settings.channels_last,
+            'statistic': 'median over rounds, models interleaved',
+            'ratios': 'cost relative to the family trunk (time or bytes of model / trunk)',
+            'peak_memory': 'growth of peak RSS over one training step from gradients set to None (VmHWM)',
+        },
+        'rows': rows,
+    }
+
+
+def _fmt_ratio(row: Dict, key: str) -> str:
+    ratio = row.get(f'{key}_ratio')
+    return '' if ratio is None else f' ({ratio:.3f}×)'
+
+
+def _fmt_paper(value: Optional[float], diff: Optional[float], fmt: str) -> str:
+    if value is None:
+        return '–'
+    return f'{value:{fmt}} ({diff:+.1%})'
+
+
+def markdown_table(result: Dict) -> str:
+    """The rows of `run_benchmark` as a Markdown table, with the machine and settings underneath."""
+    s = result['settings']
+    lines = [
+        f"| model | params | paper params (ours vs) | GMACs | paper GMACs (ours vs) "
+        f"| latency b1 ms | throughput b{s['batch_size']} img/s | train step b{s['batch_size']} ms "
+        f"| train peak MiB |",
+        '|---|---:|---:|---:|---:|---:|---:|---:|---:|',
+    ]
+    for row in result['rows']:
+        cells = [
+            f"`{row['model']}`",
+            f"{row['params']:,}",
+            _fmt_paper(row['paper_params'], row['paper_params_diff'], ',d'),
+            f"{row['gmacs']:.3f}",
+            _fmt_paper(row['paper_gmacs'], row['paper_gmacs_diff'], '.3f'),
+            f"{row['latency_s'] * 1e3:.1f}{_fmt_ratio(row, 'latency')}" if 'latency_s' in row else '–',
+            f"{row['throughput_img_s']:.1f}{_fmt_ratio(row, 'throughput')}" if 'throughput_s' in row else '–',
+            f"{row['train_s'] * 1e3:.0f}{_fmt_ratio(row, 'train')}" if 'train_s' in row else '–',
+            f"{row['train_peak_bytes'] / 2 ** 20:.0f}{_fmt_ratio(row, 'train_peak')}"
+            if 'train_peak_bytes' in row else '–',
+        ]
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    m = result['machine']
+    lines += [
+        '',
+        f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, timm {m['timm']}; "
+        f"{s['img_size']}×{s['img_size']} input, {s['rounds']} rounds (median, models interleaved). "
+        f"(×) = cost relative to the first model of the family measured in the same run: time per image "
+        f"(also for throughput) or peak memory (peak RSS growth over one training step).",
+    ]
+    return '\n'.join(lines)

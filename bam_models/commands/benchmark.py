@@ -1,0 +1,65 @@
+""" `bam-models benchmark`: what BAM and CBAM cost next to their plain trunks, measured in one run. """
+import argparse
+import json
+import sys
+
+from bam_models.benchmark import DEFAULT_FAMILIES, BenchmarkSettings, markdown_table, run_benchmark
+
+_MEASURES = ('latency', 'throughput', 'train', 'memory')
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = BenchmarkSettings(
+        img_size=args.img_size,
+        batch_size=args.batch_size,
+        rounds=args.rounds,
+        threads=args.threads,
+        latency_iters=args.latency_iters,
+        families=args.family or tuple(DEFAULT_FAMILIES),
+        models=args.models or (),
+        peers=args.peers,
+        channels_last=args.channels_last,
+        measure=args.measure,
+        log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else (lambda msg: None),
+    )
+    try:
+        result = run_benchmark(settings)
+    except ValueError as e:
+        raise SystemExit(f'bam-models benchmark: {e}')
+    table = markdown_table(result)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(result, f, indent=2)
+    if args.markdown:
+        with open(args.markdown, 'w') as f:
+            f.write(table + '\n')
+    print(table)
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        'benchmark', help='measure params, FLOPs, latency, throughput, training time and memory vs the trunk',
+        description='Measures every model next to its plain trunk in the same run (interleaved rounds, medians) '
+                    'and prints a Markdown table; ratios are costs relative to the trunk. Families: '
+                    + ', '.join(f'{k} ({", ".join(v)})' for k, v in DEFAULT_FAMILIES.items()) + '.')
+    parser.add_argument('--family', nargs='+', choices=list(DEFAULT_FAMILIES),
+                        help='model families to measure (default: all)')
+    parser.add_argument('--models', nargs='+', metavar='NAME',
+                        help='measure these timm models instead of the families; the first is the trunk '
+                             '(pytorchcv models as pytorchcv:NAME)')
+    parser.add_argument('--peers', action='store_true',
+                        help="add pytorchcv's bam_resnet*/cbam_resnet* (same math, other implementation)")
+    parser.add_argument('--img-size', type=int, default=224, help='square input size (default 224)')
+    parser.add_argument('--batch-size', type=int, default=16,
+                        help='batch of the throughput and training measurements (default 16)')
+    parser.add_argument('--rounds', type=int, default=5, help='interleaved rounds; figures are medians (default 5)')
+    parser.add_argument('--latency-iters', type=int, default=3, help='batch-1 forwards averaged per round')
+    parser.add_argument('--threads', type=int, help='torch.set_num_threads (default: torch default)')
+    parser.add_argument('--channels-last', action='store_true', help='run models and inputs channels_last')
+    parser.add_argument('--measure', nargs='+', choices=_MEASURES, default=list(_MEASURES),
+                        help='what to measure (default: all)')
+    parser.add_argument('--json', metavar='PATH', help='also write the full result as JSON')
+    parser.add_argument('--markdown', metavar='PATH', help='also write the table to a file')
+    parser.add_argument('-v', '--verbose', action='store_true', help='progress on stderr')
+    parser.set_defaults(func=run)

@@ -1,0 +1,173 @@
+""" Memory-lean gating for BAM and CBAM
+
+Written with plain tensor ops, `x * (1 + sigmoid(Mc * Ms))` makes autograd keep two full-size B x C x H x W
+tensors per BAM (the sigmoid output and `1 + sigmoid`), and CBAM's `x * cg * sg` keeps the channel-refined
+map `x * cg` alive as well. Those are the largest tensors of the network, saved only so that backward can
+read them again. The autograd functions here save the input and the small gates instead (B x C x 1 x 1 and
+B x 1 x H x W) and recompute the full-size product in backward, which costs one extra elementwise pass and
+saves one to two activation-sized tensors per module. Reductions over the broadcast dimensions are batched
+matrix products, so backward allocates no extra full-size temporaries for them.
+
+Gradients equal those of the plain formulation up to float rounding. Scripting, tracing, ONNX export,
+torch.export and torch.compile see the plain formulation (`fused_gating_supported()` decides), because
+custom autograd functions are opaque to them and compilers fuse these elementwise ops on their own. FX
+symbolic tracing (timm's feature extractors) treats the two entry points as leaf functions.
+"""
+import torch
+
+from timm.layers._fx import register_notrace_function
+
+__all__ = ['bam_gate', 'cbam_spatial_scale', 'fused_gating_supported']
+
+
+@torch.jit.unused
+def fused_gating_supported() -> bool:
+    """True in eager mode; False while scripting, tracing, exporting or compiling, which need plain ops."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing():
+        return False
+    if torch.onnx.is_in_onnx_export():
+        return False
+    return not torch.compiler.is_compiling()
+
+
+def _as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, H*W) as a view for both contiguous and channels_last layouts."""
+    return t.flatten(2)
+
+
+def _combined_sigmoid(x: torch.Tensor, channel: torch.Tensor, spatial: torch.Tensor, fusion: str) -> torch.Tensor:
+    """sigmoid(fuse(channel, spatial)) as one full-size tensor laid out like x (channels_last stays so)."""
+    dtype = torch.promote_types(x.dtype, torch.promote_types(channel.dtype, spatial.dtype))
+    gate = torch.empty_like(x, dtype=dtype)
+    if fusion == 'product':
+        torch.mul(channel, spatial, out=gate)
+    elif fusion == 'sum':
+        torch.add(channel, spatial, out=gate)
+    else:
+        torch.maximum(channel, spatial, out=gate)
+    return gate.sigmoid_()
+
+
+def _plain_bam_gate(x: torch.Tensor, channel: torch.Tensor, spatial: torch.Tensor, fusion: str) -> torch.Tensor:
+    if fusion == 'product':
+        logits = channel * spatial
+    elif fusion == 'sum':
+        logits = channel + spatial
+    else:
+        logits = torch.maximum(channel, spatial)
+    return x * (1. + torch.sigmoid(logits))
+
+
+class _BamGate(torch.autograd.Function):
+    """out = x * (1 + sigmoid(fuse(channel, spatial))), saving x and the two small branch outputs."""
+
+    @staticmethod
+    def forward(ctx, x, channel, spatial, fusion):
+        ctx.fusion = fusion
+        ctx.save_for_backward(x, channel, spatial)
+        gate = _combined_sigmoid(x, channel, spatial, fusion)
+        x = x.to(gate.dtype)
+        # x + x * gate, written over the gate buffer: one pass, one full-size allocation in all
+        return torch.addcmul(x, x, gate, out=gate)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, channel, spatial = ctx.saved_tensors
+        need_x, need_channel, need_spatial, _ = ctx.needs_input_grad
+        gate = _combined_sigmoid(x, channel, spatial, ctx.fusion)
+        grad_x = torch.addcmul(grad, grad, gate).to(x.dtype) if need_x else None
+        grad_channel = grad_spatial = None
+        if need_channel or need_spatial:
+            # d out / d logits = x * gate * (1 - gate), computed in the buffer of the product grad * x
+            grad_logits = torch.mul(grad, x).to(gate.dtype)
+            torch.ops.aten.sigmoid_backward.grad_input(grad_logits, gate, grad_input=grad_logits)
+            del gate
+            batch, channels = channel.shape[:2]
+            spatial_shape = spatial.shape
+            if ctx.fusion == 'product':
+                g = _as_matrix(grad_logits)  # (B, C, HW)
+                if need_channel:
+                    sp = spatial.to(g.dtype).reshape(batch, -1, 1)  # (B, HW, 1)
+                    grad_channel = torch.bmm(g, sp).view(channel.shape).to(channel.dtype)
+                if need_spatial:
+                    ch = channel.to(g.dtype).reshape(batch, 1, channels)  # (B, 1, C)
+                    grad_spatial = torch.bmm(ch, g).view(spatial_shape).to(spatial.dtype)
+            elif ctx.fusion == 'sum':
+                if need_channel:
+                    grad_channel = grad_logits.sum((2, 3), keepdim=True).to(channel.dtype)
+                if need_spatial:
+                    grad_spatial = grad_logits.sum(1, keepdim=True).to(spatial.dtype)
+            else:
+                # torch.maximum's rule: the larger input takes the gradient, ties split it evenly
+                share = torch.where(channel == spatial, 0.5, (channel > spatial).to(grad_logits.dtype))
+                if need_channel:
+                    grad_channel = (grad_logits * share).sum((2, 3), keepdim=True).to(channel.dtype)
+                if need_spatial:
+                    grad_spatial = (grad_logits * (1. - share)).sum(1, keepdim=True).to(spatial.dtype)
+        return grad_x, grad_channel, grad_spatial, None
+
+
+@register_notrace_function
+def bam_gate(x: torch.Tensor, channel: torch.Tensor, spatial: torch.Tensor, fusion: str = 'product') -> torch.Tensor:
+    """BAM's refinement `x * (1 + sigmoid(fuse(channel, spatial)))` for channel logits (B, C, 1, 1) and
+    spatial logits (B, 1, H, W), fused as 'product', 'sum' or 'max'."""
+    if fusion != 'product' and fusion != 'sum' and fusion != 'max':
+        raise ValueError("BAM fusion must be 'product', 'sum' or 'max', got '" + fusion + "'.")
+    if not torch.jit.is_scripting() and fused_gating_supported():
+        return _fused_bam_gate(x, channel, spatial, fusion)
+    return _plain_bam_gate(x, channel, spatial, fusion)
+
+
+@torch.jit.unused
+def _fused_bam_gate(x: torch.Tensor, channel: torch.Tensor, spatial: torch.Tensor, fusion: str) -> torch.Tensor:
+    return _BamGate.apply(x, channel, spatial, fusion)
+
+
+class _CbamSpatialScale(torch.autograd.Function):
+    """out = refined * spatial for refined = x * channel, saving x, channel and spatial but not `refined`.
+
+    `refined` is the differentiable input; `x` and `channel` only let backward rebuild what it needs of
+    it, and their own gradients reach them through the autograd node that made `refined`.
+    """
+
+    @staticmethod
+    def forward(ctx, refined, spatial, x, channel):
+        ctx.save_for_backward(spatial, x, channel)
+        return refined * spatial
+
+    @staticmethod
+    def backward(ctx, grad):
+        spatial, x, channel = ctx.saved_tensors
+        need_refined, need_spatial = ctx.needs_input_grad[:2]
+        grad_refined = grad_spatial = None
+        if need_refined:
+            grad_refined = grad * spatial
+        if need_spatial:
+            # sum over C of grad * x * channel, as a batched (1 x C) @ (C x HW) product
+            grad_x = _as_matrix(grad * x)
+            ch = channel.to(grad_x.dtype).reshape(channel.shape[0], 1, channel.shape[1])
+            grad_spatial = torch.bmm(ch, grad_x).view(spatial.shape).to(spatial.dtype)
+        return grad_refined, grad_spatial, None, None
+
+
+@register_notrace_function
+def cbam_spatial_scale(
+        refined: torch.Tensor,
+        spatial: torch.Tensor,
+        x: torch.Tensor,
+        channel: torch.Tensor,
+) -> torch.Tensor:
+    """CBAM's last step `refined * spatial`, where `refined = x * channel` is not kept alive for backward."""
+    if not torch.jit.is_scripting() and fused_gating_supported():
+        return _fused_cbam_spatial_scale(refined, spatial, x, channel)
+    return refined * spatial
+
+
+@torch.jit.unused
+def _fused_cbam_spatial_scale(
+        refined: torch.Tensor,
+        spatial: torch.Tensor,
+        x: torch.Tensor,
+        channel: torch.Tensor,
+) -> torch.Tensor:
+    return _CbamSpatialScale.apply(refined, spatial, x, channel)

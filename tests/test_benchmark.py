@@ -1,0 +1,80 @@
+""" `bam-models benchmark` runs end to end and reports every column, with ratios to the plain trunk. """
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp('bench')
+    cmd = [
+        sys.executable, os.path.join(ROOT, 'scripts', 'benchmark.py'),
+        '--models', 'resnet18', 'resnet18_bam', 'resnet18_cbam', 'pytorchcv:bam_resnet18',
+        '--img-size', '64', '--batch-size', '2', '--rounds', '1', '--latency-iters', '1', '--threads', '1',
+        '--json', str(out / 'bench.json'), '--markdown', str(out / 'bench.md'),
+    ]
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out / 'bench.json') as f:
+        result = json.load(f)
+    with open(out / 'bench.md') as f:
+        table = f.read()
+    return proc.stdout, table, result
+
+
+def test_json_has_every_measurement_and_ratio(tiny_run):
+    _, _, result = tiny_run
+    assert result['machine']['threads'] == '1'
+    assert result['settings']['img_size'] == 64 and result['settings']['batch_size'] == 2
+    rows = {row['model']: row for row in result['rows']}
+    assert list(rows) == ['resnet18', 'resnet18_bam', 'resnet18_cbam', 'pytorchcv:bam_resnet18']
+    trunk = rows['resnet18']
+    for row in rows.values():
+        assert row['trunk'] == 'resnet18'
+        for key in ('latency_s', 'throughput_s', 'train_s'):
+            assert row[key] > 0
+            ratio_key = key[:-2] + '_ratio'
+            assert row[ratio_key] == pytest.approx(row[key] / trunk[key])
+        assert row['throughput_img_s'] == pytest.approx(2 / row['throughput_s'])
+        assert row['params_ratio'] == pytest.approx(row['params'] / trunk['params'])
+        assert row['gmacs'] == pytest.approx(row['gflops'] / 2)
+        assert row['train_peak_bytes'] >= 0
+    for key in ('latency_ratio', 'throughput_ratio', 'train_ratio', 'params_ratio'):
+        assert trunk[key] == 1.0
+    # same architecture, two implementations: equal parameter counts and FLOPs
+    assert rows['resnet18_bam']['params'] == rows['pytorchcv:bam_resnet18']['params'] == 11_712_503
+    assert rows['resnet18_bam']['gflops'] == pytest.approx(rows['pytorchcv:bam_resnet18']['gflops'], rel=1e-3)
+    assert rows['resnet18_bam']['gflops'] > trunk['gflops']
+    # papers' figures are for 224 x 224 only
+    assert rows['resnet18_bam']['paper_params'] is None
+
+
+def test_markdown_table_lists_every_model_with_ratios(tiny_run):
+    stdout, table, result = tiny_run
+    assert table.strip() == stdout.strip()
+    lines = table.splitlines()
+    header = lines[0]
+    for column in ('params', 'paper params', 'GMACs', 'latency b1 ms', 'throughput b2 img/s',
+                   'train step b2 ms', 'train peak MiB'):
+        assert column in header
+    body = [line for line in lines[2:] if line.startswith('| `')]
+    assert len(body) == len(result['rows'])
+    assert '(1.000×)' in body[0]
+    assert '11,712,503' in body[1]
+    assert '1 threads' in table and '64×64' in table
+
+
+def test_paper_reference_columns_at_224():
+    from bam_models.benchmark import BenchmarkSettings, markdown_table, run_benchmark
+    result = run_benchmark(BenchmarkSettings(models=('resnet50', 'resnet50_bam'), rounds=0, measure=()))
+    bam = result['rows'][1]
+    assert bam['paper_params'] == 25_915_099 and bam['paper_params_diff'] == 0.0
+    assert bam['paper_gmacs'] == 3.94
+    assert bam['paper_gmacs_diff'] == pytest.approx(bam['gmacs'] / 3.94 - 1)
+    assert '25,915,099 (+0.0%)' in markdown_table(result)

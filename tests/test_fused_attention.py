@@ -1,0 +1,202 @@
+""" The memory-lean BAM/CBAM gating equals the plain formulation and keeps no extra full-size tensor. """
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import bam_models  # noqa: F401  registers the zoo models
+from bam_models.layers import BAM, CBAM
+from bam_models.layers.fused_gates import bam_gate, cbam_spatial_scale
+
+BAM_CONFIGS = [
+    dict(fusion='product'),
+    dict(fusion='sum'),
+    dict(fusion='max'),
+    dict(gates='channel'),
+    dict(gates='spatial'),
+]
+
+
+@pytest.mark.parametrize('fusion', ['product', 'sum', 'max'])
+def test_bam_gate_gradcheck(fusion):
+    x = torch.randn(2, 3, 4, 5, dtype=torch.double, requires_grad=True)
+    channel = torch.randn(2, 3, 1, 1, dtype=torch.double, requires_grad=True)
+    spatial = torch.randn(2, 1, 4, 5, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: bam_gate(*t, fusion=fusion), (x, channel, spatial))
+
+
+def test_bam_gate_max_splits_ties_like_torch_maximum():
+    x = torch.randn(1, 2, 2, 2, dtype=torch.double, requires_grad=True)
+    channel = torch.zeros(1, 2, 1, 1, dtype=torch.double, requires_grad=True)
+    spatial = torch.zeros(1, 1, 2, 2, dtype=torch.double, requires_grad=True)
+    bam_gate(x, channel, spatial, 'max').sum().backward()
+    fused = [t.grad.clone() for t in (x, channel, spatial)]
+    for t in (x, channel, spatial):
+        t.grad = None
+    (x * (1 + torch.sigmoid(torch.maximum(channel, spatial)))).sum().backward()
+    for got, t in zip(fused, (x, channel, spatial)):
+        torch.testing.assert_close(got, t.grad)
+
+
+def test_cbam_spatial_scale_gradcheck():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.double, requires_grad=True)
+    channel = torch.rand(2, 3, 1, 1, dtype=torch.double, requires_grad=True)
+    spatial = torch.rand(2, 1, 4, 5, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, c, s: cbam_spatial_scale(x * c, s, x, c), (x, channel, spatial))
+
+
+def _plain_bam(module: BAM, x: torch.Tensor) -> torch.Tensor:
+    return x * (1. + torch.sigmoid(module.attention_logits(x)))
+
+
+def _plain_cbam(module: CBAM, x: torch.Tensor) -> torch.Tensor:
+    """CBAM written out with the plain ops of the authors' formulation, reading the module's parameters."""
+    cg, sg = module.channel_gate, module.spatial_gate
+
+    def mlp(v):
+        return F.conv2d(F.relu(F.conv2d(v, cg.fc1.weight, cg.fc1.bias)), cg.fc2.weight, cg.fc2.bias)
+
+    x = x * torch.sigmoid(mlp(x.mean((2, 3), keepdim=True)) + mlp(x.amax((2, 3), keepdim=True)))
+    pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
+    logits = sg.bn(F.conv2d(pooled, sg.conv.weight, padding=sg.conv.padding))
+    return x * torch.sigmoid(logits)
+
+
+def _compare(module, plain_fn, x, train):
+    reference = copy.deepcopy(module)
+    module.train(train)
+    reference.train(train)
+    x_ref = x.detach().clone().requires_grad_()
+    out = module(x)
+    out_ref = plain_fn(reference, x_ref)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    out_ref.backward(grad)
+    tol = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, out_ref, **tol)
+    torch.testing.assert_close(x.grad, x_ref.grad, **tol)
+    for (name, p), p_ref in zip(module.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, **tol, msg=lambda m: f'{name}: {m}')
+    for b, b_ref in zip(module.buffers(), reference.buffers()):
+        torch.testing.assert_close(b, b_ref, **tol)
+
+
+@pytest.mark.parametrize('train', [True, False], ids=['train', 'eval'])
+@pytest.mark.parametrize('config', BAM_CONFIGS, ids=lambda c: '-'.join(c.values()))
+def test_bam_equals_plain_formulation(config, train):
+    module = BAM(32, **config).double()
+    for p in module.parameters():  # non-trivial BN affine and biases so every term matters
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(3, 32, 9, 7, dtype=torch.double, requires_grad=True)
+    _compare(module, _plain_bam, x, train)
+
+
+@pytest.mark.parametrize('train', [True, False], ids=['train', 'eval'])
+def test_cbam_equals_plain_formulation(train):
+    module = CBAM(32).double()
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(3, 32, 9, 7, dtype=torch.double, requires_grad=True)
+    _compare(module, _plain_cbam, x, train)
+
+
+def _full_size_saved(module, x) -> int:
+    """Distinct full-size (x-sized) storages autograd keeps for backward, x itself included."""
+    storages = set()
+
+    def pack(t):
+        if t.numel() == x.numel():
+            storages.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return len(storages)
+
+
+@pytest.mark.parametrize('fusion', ['product', 'sum', 'max'])
+def test_bam_keeps_only_its_input_for_backward(fusion):
+    module = BAM(32, fusion=fusion).train()
+    x = torch.randn(2, 32, 8, 8, requires_grad=True)
+    assert _full_size_saved(module, x) == 1
+    # the plain formulation keeps the sigmoid and 1 + sigmoid as well: the measurement can tell
+    assert _full_size_saved(lambda t: _plain_bam(module, t), x) == 3
+
+
+def test_cbam_keeps_only_its_input_for_backward():
+    module = CBAM(32).train()
+    x = torch.randn(2, 32, 8, 8, requires_grad=True)
+    assert _full_size_saved(module, x) == 1
+    assert _full_size_saved(lambda t: _plain_cbam(module, t), x) == 2
+
+
+@pytest.mark.parametrize('cls', [BAM, CBAM])
+def test_channels_last(cls):
+    module = cls(32).train()
+    x = torch.randn(2, 32, 8, 6)
+    x_cl = x.to(memory_format=torch.channels_last).requires_grad_()
+    x = x.requires_grad_()
+    out = module(x)
+    out_cl = copy.deepcopy(module).to(memory_format=torch.channels_last)(x_cl)
+    assert out_cl.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out_cl, out, rtol=1e-5, atol=1e-5)
+    out.square().sum().backward()
+    out_cl.square().sum().backward()
+    torch.testing.assert_close(x_cl.grad, x.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_autocast_bf16_train_step():
+    # under autocast the convolutions run in bf16, so the gates see bf16 logits next to fp32 or bf16 maps
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 32, 3, padding=1), BAM(32), CBAM(32), torch.nn.Conv2d(32, 4, 1)).train()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.dtype == p.dtype and torch.isfinite(p.grad).all(), name
+    model.eval()
+    with torch.no_grad():
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            bf16 = model(x).float()
+        torch.testing.assert_close(bf16, model(x), rtol=0.05, atol=0.05)
+
+
+@pytest.mark.parametrize('cls', [BAM, CBAM])
+def test_scripted_module_matches_eager(cls):
+    module = cls(32).eval()
+    x = torch.randn(2, 32, 8, 8)
+    scripted = torch.jit.script(module)
+    torch.testing.assert_close(scripted(x), module(x))
+
+
+@pytest.mark.parametrize('cls', [BAM, CBAM])
+def test_compiled_module_matches_eager(cls):
+    torch._dynamo.reset()
+    module = cls(16).train()
+    reference = copy.deepcopy(module)
+    compiled = torch.compile(module, backend='aot_eager', fullgraph=True)
+    x = torch.randn(2, 16, 8, 8, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    out, out_ref = compiled(x), reference(x_ref)
+    out.sum().backward()
+    out_ref.sum().backward()
+    torch.testing.assert_close(out, out_ref)
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
+@pytest.mark.parametrize('name', ['resnet18_bam', 'resnet18_cbam'])
+def test_fx_tracing_keeps_fused_gates_as_leaves(name):
+    from timm.layers._fx import create_feature_extractor
+    stage = timm.create_model(name).layer1.eval()  # a stage holding BAM (layer1.bam) or CBAM (layer1.*.se)
+    last = list(stage.named_children())[-1][0]  # 'bam' after the blocks, or the last block holding CBAM
+    extractor = create_feature_extractor(stage, {last: 'out'})
+    gate_fn = 'bam_gate' if name.endswith('_bam') else 'cbam_spatial_scale'
+    assert any(node.target.__name__ == gate_fn for node in extractor.graph.nodes if node.op == 'call_function'
+               and hasattr(node.target, '__name__'))
+    x = torch.randn(1, 64, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(extractor(x)['out'], stage(x))
