@@ -6,6 +6,7 @@ import timm
 import torch
 
 import bam_models  # noqa: F401  (registers the zoo with timm)
+from bam_models.hub import PretrainedWeightsError
 from bam_models.visualize import save_attention_figure
 
 
@@ -19,14 +20,16 @@ def load_model(name: str, checkpoint: Optional[str] = None, random_init: bool = 
     pretrained cfg, from `checkpoint` (safetensors, or a torch file read with weights_only=True; the number
     of classes is taken from the classifier's weight), or random with `random_init`."""
     if checkpoint is None:
+        hint = ("pass --checkpoint FILE (or a local-dir:PATH model saved with timm's save_for_hf), or "
+                "--random-init to look at an untrained model.")
         try:
             return timm.create_model(name, pretrained=not random_init)
-        except RuntimeError as error:
+        except PretrainedWeightsError as error:  # a zoo model: the error already names the tags there are
+            raise SystemExit(f"{error} To visualize it anyway, {hint}") from error
+        except RuntimeError as error:  # timm's own models
             if 'No pretrained weights' not in str(error):
                 raise
-            raise SystemExit(
-                f"{name} has no pretrained weights; pass --checkpoint FILE (or a local-dir:PATH model saved "
-                f"with timm's save_for_hf), or --random-init to look at an untrained model.") from error
+            raise SystemExit(f"{name} has no pretrained weights; {hint}") from error
     state_dict = timm.models.load_state_dict(checkpoint, weights_only=True)
     classifier = timm.create_model(name, pretrained=False, device='meta').pretrained_cfg.get('classifier', 'fc')
     num_classes = _classifier_classes(state_dict, classifier)
