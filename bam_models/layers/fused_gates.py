@@ -17,7 +17,7 @@ import torch
 
 from timm.layers._fx import register_notrace_function
 
-__all__ = ['bam_gate', 'cbam_spatial_scale', 'fused_gating_supported']
+__all__ = ['bam_gate', 'cbam_channel_pool', 'cbam_spatial_scale', 'fused_gating_supported']
 
 
 @torch.jit.unused
@@ -123,16 +123,61 @@ def _fused_bam_gate(x: torch.Tensor, channel: torch.Tensor, spatial: torch.Tenso
     return _BamGate.apply(x, channel, spatial, fusion)
 
 
+class _CbamChannelPool(torch.autograd.Function):
+    """[max, mean] over the channels of refined = x * channel, without keeping `refined` for backward.
+
+    `torch.amax` would save its full-size input; `torch.max(dim)` saves only the argmax but runs several times
+    slower than amax on CPU. This keeps x and channel (saved by CBAM anyway) and rebuilds the maxima's
+    positions in backward, splitting the gradient among tied maxima as amax does.
+    """
+
+    @staticmethod
+    def forward(ctx, refined, x, channel):
+        peak = refined.amax(1, keepdim=True)
+        ctx.save_for_backward(x, channel, peak)
+        return torch.cat([peak, refined.mean(1, keepdim=True)], dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        x, channel, peak = ctx.saved_tensors
+        refined = torch.mul(x, channel)
+        is_peak = torch.eq(refined, peak)
+        grad_peak = grad[:, :1] / is_peak.sum(1, keepdim=True)
+        # the rebuilt map's buffer becomes the gradient: one full-size allocation besides the mask
+        grad_refined = torch.mul(is_peak, grad_peak, out=refined.to(grad.dtype))
+        grad_refined.add_(grad[:, 1:] / refined.shape[1])
+        return grad_refined, None, None
+
+
+@register_notrace_function
+def cbam_channel_pool(refined: torch.Tensor, x: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
+    """CBAM's spatial descriptor [max, mean] over channels, (B, 2, H, W), for refined = x * channel."""
+    if not torch.jit.is_scripting() and torch.is_grad_enabled() and fused_gating_supported():
+        return _fused_cbam_channel_pool(refined, x, channel)
+    return torch.cat([refined.amax(1, keepdim=True), refined.mean(1, keepdim=True)], dim=1)
+
+
+@torch.jit.unused
+def _fused_cbam_channel_pool(refined: torch.Tensor, x: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
+    return _CbamChannelPool.apply(refined, x, channel)
+
+
 class _CbamSpatialScale(torch.autograd.Function):
     """out = refined * spatial for refined = x * channel, saving x, channel and spatial but not `refined`.
 
     `refined` is the differentiable input; `x` and `channel` only let backward rebuild what it needs of
-    it, and their own gradients reach them through the autograd node that made `refined`.
+    it, and their own gradients reach them through the autograd node that made `refined`. Nothing saves
+    `refined` itself, so the product is written over it when the dtypes allow.
     """
 
     @staticmethod
     def forward(ctx, refined, spatial, x, channel):
         ctx.save_for_backward(spatial, x, channel)
+        if torch.promote_types(refined.dtype, spatial.dtype) == refined.dtype:
+            ctx.mark_dirty(refined)
+            return refined.mul_(spatial)
         return refined * spatial
 
     @staticmethod
@@ -157,9 +202,13 @@ def cbam_spatial_scale(
         x: torch.Tensor,
         channel: torch.Tensor,
 ) -> torch.Tensor:
-    """CBAM's last step `refined * spatial`, where `refined = x * channel` is not kept alive for backward."""
+    """CBAM's last step `refined * spatial`, where `refined = x * channel` is not kept alive for backward
+    and is overwritten by the result (callers pass a `refined` that nothing else reads afterwards)."""
     if not torch.jit.is_scripting() and fused_gating_supported():
-        return _fused_cbam_spatial_scale(refined, spatial, x, channel)
+        if torch.is_grad_enabled():
+            return _fused_cbam_spatial_scale(refined, spatial, x, channel)
+        if torch.promote_types(refined.dtype, spatial.dtype) == refined.dtype:
+            return refined.mul_(spatial)
     return refined * spatial
 
 
