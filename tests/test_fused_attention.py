@@ -182,6 +182,29 @@ def test_bam_keeps_only_its_input_for_backward(fusion):
     assert _full_size_saved(lambda t: _plain_bam(module, t), x) == 3
 
 
+def test_bam_spatial_gate_recomputes_its_activations_in_backward():
+    module = BAM(64).train()
+    x = torch.randn(2, 64, 8, 8, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr != x.untyped_storage().data_ptr():
+            saved[ptr] = t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    # only the small gates remain (pooled vectors, B x C x 1 x 1 and B x 1 x H x W logits, BN statistics):
+    # less than one of the spatial branch's reduced-width (B x C/16 x H x W = 2 x 4 x 8 x 8) activations
+    assert 0 < sum(saved.values()) < 2 * 4 * 8 * 8
+    # the recomputation in backward must not update the running statistics a second time
+    module(x).sum().backward()
+    tracked = [b for name, b in module.spatial_gate.named_buffers() if name.endswith('num_batches_tracked')]
+    assert len(tracked) == 3 and all(int(b) == 2 for b in tracked)
+
+
 def test_cbam_keeps_only_its_input_for_backward():
     module = CBAM(32).train()
     x = torch.randn(2, 32, 8, 8, requires_grad=True)

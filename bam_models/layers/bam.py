@@ -8,12 +8,14 @@ and neither branch ends in BatchNorm. `fusion="sum"` gives the paper's `sigmoid(
 `fusion="max"` the max-combination of the paper's ablation (also with a closing BN per branch, as there).
 `gates="channel"` / `gates="spatial"` keep a single branch, as in the paper's Table 1 ablations.
 """
+import contextlib
 from collections import OrderedDict
 from typing import Optional, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from timm.layers import make_divisible
 from timm.layers._fx import register_notrace_module
@@ -139,8 +141,9 @@ class DilatedConv2d(nn.Conv2d):
 
     @torch.jit.unused
     def _space_to_batch_pays(self, x: torch.Tensor) -> bool:
-        return (x.device.type == 'cpu' and x.shape[0] == 1 and x.numel() <= _NATIVE_CONV_MAX_NUMEL
-                and fused_gating_supported())
+        # tracing and export must not see a shape-dependent branch, so that check comes first
+        return (fused_gating_supported() and x.device.type == 'cpu' and x.shape[0] == 1
+                and x.numel() <= _NATIVE_CONV_MAX_NUMEL)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and self._space_to_batch_pays(x):
@@ -148,8 +151,14 @@ class DilatedConv2d(nn.Conv2d):
         return self._conv_forward(x, self.weight, self.bias)
 
 
+@register_notrace_module  # the recompute decision depends on the autograd state, which FX cannot trace
 class BamSpatialGate(nn.Sequential):
-    """Spatial branch Ms: 1x1 reduce -> `num_dilated` dilated 3x3 convs -> 1x1 to one map, (B, 1, H, W)."""
+    """Spatial branch Ms: 1x1 reduce -> `num_dilated` dilated 3x3 convs -> 1x1 to one map, (B, 1, H, W).
+
+    In eager training its reduced-width activations are not kept for backward: they are recomputed from the
+    input (which BAM keeps anyway) during backward, with the BatchNorm running statistics restored after the
+    recomputation so that they are updated exactly once per forward, as without recomputation.
+    """
 
     def __init__(
             self,
@@ -175,6 +184,43 @@ class BamSpatialGate(nn.Sequential):
         if out_norm:
             layers['bn_out'] = nn.BatchNorm2d(1, **dd)
         super().__init__(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self._recompute_in_backward():
+            return self._checkpointed(x)
+        for module in self:
+            x = module(x)
+        return x
+
+    @torch.jit.unused
+    def _recompute_in_backward(self) -> bool:
+        return torch.is_grad_enabled() and fused_gating_supported()
+
+    @torch.jit.unused
+    def _checkpointed(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(nn.Sequential.forward, self, x, use_reentrant=False, context_fn=self._contexts)
+
+    @torch.jit.unused
+    def _contexts(self):
+        return contextlib.nullcontext(), _RestoredBuffers(self)
+
+
+class _RestoredBuffers:
+    """Snapshots a module's buffers (BatchNorm running statistics) and puts them back on exit."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.saved = []
+
+    def __enter__(self):
+        self.saved = [(b, b.detach().clone()) for b in self.module.buffers()]
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for buffer, value in self.saved:
+                buffer.copy_(value)
+        self.saved = []
+        return False
 
 
 class BAM(nn.Module):

@@ -13,6 +13,8 @@ torch.export and torch.compile see the plain formulation (`fused_gating_supporte
 custom autograd functions are opaque to them and compilers fuse these elementwise ops on their own. FX
 symbolic tracing (timm's feature extractors) treats the two entry points as leaf functions.
 """
+from typing import List
+
 import torch
 
 from timm.layers._fx import register_notrace_function
@@ -74,37 +76,58 @@ class _BamGate(torch.autograd.Function):
     def backward(ctx, grad):
         x, channel, spatial = ctx.saved_tensors
         need_x, need_channel, need_spatial, _ = ctx.needs_input_grad
-        gate = _combined_sigmoid(x, channel, spatial, ctx.fusion)
-        grad_x = torch.addcmul(grad, grad, gate).to(x.dtype) if need_x else None
-        grad_channel = grad_spatial = None
-        if need_channel or need_spatial:
-            # d out / d logits = x * gate * (1 - gate), computed in the buffer of the product grad * x
-            grad_logits = torch.mul(grad, x).to(gate.dtype)
-            torch.ops.aten.sigmoid_backward.grad_input(grad_logits, gate, grad_input=grad_logits)
-            del gate
-            batch, channels = channel.shape[:2]
-            spatial_shape = spatial.shape
-            if ctx.fusion == 'product':
-                g = _as_matrix(grad_logits)  # (B, C, HW)
-                if need_channel:
-                    sp = spatial.to(g.dtype).reshape(batch, -1, 1)  # (B, HW, 1)
-                    grad_channel = torch.bmm(g, sp).view(channel.shape).to(channel.dtype)
-                if need_spatial:
-                    ch = channel.to(g.dtype).reshape(batch, 1, channels)  # (B, 1, C)
-                    grad_spatial = torch.bmm(ch, g).view(spatial_shape).to(spatial.dtype)
-            elif ctx.fusion == 'sum':
-                if need_channel:
-                    grad_channel = grad_logits.sum((2, 3), keepdim=True).to(channel.dtype)
-                if need_spatial:
-                    grad_spatial = grad_logits.sum(1, keepdim=True).to(spatial.dtype)
-            else:
-                # torch.maximum's rule: the larger input takes the gradient, ties split it evenly
-                share = torch.where(channel == spatial, 0.5, (channel > spatial).to(grad_logits.dtype))
-                if need_channel:
-                    grad_channel = (grad_logits * share).sum((2, 3), keepdim=True).to(channel.dtype)
-                if need_spatial:
-                    grad_spatial = (grad_logits * (1. - share)).sum(1, keepdim=True).to(spatial.dtype)
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_channel = torch.empty_like(channel) if need_channel else None
+        grad_spatial = torch.empty_like(spatial) if need_spatial else None
+        # batch slices bound the full-size temporaries (the rebuilt gate, d out / d logits) to one slice each
+        for part in _batch_slices(x, channel, spatial):
+            g, xs, ch, sp = grad[part], x[part], channel[part], spatial[part]
+            gate = _combined_sigmoid(xs, ch, sp, ctx.fusion)
+            if need_channel or need_spatial:
+                # d out / d logits = x * gate * (1 - gate)
+                grad_logits = torch.mul(g, xs).to(gate.dtype)
+                torch.ops.aten.sigmoid_backward.grad_input(grad_logits, gate, grad_input=grad_logits)
+                _reduce_logit_grads(grad_logits, ch, sp, ctx.fusion, grad_channel, grad_spatial, part)
+                del grad_logits
+            if grad_x is not None:
+                if gate.dtype == x.dtype:
+                    torch.addcmul(g, g, gate, out=grad_x[part])
+                else:
+                    grad_x[part] = torch.addcmul(g, g, gate)
         return grad_x, grad_channel, grad_spatial, None
+
+
+def _batch_slices(x: torch.Tensor, *small: torch.Tensor) -> List[slice]:
+    """Slices of about a quarter of the batch (all of it where the small tensors broadcast over the batch)."""
+    batch = x.shape[0]
+    if any(t.shape[0] != batch for t in small):
+        return [slice(None)]
+    step = max(1, -(-batch // 4))
+    return [slice(i, i + step) for i in range(0, batch, step)]
+
+
+def _reduce_logit_grads(grad_logits, channel, spatial, fusion, grad_channel, grad_spatial, part) -> None:
+    """Write the gradients of the (B, C, 1, 1) and (B, 1, H, W) logits of one batch slice."""
+    if fusion == 'product':
+        g = _as_matrix(grad_logits)  # (b, C, HW)
+        if grad_channel is not None:
+            sp = spatial.to(g.dtype).reshape(spatial.shape[0], -1, 1)  # (b, HW, 1)
+            grad_channel[part] = torch.bmm(g, sp).view(channel.shape)
+        if grad_spatial is not None:
+            ch = channel.to(g.dtype).reshape(channel.shape[0], 1, channel.shape[1])  # (b, 1, C)
+            grad_spatial[part] = torch.bmm(ch, g).view(spatial.shape)
+    elif fusion == 'sum':
+        if grad_channel is not None:
+            grad_channel[part] = grad_logits.sum((2, 3), keepdim=True)
+        if grad_spatial is not None:
+            grad_spatial[part] = grad_logits.sum(1, keepdim=True)
+    else:
+        # torch.maximum's rule: the larger input takes the gradient, ties split it evenly
+        share = torch.where(channel == spatial, 0.5, (channel > spatial).to(grad_logits.dtype))
+        if grad_channel is not None:
+            grad_channel[part] = (grad_logits * share).sum((2, 3), keepdim=True)
+        if grad_spatial is not None:
+            grad_spatial[part] = (grad_logits * (1. - share)).sum(1, keepdim=True)
 
 
 @register_notrace_function
@@ -142,12 +165,15 @@ class _CbamChannelPool(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None
         x, channel, peak = ctx.saved_tensors
-        refined = torch.mul(x, channel)
-        is_peak = torch.eq(refined, peak)
-        grad_peak = grad[:, :1] / is_peak.sum(1, keepdim=True)
-        # the rebuilt map's buffer becomes the gradient: one full-size allocation besides the mask
-        grad_refined = torch.mul(is_peak, grad_peak, out=refined.to(grad.dtype))
-        grad_refined.add_(grad[:, 1:] / refined.shape[1])
+        grad_refined = torch.empty_like(x, dtype=grad.dtype)
+        for part in _batch_slices(x, channel):
+            g = grad[part]
+            refined = torch.mul(x[part], channel[part])
+            is_peak = torch.eq(refined, peak[part])
+            grad_peak = g[:, :1] / is_peak.sum(1, keepdim=True)
+            out = grad_refined[part]
+            torch.mul(is_peak, grad_peak, out=out)
+            out.add_(g[:, 1:] / x.shape[1])
         return grad_refined, None, None
 
 
@@ -184,14 +210,15 @@ class _CbamSpatialScale(torch.autograd.Function):
     def backward(ctx, grad):
         spatial, x, channel = ctx.saved_tensors
         need_refined, need_spatial = ctx.needs_input_grad[:2]
-        grad_refined = grad_spatial = None
-        if need_refined:
-            grad_refined = grad * spatial
+        grad_refined = grad * spatial if need_refined else None
+        grad_spatial = None
         if need_spatial:
-            # sum over C of grad * x * channel, as a batched (1 x C) @ (C x HW) product
-            grad_x = _as_matrix(grad * x)
-            ch = channel.to(grad_x.dtype).reshape(channel.shape[0], 1, channel.shape[1])
-            grad_spatial = torch.bmm(ch, grad_x).view(spatial.shape).to(spatial.dtype)
+            grad_spatial = torch.empty_like(spatial)
+            # sum over C of grad * x * channel, as batched (1 x C) @ (C x HW) products, a batch slice at a time
+            for part in _batch_slices(x, channel, spatial):
+                grad_x = _as_matrix(grad[part] * x[part])
+                ch = channel[part].to(grad_x.dtype).reshape(grad_x.shape[0], 1, channel.shape[1])
+                grad_spatial[part] = torch.bmm(ch, grad_x).view(grad_spatial[part].shape)
         return grad_refined, grad_spatial, None, None
 
 
