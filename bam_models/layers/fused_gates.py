@@ -11,7 +11,7 @@ matrix products, so backward allocates no extra full-size temporaries for them.
 Gradients equal those of the plain formulation up to float rounding. Scripting, tracing, ONNX export,
 torch.export and torch.compile see the plain formulation (`fused_gating_supported()` decides), because
 custom autograd functions are opaque to them and compilers fuse these elementwise ops on their own. FX
-symbolic tracing (timm's feature extractors) treats the two entry points as leaf functions.
+symbolic tracing (timm's feature extractors) treats the entry points as leaf functions.
 """
 from typing import List
 
