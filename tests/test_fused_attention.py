@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import bam_models  # noqa: F401  registers the zoo models
 from bam_models.layers import BAM, CBAM, DilatedConv2d, space_to_batch_conv2d
-from bam_models.layers.fused_gates import bam_gate, cbam_channel_pool, cbam_spatial_scale
+from bam_models.layers.fused_gates import bam_gate, cbam_channel_pool, cbam_spatial_pool, cbam_spatial_scale
 
 BAM_CONFIGS = [
     dict(fusion='product'),
@@ -45,6 +45,11 @@ def test_cbam_spatial_scale_gradcheck():
     channel = torch.rand(2, 3, 1, 1, dtype=torch.double, requires_grad=True)
     spatial = torch.rand(2, 1, 4, 5, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, c, s: cbam_spatial_scale(x * c, s, x, c), (x, channel, spatial))
+
+
+def test_cbam_spatial_pool_gradcheck():
+    x = torch.randn(3, 4, 5, 2, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(cbam_spatial_pool, (x,))
 
 
 def test_cbam_channel_pool_gradcheck():

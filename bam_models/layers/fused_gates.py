@@ -19,7 +19,9 @@ import torch
 
 from timm.layers._fx import register_notrace_function
 
-__all__ = ['bam_gate', 'cbam_channel_pool', 'cbam_spatial_scale', 'fused_gating_supported']
+__all__ = [
+    'bam_gate', 'cbam_channel_pool', 'cbam_refine', 'cbam_spatial_pool', 'cbam_spatial_scale', 'fused_gating_supported',
+]
 
 
 @torch.jit.unused
@@ -146,12 +148,72 @@ def _fused_bam_gate(x: torch.Tensor, channel: torch.Tensor, spatial: torch.Tenso
     return _BamGate.apply(x, channel, spatial, fusion)
 
 
-class _CbamChannelPool(torch.autograd.Function):
-    """[max, mean] over the channels of refined = x * channel, without keeping `refined` for backward.
+# CBAM, fused: every full-size step reads x and the small gates, and each backward writes its share of the
+# gradient of x into one fresh buffer (the autograd engine adds the three shares in place). Full-size
+# allocations are the expensive part on CPU, so backward makes three instead of the plain graph's eight or more
+# (mean and amax backward, the broadcast products and their reductions each materialise a full-size tensor).
 
-    `torch.amax` would save its full-size input; `torch.max(dim)` saves only the argmax but runs several times
-    slower than amax on CPU. This keeps x and channel (saved by CBAM anyway) and rebuilds the maxima's
-    positions in backward, splitting the gradient among tied maxima as amax does.
+
+class _CbamSpatialPool(torch.autograd.Function):
+    """[mean, max] over H, W of x as one (2B, C) batch for the shared MLP."""
+
+    @staticmethod
+    def forward(ctx, x):
+        peak = x.amax((2, 3))
+        ctx.save_for_backward(x, peak)
+        return torch.cat([x.mean((2, 3)), peak], dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, peak = ctx.saved_tensors
+        batch, channels = peak.shape
+        grad_mean = (grad[:batch] / (x.shape[2] * x.shape[3])).view(batch, channels, 1, 1)
+        grad_peak = grad[batch:].reshape(batch, channels, 1, 1)
+        grad_x = torch.empty_like(x, dtype=grad.dtype)
+        slices = _batch_slices(x)
+        # a reused floating-point mask: fresh pages and bool-to-number conversions cost more than the math
+        mask = torch.empty_like(x[slices[0]], dtype=grad.dtype)
+        for part in slices:
+            is_peak = torch.eq(x[part], peak[part].view(-1, channels, 1, 1), out=mask[:grad_x[part].shape[0]])
+            # amax's rule: tied maxima share the gradient
+            share = grad_peak[part] / is_peak.sum((2, 3), keepdim=True)
+            torch.addcmul(grad_mean[part], is_peak, share, out=grad_x[part])
+        return grad_x
+
+
+@register_notrace_function
+def cbam_spatial_pool(x: torch.Tensor) -> torch.Tensor:
+    """CBAM's channel descriptors [mean over H, W; max over H, W] stacked along the batch, (2B, C)."""
+    if not torch.jit.is_scripting() and torch.is_grad_enabled() and fused_gating_supported():
+        return _fused_cbam_spatial_pool(x)
+    return torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=0)
+
+
+@torch.jit.unused
+def _fused_cbam_spatial_pool(x: torch.Tensor) -> torch.Tensor:
+    return _CbamSpatialPool.apply(x)
+
+
+@register_notrace_function
+def cbam_refine(x: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
+    """x * channel. In fused training it is a plain buffer outside autograd: `cbam_channel_pool` and
+    `cbam_spatial_scale` take x and channel as their differentiable inputs and rebuild it in backward."""
+    if not torch.jit.is_scripting() and torch.is_grad_enabled() and fused_gating_supported():
+        return _detached_product(x, channel)
+    return x * channel
+
+
+@torch.jit.unused
+def _detached_product(x: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return x * channel
+
+
+class _CbamChannelPool(torch.autograd.Function):
+    """[max, mean] over the channels of refined = x * channel, differentiable in x and channel.
+
+    `refined` is only read in forward; backward rebuilds it a batch slice at a time from x and channel (kept by
+    CBAM anyway), so no full-size map is kept. Tied maxima share the gradient, as with amax.
     """
 
     @staticmethod
@@ -162,24 +224,34 @@ class _CbamChannelPool(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        if not ctx.needs_input_grad[0]:
-            return None, None, None
         x, channel, peak = ctx.saved_tensors
-        grad_refined = torch.empty_like(x, dtype=grad.dtype)
-        for part in _batch_slices(x, channel):
-            g = grad[part]
-            refined = torch.mul(x[part], channel[part])
-            is_peak = torch.eq(refined, peak[part])
-            grad_peak = g[:, :1] / is_peak.sum(1, keepdim=True)
-            out = grad_refined[part]
-            torch.mul(is_peak, grad_peak, out=out)
-            out.add_(g[:, 1:] / x.shape[1])
-        return grad_refined, None, None
+        need_x, need_channel = ctx.needs_input_grad[1:]
+        dtype = torch.promote_types(x.dtype, channel.dtype)
+        grad_x = torch.empty_like(x) if need_x else None
+        grad_channel = torch.empty_like(channel) if need_channel else None
+        slices = _batch_slices(x, channel)
+        # reused per-slice buffers and a floating-point mask: fresh pages and bool-to-number conversions cost
+        # more than the math
+        buffer = torch.empty_like(x[slices[0]], dtype=dtype)
+        mask = torch.empty_like(buffer)
+        for part in slices:
+            g, xs, ch = grad[part].to(dtype), x[part], channel[part]
+            n = xs.shape[0]
+            refined = torch.mul(xs, ch, out=buffer[:n])
+            is_peak = torch.eq(refined, peak[part], out=mask[:n])
+            grad_mean = g[:, 1:] / x.shape[1]
+            share = g[:, :1] / is_peak.sum(1, keepdim=True)
+            grad_refined = torch.addcmul(grad_mean, is_peak, share, out=refined)
+            if grad_channel is not None:
+                grad_channel[part] = _as_matrix(grad_refined).mul(_as_matrix(xs)).sum(2).view(ch.shape)
+            if grad_x is not None:
+                torch.mul(grad_refined, ch, out=grad_x[part])
+        return None, grad_x, grad_channel
 
 
 @register_notrace_function
 def cbam_channel_pool(refined: torch.Tensor, x: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
-    """CBAM's spatial descriptor [max, mean] over channels, (B, 2, H, W), for refined = x * channel."""
+    """CBAM's spatial descriptor [max, mean] over channels, (B, 2, H, W), for refined = cbam_refine(x, channel)."""
     if not torch.jit.is_scripting() and torch.is_grad_enabled() and fused_gating_supported():
         return _fused_cbam_channel_pool(refined, x, channel)
     return torch.cat([refined.amax(1, keepdim=True), refined.mean(1, keepdim=True)], dim=1)
@@ -191,12 +263,8 @@ def _fused_cbam_channel_pool(refined: torch.Tensor, x: torch.Tensor, channel: to
 
 
 class _CbamSpatialScale(torch.autograd.Function):
-    """out = refined * spatial for refined = x * channel, saving x, channel and spatial but not `refined`.
-
-    `refined` is the differentiable input; `x` and `channel` only let backward rebuild what it needs of
-    it, and their own gradients reach them through the autograd node that made `refined`. Nothing saves
-    `refined` itself, so the product is written over it when the dtypes allow.
-    """
+    """out = x * channel * spatial, written over `refined` (= x * channel, which nothing else reads), and
+    differentiable in x, channel and spatial; saves those three, nothing full-size but x."""
 
     @staticmethod
     def forward(ctx, refined, spatial, x, channel):
@@ -209,17 +277,29 @@ class _CbamSpatialScale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         spatial, x, channel = ctx.saved_tensors
-        need_refined, need_spatial = ctx.needs_input_grad[:2]
-        grad_refined = grad * spatial if need_refined else None
-        grad_spatial = None
-        if need_spatial:
-            grad_spatial = torch.empty_like(spatial)
-            # sum over C of grad * x * channel, as batched (1 x C) @ (C x HW) products, a batch slice at a time
-            for part in _batch_slices(x, channel, spatial):
-                grad_x = _as_matrix(grad[part] * x[part])
-                ch = channel[part].to(grad_x.dtype).reshape(grad_x.shape[0], 1, channel.shape[1])
-                grad_spatial[part] = torch.bmm(ch, grad_x).view(grad_spatial[part].shape)
-        return grad_refined, grad_spatial, None, None
+        need_spatial, need_x, need_channel = ctx.needs_input_grad[1:]
+        grad_x = torch.empty_like(x, dtype=grad.dtype) if need_x else None
+        grad_channel = torch.empty_like(channel) if need_channel else None
+        grad_spatial = torch.empty_like(spatial) if need_spatial else None
+        slices = _batch_slices(x, channel, spatial)
+        buffer = None
+        if grad_spatial is not None or grad_channel is not None:  # reused: fresh pages cost more than the math
+            buffer = torch.empty_like(x[slices[0]], dtype=torch.promote_types(grad.dtype, x.dtype))
+        for part in slices:
+            g, xs, ch, sp = grad[part], x[part], channel[part], spatial[part]
+            if buffer is not None:
+                gx = _as_matrix(torch.mul(g, xs, out=buffer[:xs.shape[0]]))  # (b, C, HW)
+                if grad_spatial is not None:  # sum over C of grad * x * channel
+                    ch_row = ch.to(gx.dtype).reshape(gx.shape[0], 1, gx.shape[1])
+                    grad_spatial[part] = torch.bmm(ch_row, gx).view(sp.shape)
+                if grad_channel is not None:  # sum over H, W of grad * x * spatial
+                    sp_col = sp.to(gx.dtype).reshape(gx.shape[0], -1, 1)
+                    grad_channel[part] = torch.bmm(gx, sp_col).view(ch.shape)
+            if grad_x is not None:
+                out = grad_x[part]
+                torch.mul(g, ch, out=out)
+                out.mul_(sp)
+        return None, grad_spatial, grad_x, grad_channel
 
 
 @register_notrace_function
@@ -229,8 +309,8 @@ def cbam_spatial_scale(
         x: torch.Tensor,
         channel: torch.Tensor,
 ) -> torch.Tensor:
-    """CBAM's last step `refined * spatial`, where `refined = x * channel` is not kept alive for backward
-    and is overwritten by the result (callers pass a `refined` that nothing else reads afterwards)."""
+    """CBAM's last step `refined * spatial` for refined = cbam_refine(x, channel), written over `refined`
+    (callers pass a `refined` that nothing else reads afterwards)."""
     if not torch.jit.is_scripting() and fused_gating_supported():
         if torch.is_grad_enabled():
             return _fused_cbam_spatial_scale(refined, spatial, x, channel)
