@@ -2,18 +2,22 @@
 
 Every model is measured next to its plain trunk in the same process: each round runs every measurement for
 every model of a family, in an order rotated from round to round, and a figure is the median over rounds.
+All models see the same seeded inputs; one warm-up pass per measurement precedes the rounds; inference runs
+under torch.inference_mode for every model; denormal floats are flushed to zero for the whole run (so no model
+pays for slow denormal arithmetic the others happen not to hit), and the thread count is reported.
 Ratios are costs relative to the trunk (model time / trunk time, model memory / trunk memory), so a value
 of 1.05 means 5 % more time or memory than the plain network on the same machine in the same run.
 
 Peak memory is the growth of the process's peak resident set size over one training step (forward, loss,
 backward, optimizer step), starting with gradients set to None, so it counts activations, gradients and
-temporaries but not parameters or optimizer state. Linux only: the peak is reset through
+temporaries but not parameters or optimizer state; the figure is the median over `memory_steps` steps. Linux only: the peak is reset through
 /proc/self/clear_refs and read from VmHWM, and glibc is told to serve every allocation above 128 KiB with
 its own mmap so that freed tensors leave the resident set at once. That allocator setting slows
 allocation, so memory is measured after all timings. Where this is unavailable the column stays empty.
 """
 import ctypes
 import gc
+import os
 import platform
 import statistics
 import time
@@ -66,6 +70,8 @@ class BenchmarkSettings:
     peers: bool = False
     channels_last: bool = False
     measure: Sequence[str] = ('latency', 'throughput', 'train', 'memory')
+    memory_steps: int = 3
+    seed: int = 0
     log: Callable[[str], None] = field(default=lambda msg: None, repr=False)
 
 
@@ -97,18 +103,27 @@ def _machine(threads: int) -> Dict[str, str]:
     }
 
 
-class _Subject:
-    """One model with its inputs, optimizer and collected timings."""
+class _Inputs:
+    """The batch-1 image, the batch and its targets that every model of a run sees, drawn from a seed."""
 
-    def __init__(self, name: str, settings: BenchmarkSettings):
+    def __init__(self, settings: BenchmarkSettings):
+        generator = torch.Generator().manual_seed(settings.seed)
+        fmt = torch.channels_last if settings.channels_last else torch.contiguous_format
+        size, batch = settings.img_size, settings.batch_size
+        self.x1 = torch.randn(1, 3, size, size, generator=generator).to(memory_format=fmt)
+        self.xb = torch.randn(batch, 3, size, size, generator=generator).to(memory_format=fmt)
+        self.target = torch.randint(0, 1000, (batch,), generator=generator)
+
+
+class _Subject:
+    """One model with the shared inputs, its optimizer and collected timings."""
+
+    def __init__(self, name: str, settings: BenchmarkSettings, inputs: _Inputs):
         self.name = name
         self.model = _create(name)
         fmt = torch.channels_last if settings.channels_last else torch.contiguous_format
         self.model.to(memory_format=fmt)
-        size = settings.img_size
-        self.x1 = torch.randn(1, 3, size, size).to(memory_format=fmt)
-        self.xb = torch.randn(settings.batch_size, 3, size, size).to(memory_format=fmt)
-        self.target = torch.randint(0, 1000, (settings.batch_size,))
+        self.x1, self.xb, self.target = inputs.x1, inputs.xb, inputs.target
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.9)
         self.latency_iters = settings.latency_iters
         self.times: Dict[str, List[float]] = {'latency': [], 'throughput': [], 'train': []}
@@ -187,8 +202,8 @@ def _reference_diff(value: float, reference: Optional[float]) -> Optional[float]
     return None if reference is None else value / reference - 1.
 
 
-def _family_rows(family: str, names: List[str], settings: BenchmarkSettings) -> List[Dict]:
-    subjects = [_Subject(name, settings) for name in names]
+def _family_rows(family: str, names: List[str], settings: BenchmarkSettings, inputs: _Inputs) -> List[Dict]:
+    subjects = [_Subject(name, settings, inputs) for name in names]
     settings.log(f'[{family}] warm-up')
     measures = [m for m in ('latency', 'throughput', 'train') if m in settings.measure]
     for subject in subjects:
@@ -228,16 +243,16 @@ def _family_rows(family: str, names: List[str], settings: BenchmarkSettings) -> 
     return rows
 
 
-def _add_memory(rows: List[Dict], settings: BenchmarkSettings) -> None:
+def _add_memory(rows: List[Dict], settings: BenchmarkSettings, inputs: _Inputs) -> None:
     if not _exact_allocation_accounting():
         return
     for row in rows:
         settings.log(f"[{row['family']}] peak memory of {row['model']}")
-        subject = _Subject(row['model'], settings)
+        subject = _Subject(row['model'], settings, inputs)
         subject.train_step()  # optimizer state and one-off initialisation are not part of the step
-        peak = subject.peak_train_memory()
-        if peak is not None:
-            row['train_peak_bytes'] = peak
+        peaks = [subject.peak_train_memory() for _ in range(max(settings.memory_steps, 1))]
+        if None not in peaks:
+            row['train_peak_bytes'] = statistics.median(peaks)
         del subject
 
 
@@ -255,6 +270,24 @@ def run_benchmark(settings: BenchmarkSettings) -> Dict:
     import bam_models  # noqa: F401  registers the zoo models with timm
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    flush_denormal = torch.set_flush_denormal(True)  # False where the CPU cannot
+    try:
+        return _run(settings, flush_denormal)
+    finally:
+        if flush_denormal:
+            torch.set_flush_denormal(False)
+
+
+def _load_average() -> Optional[float]:
+    """The 1-minute load average: other work sharing the cores shows up here and in every timing."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _run(settings: BenchmarkSettings, flush_denormal: bool) -> Dict:
+    load_before = _load_average()
     if settings.models:
         families = {settings.models[0]: list(settings.models)}
     else:
@@ -267,23 +300,30 @@ def run_benchmark(settings: BenchmarkSettings) -> Dict:
     if settings.peers:
         for family, names in families.items():
             names.extend(p for p in PEERS.get(family, []) if p not in names)
+    inputs = _Inputs(settings)
     rows = []
     for family, names in families.items():
-        rows.extend(_family_rows(family, names, settings))
+        rows.extend(_family_rows(family, names, settings, inputs))
     if 'memory' in settings.measure:
-        _add_memory(rows, settings)
+        _add_memory(rows, settings, inputs)
     _add_ratios(rows)
+    machine = _machine(torch.get_num_threads())
+    machine['load_average'] = {'start': load_before, 'end': _load_average()}
     return {
-        'machine': _machine(torch.get_num_threads()),
+        'machine': machine,
         'settings': {
             'img_size': settings.img_size,
             'batch_size': settings.batch_size,
             'rounds': settings.rounds,
             'latency_iters': settings.latency_iters,
             'channels_last': settings.channels_last,
-            'statistic': 'median over rounds, models interleaved',
+            'seed': settings.seed,
+            'flush_denormal': flush_denormal,
+            'inference': 'torch.inference_mode, eval mode, every model alike',
+            'statistic': 'median over rounds, models interleaved, same inputs for every model',
             'ratios': 'cost relative to the family trunk (time or bytes of model / trunk)',
-            'peak_memory': 'growth of peak RSS over one training step from gradients set to None (VmHWM)',
+            'peak_memory': f'growth of peak RSS over one training step from gradients set to None (VmHWM), '
+                           f'median of {max(settings.memory_steps, 1)} steps',
         },
         'rows': rows,
     }
@@ -324,9 +364,13 @@ def markdown_table(result: Dict) -> str:
         ]
         lines.append('| ' + ' | '.join(cells) + ' |')
     m = result['machine']
+    load = m.get('load_average') or {}
+    load_note = ''
+    if load.get('start') is not None and load.get('end') is not None:
+        load_note = f", load average {load['start']:.2f} at start, {load['end']:.2f} at end"
     lines += [
         '',
-        f"{m['cpu']}, {m['threads']} threads, torch {m['torch']}, timm {m['timm']}; "
+        f"{m['cpu']}, {m['threads']} threads{load_note}, torch {m['torch']}, timm {m['timm']}; "
         f"{s['img_size']}×{s['img_size']} input, {s['rounds']} rounds (median, models interleaved). "
         f"(×) = cost relative to the first model of the family measured in the same run: time per image "
         f"(also for throughput) or peak memory (peak RSS growth over one training step).",

@@ -15,7 +15,7 @@ def tiny_run(tmp_path_factory):
     cmd = [
         sys.executable, os.path.join(ROOT, 'scripts', 'benchmark.py'),
         '--models', 'resnet18', 'resnet18_bam', 'resnet18_cbam', 'pytorchcv:bam_resnet18',
-        '--img-size', '64', '--batch-size', '2', '--rounds', '1', '--latency-iters', '1', '--threads', '1',
+        '--img-size', '64', '--batch-size', '2', '--rounds', '1', '--latency-iters', '1', '--threads', '1', '--memory-steps', '1',
         '--json', str(out / 'bench.json'), '--markdown', str(out / 'bench.md'),
     ]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
@@ -31,6 +31,9 @@ def tiny_run(tmp_path_factory):
 def test_json_has_every_measurement_and_ratio(tiny_run):
     _, _, result = tiny_run
     assert result['machine']['threads'] == '1'
+    assert set(result['machine']['load_average']) == {'start', 'end'}
+    assert 'inference_mode' in result['settings']['inference']
+    assert result['settings']['flush_denormal'] in (True, False)
     assert result['settings']['img_size'] == 64 and result['settings']['batch_size'] == 2
     rows = {row['model']: row for row in result['rows']}
     assert list(rows) == ['resnet18', 'resnet18_bam', 'resnet18_cbam', 'pytorchcv:bam_resnet18']

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import bam_models  # noqa: F401  registers the zoo models
-from bam_models.layers import BAM, CBAM
-from bam_models.layers.fused_gates import bam_gate, cbam_spatial_scale
+from bam_models.layers import BAM, CBAM, DilatedConv2d, space_to_batch_conv2d
+from bam_models.layers.fused_gates import bam_gate, cbam_channel_pool, cbam_spatial_pool, cbam_spatial_scale
 
 BAM_CONFIGS = [
     dict(fusion='product'),
@@ -45,6 +45,68 @@ def test_cbam_spatial_scale_gradcheck():
     channel = torch.rand(2, 3, 1, 1, dtype=torch.double, requires_grad=True)
     spatial = torch.rand(2, 1, 4, 5, dtype=torch.double, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x, c, s: cbam_spatial_scale(x * c, s, x, c), (x, channel, spatial))
+
+
+def test_cbam_spatial_pool_gradcheck():
+    x = torch.randn(3, 4, 5, 2, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(cbam_spatial_pool, (x,))
+
+
+def test_cbam_channel_pool_gradcheck():
+    x = torch.randn(2, 3, 4, 5, dtype=torch.double, requires_grad=True)
+    channel = torch.rand(2, 3, 1, 1, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, c: cbam_channel_pool(x * c, x, c), (x, channel))
+
+
+def test_cbam_channel_pool_splits_ties_like_amax():
+    x = torch.tensor([[1., 3., 3., 2.], [0., 0., 0., 0.]], dtype=torch.double).T.reshape(1, 4, 1, 2)
+    x.requires_grad_()
+    channel = torch.ones(1, 4, 1, 1, dtype=torch.double, requires_grad=True)
+    grad = torch.randn(1, 2, 1, 2, dtype=torch.double)
+    cbam_channel_pool(x * channel, x, channel).backward(grad)
+    fused = [t.grad.clone() for t in (x, channel)]
+    for t in (x, channel):
+        t.grad = None
+    refined = x * channel
+    torch.cat([refined.amax(1, keepdim=True), refined.mean(1, keepdim=True)], dim=1).backward(grad)
+    for got, t in zip(fused, (x, channel)):
+        torch.testing.assert_close(got, t.grad)
+
+
+@pytest.mark.parametrize('shape,dilation', [
+    ((1, 5, 14, 14), 4),  # H, W not multiples of d
+    ((2, 3, 16, 12), 4),  # multiples of d, batch > 1
+    ((3, 4, 9, 7), 2),  # odd sizes
+    ((1, 3, 3, 5), 4),  # smaller than d: every tap but the centre reads padding
+    ((2, 3, 6, 6), 1),
+], ids=str)
+def test_space_to_batch_conv_equals_dilated_conv(shape, dilation):
+    x = torch.randn(*shape, dtype=torch.double, requires_grad=True)
+    weight = torch.randn(6, shape[1], 3, 3, dtype=torch.double, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.double, requires_grad=True)
+    out = space_to_batch_conv2d(x, weight, bias, dilation)
+    grads = torch.autograd.grad(out.square().sum(), (x, weight, bias))
+    out_ref = F.conv2d(x, weight, bias, padding=dilation, dilation=dilation)
+    grads_ref = torch.autograd.grad(out_ref.square().sum(), (x, weight, bias))
+    torch.testing.assert_close(out, out_ref, rtol=1e-12, atol=1e-12)
+    for got, expected in zip(grads, grads_ref):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_dilated_conv_module_takes_space_to_batch_only_where_aten_is_slow():
+    conv = DilatedConv2d(8, 8, dilation=4).double()
+    assert isinstance(conv, torch.nn.Conv2d) and conv.padding == (4, 4) and conv.dilation == (4, 4)
+    assert list(conv.state_dict()) == ['weight', 'bias']
+
+    def kernels(x):
+        with torch.profiler.profile() as prof:
+            out = conv(x)
+        torch.testing.assert_close(out, F.conv2d(x, conv.weight, conv.bias, padding=4, dilation=4))
+        return {e.key for e in prof.key_averages()}
+
+    assert 'aten::permute' in kernels(torch.randn(1, 8, 13, 10, dtype=torch.double))
+    assert 'aten::permute' not in kernels(torch.randn(2, 8, 13, 10, dtype=torch.double))
+    assert 'aten::permute' not in kernels(torch.randn(1, 8, 64, 64, dtype=torch.double))
 
 
 def _plain_bam(module: BAM, x: torch.Tensor) -> torch.Tensor:
@@ -123,6 +185,29 @@ def test_bam_keeps_only_its_input_for_backward(fusion):
     assert _full_size_saved(module, x) == 1
     # the plain formulation keeps the sigmoid and 1 + sigmoid as well: the measurement can tell
     assert _full_size_saved(lambda t: _plain_bam(module, t), x) == 3
+
+
+def test_bam_spatial_gate_recomputes_its_activations_in_backward():
+    module = BAM(64).train()
+    x = torch.randn(2, 64, 8, 8, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    saved = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and ptr != x.untyped_storage().data_ptr():
+            saved[ptr] = t.numel()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    # only the small gates remain (pooled vectors, B x C x 1 x 1 and B x 1 x H x W logits, BN statistics):
+    # less than one of the spatial branch's reduced-width (B x C/16 x H x W = 2 x 4 x 8 x 8) activations
+    assert 0 < sum(saved.values()) < 2 * 4 * 8 * 8
+    # the recomputation in backward must not update the running statistics a second time
+    module(x).sum().backward()
+    tracked = [b for name, b in module.spatial_gate.named_buffers() if name.endswith('num_batches_tracked')]
+    assert len(tracked) == 3 and all(int(b) == 2 for b in tracked)
 
 
 def test_cbam_keeps_only_its_input_for_backward():

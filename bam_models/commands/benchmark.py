@@ -20,6 +20,8 @@ def run(args: argparse.Namespace) -> int:
         peers=args.peers,
         channels_last=args.channels_last,
         measure=args.measure,
+        memory_steps=args.memory_steps,
+        seed=args.seed,
         log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else (lambda msg: None),
     )
     try:
@@ -59,6 +61,9 @@ def register(subparsers) -> None:
     parser.add_argument('--channels-last', action='store_true', help='run models and inputs channels_last')
     parser.add_argument('--measure', nargs='+', choices=_MEASURES, default=list(_MEASURES),
                         help='what to measure (default: all)')
+    parser.add_argument('--memory-steps', type=int, default=3,
+                        help='training steps whose peak memory is measured; the median is reported (default 3)')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the inputs every model sees (default 0)')
     parser.add_argument('--json', metavar='PATH', help='also write the full result as JSON')
     parser.add_argument('--markdown', metavar='PATH', help='also write the table to a file')
     parser.add_argument('-v', '--verbose', action='store_true', help='progress on stderr')

@@ -1,2 +1,2 @@
-from .bam import BAM, BamChannelGate, BamSpatialGate, GateBatchNorm2d
+from .bam import BAM, BamChannelGate, BamSpatialGate, DilatedConv2d, GateBatchNorm2d, space_to_batch_conv2d
 from .cbam import CBAM, CbamChannelGate, CbamSpatialGate

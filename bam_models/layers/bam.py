@@ -8,19 +8,21 @@ and neither branch ends in BatchNorm. `fusion="sum"` gives the paper's `sigmoid(
 `fusion="max"` the max-combination of the paper's ablation (also with a closing BN per branch, as there).
 `gates="channel"` / `gates="spatial"` keep a single branch, as in the paper's Table 1 ablations.
 """
+import contextlib
 from collections import OrderedDict
 from typing import Optional, Type
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from timm.layers import make_divisible
 from timm.layers._fx import register_notrace_module
 
-from .fused_gates import bam_gate
+from .fused_gates import bam_gate, fused_gating_supported
 
-__all__ = ['BAM', 'BamChannelGate', 'BamSpatialGate', 'GateBatchNorm2d']
+__all__ = ['BAM', 'BamChannelGate', 'BamSpatialGate', 'DilatedConv2d', 'GateBatchNorm2d', 'space_to_batch_conv2d']
 
 _FUSIONS = ('product', 'sum', 'max')
 _GATES = ('both', 'channel', 'spatial')
@@ -84,13 +86,79 @@ class BamChannelGate(nn.Module):
         self.bn_out = GateBatchNorm2d(channels, **dd) if out_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.mean((2, 3), keepdim=True)  # pooled over both dims: any H != W, no size-derived kernel
-        x = self.act(self.bn(self.fc1(x)))
-        return self.bn_out(self.fc2(x))
+        batch = x.shape[0]
+        x = x.mean((2, 3))  # pooled over both dims: any H != W, no size-derived kernel
+        # the 1x1 convs on pooled vectors run as plain matrix products (same weights, no convolution dispatch)
+        x = F.linear(x, self.fc1.weight.flatten(1), self.fc1.bias).view(batch, -1, 1, 1)
+        x = self.act(self.bn(x))
+        x = F.linear(x.flatten(1), self.fc2.weight.flatten(1), self.fc2.bias).view(batch, -1, 1, 1)
+        return self.bn_out(x)
 
 
+def space_to_batch_conv2d(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        dilation: int,
+) -> torch.Tensor:
+    """A 3x3 convolution with dilation d and padding d, computed as an undilated 3x3 convolution (padding 1)
+    over the d x d interleaved sub-images of x stacked along the batch.
+
+    Output pixel (i, j) of a dilated 3x3 kernel reads only pixels congruent to (i, j) modulo d, which form one
+    sub-image in which those taps are adjacent. Zero-padding H and W up to multiples of d adds only zeros the
+    dilated convolution would read as padding, so the result is the same sum of the same products.
+    """
+    batch, channels, height, width = x.shape
+    d = dilation
+    sub_h, sub_w = (height + d - 1) // d, (width + d - 1) // d
+    x = F.pad(x, (0, sub_w * d - width, 0, sub_h * d - height))
+    x = x.view(batch, channels, sub_h, d, sub_w, d).permute(0, 3, 5, 1, 2, 4)
+    x = x.reshape(batch * d * d, channels, sub_h, sub_w)
+    y = F.conv2d(x, weight, bias, padding=1)
+    out_channels = y.shape[1]
+    y = y.view(batch, d, d, out_channels, sub_h, sub_w).permute(0, 3, 4, 1, 5, 2)
+    return y.reshape(batch, out_channels, sub_h * d, sub_w * d)[:, :, :height, :width]
+
+
+# ATen's CPU dispatch sends a batch-1 convolution with at most this many input elements to its native kernels
+# (oneDNN takes larger ones); for a dilated kernel that is the slow `slow_conv_dilated2d`
+_NATIVE_CONV_MAX_NUMEL = 20480
+
+
+@register_notrace_module  # the path depends on the input shape, which FX cannot trace
+class DilatedConv2d(nn.Conv2d):
+    """The spatial gate's 3x3 convolution with dilation d and padding d, an nn.Conv2d with the same parameters.
+
+    Where ATen would run it through its slow native dilated kernel (small batch-1 inputs on CPU), it runs
+    as an undilated convolution over space-to-batch sub-images instead (`space_to_batch_conv2d`): the same
+    sums, several times faster. Scripting, tracing, export and compilation see the plain dilated convolution.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, dilation: int, bias: bool = True, device=None, dtype=None):
+        # padding = dilation keeps H x W for a 3x3 kernel at any dilation
+        super().__init__(
+            in_channels, out_channels, 3, padding=dilation, dilation=dilation, bias=bias, device=device, dtype=dtype)
+
+    @torch.jit.unused
+    def _space_to_batch_pays(self, x: torch.Tensor) -> bool:
+        # tracing and export must not see a shape-dependent branch, so that check comes first
+        return (fused_gating_supported() and x.device.type == 'cpu' and x.shape[0] == 1
+                and x.numel() <= _NATIVE_CONV_MAX_NUMEL)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self._space_to_batch_pays(x):
+            return space_to_batch_conv2d(x, self.weight, self.bias, self.dilation[0])
+        return self._conv_forward(x, self.weight, self.bias)
+
+
+@register_notrace_module  # the recompute decision depends on the autograd state, which FX cannot trace
 class BamSpatialGate(nn.Sequential):
-    """Spatial branch Ms: 1x1 reduce -> `num_dilated` dilated 3x3 convs -> 1x1 to one map, (B, 1, H, W)."""
+    """Spatial branch Ms: 1x1 reduce -> `num_dilated` dilated 3x3 convs -> 1x1 to one map, (B, 1, H, W).
+
+    In eager training its reduced-width activations are not kept for backward: they are recomputed from the
+    input (which BAM keeps anyway) during backward, with the BatchNorm running statistics restored after the
+    recomputation so that they are updated exactly once per forward, as without recomputation.
+    """
 
     def __init__(
             self,
@@ -109,15 +177,50 @@ class BamSpatialGate(nn.Sequential):
         layers['bn_reduce'] = nn.BatchNorm2d(rd_channels, **dd)
         layers['act_reduce'] = act_layer(inplace=True)
         for i in range(num_dilated):
-            # padding = dilation keeps H x W for a 3x3 kernel at any dilation
-            layers[f'conv_dil{i}'] = nn.Conv2d(
-                rd_channels, rd_channels, 3, padding=dilation, dilation=dilation, bias=True, **dd)
+            layers[f'conv_dil{i}'] = DilatedConv2d(rd_channels, rd_channels, dilation, bias=True, **dd)
             layers[f'bn_dil{i}'] = nn.BatchNorm2d(rd_channels, **dd)
             layers[f'act_dil{i}'] = act_layer(inplace=True)
         layers['conv_out'] = nn.Conv2d(rd_channels, 1, 1, bias=True, **dd)
         if out_norm:
             layers['bn_out'] = nn.BatchNorm2d(1, **dd)
         super().__init__(layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self._recompute_in_backward():
+            return self._checkpointed(x)
+        for module in self:
+            x = module(x)
+        return x
+
+    @torch.jit.unused
+    def _recompute_in_backward(self) -> bool:
+        return torch.is_grad_enabled() and fused_gating_supported()
+
+    @torch.jit.unused
+    def _checkpointed(self, x: torch.Tensor) -> torch.Tensor:
+        return checkpoint(nn.Sequential.forward, self, x, use_reentrant=False, context_fn=self._contexts)
+
+    @torch.jit.unused
+    def _contexts(self):
+        return contextlib.nullcontext(), _RestoredBuffers(self)
+
+
+class _RestoredBuffers:
+    """Snapshots a module's buffers (BatchNorm running statistics) and puts them back on exit."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.saved = []
+
+    def __enter__(self):
+        self.saved = [(b, b.detach().clone()) for b in self.module.buffers()]
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            for buffer, value in self.saved:
+                buffer.copy_(value)
+        self.saved = []
+        return False
 
 
 class BAM(nn.Module):
