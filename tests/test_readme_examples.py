@@ -1,11 +1,11 @@
-""" The README's Detection, Segmentation and Export examples run as written. """
+""" The README's usage, detection, segmentation and export examples run as written. """
 import re
 from pathlib import Path
 
 import pytest
 
 README = Path(__file__).resolve().parents[1] / 'README.md'
-SECTIONS = ('Detection', 'Segmentation', 'Export')
+SECTIONS = ('Using the models', 'Detection', 'Segmentation', 'Export')
 
 
 def _python_blocks(section: str):
