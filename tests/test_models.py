@@ -313,3 +313,16 @@ def test_every_zoo_name_is_unique_to_us():
     ours = set(ZOO)
     timm_own = {n for n in timm.list_models() if n not in ours}
     assert not any(fnmatch.fnmatch(n, '*_bam') or fnmatch.fnmatch(n, '*_cbam') for n in timm_own)
+
+
+@pytest.mark.parametrize('indices', [2, [1, 3]])
+def test_mobilenetv1_prune_with_extra_blocks_keeps_bam(indices):
+    model = timm.create_model('mobilenetv1_100_bam').eval()
+    x = torch.randn(*SMALL)
+    reference = model.forward_intermediates(x, indices=indices, extra_blocks=True, intermediates_only=True)
+    kept = model.prune_intermediate_layers(indices, extra_blocks=True)
+    assert all(hasattr(stage, 'bam') for stage in model.blocks[:4])
+    pruned = model.forward_intermediates(x, indices=kept, extra_blocks=True, intermediates_only=True)
+    assert len(pruned) == len(reference)
+    for a, b in zip(pruned, reference):
+        torch.testing.assert_close(a, b)

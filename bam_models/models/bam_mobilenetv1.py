@@ -85,6 +85,27 @@ class BamMobileNetV1(EfficientNet):
             intermediates_only=intermediates_only, extra_blocks=extra_blocks,
         )
 
+    def prune_intermediate_layers(
+            self,
+            indices: Union[int, List[int]] = 1,
+            prune_norm: bool = False,
+            prune_head: bool = True,
+            extra_blocks: bool = False,
+    ) -> List[int]:
+        if not extra_blocks:
+            return super().prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+        # with extra_blocks timm sizes the cut by asking the kept stage's last child for its feature_info; that
+        # child is BAM here, which keeps the width of the block before it, so timm asks without BAM attached
+        stage_bams = [(stage, stage.bam) for stage in self.blocks if 'bam' in stage._modules]
+        for stage, _ in stage_bams:
+            del stage.bam
+        try:
+            return super().prune_intermediate_layers(
+                indices, prune_norm=prune_norm, prune_head=prune_head, extra_blocks=True)
+        finally:
+            for stage, bam in stage_bams:
+                stage.add_module('bam', bam)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         # timm's body plus the input check; TorchScript cannot compile a super() call here
         check_image_batch(x, self.in_chans, self.min_input_size)
