@@ -10,7 +10,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import timm
 import torch
 import torch.nn as nn
-from timm.models import get_pretrained_cfg, load_state_dict
+from timm.models import get_pretrained_cfg
+
+from bam_models.hub import model_from_checkpoint
 
 __all__ = [
     'FORMATS', 'create_model_for_export', 'export_model', 'export_onnx', 'export_torchscript', 'export_program',
@@ -31,24 +33,11 @@ def create_model_for_export(
 ) -> nn.Module:
     """An eval-mode model with the weights to export.
 
-    `model_name` may carry a pretrained tag ('resnet50_bam.tag'). A `checkpoint` (any state dict timm's
-    load_state_dict reads) wins over pretrained weights; its classifier size sets num_classes.
+    `model_name` may carry a pretrained tag ('resnet50_bam.tag'). A `checkpoint` (read by
+    `bam_models.hub.model_from_checkpoint`) wins over pretrained weights; its classifier size sets num_classes.
     """
     if checkpoint is not None:
-        state_dict = load_state_dict(checkpoint)
-        model = timm.create_model(model_name, pretrained=False, **model_kwargs)
-        classifier = model.pretrained_cfg.get('classifier')
-        classifier_weight = state_dict.get(f'{classifier}.weight') if classifier else None
-        if classifier_weight is not None and classifier_weight.shape[0] != model.num_classes:
-            model = timm.create_model(
-                model_name, pretrained=False, **dict(model_kwargs, num_classes=classifier_weight.shape[0]))
-        try:
-            model.load_state_dict(state_dict)
-        except RuntimeError as error:  # missing, unexpected or mis-shaped keys
-            raise ValueError(
-                f"checkpoint {checkpoint} does not fit {model_name}; pass the architecture the checkpoint was "
-                f"trained as. {error}") from None
-        return model.eval()
+        return model_from_checkpoint(model_name, checkpoint, **model_kwargs).eval()
     cfg = get_pretrained_cfg(model_name, allow_unregistered=False)
     has_weights = cfg is not None and any(getattr(cfg, key, None) for key in ('url', 'hf_hub_id', 'file', 'state_dict'))
     if not has_weights and not random_init:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import safetensors.torch
+import timm
 import torch
 import torch.nn as nn
 from huggingface_hub import constants as hf_constants
@@ -45,7 +46,8 @@ from bam_models.manifest import load_manifest, manifest_entry, manifest_entry_fo
 
 __all__ = [
     'PretrainedWeightsError', 'TrunkOnlyWeightsWarning', 'UnverifiedWeightsWarning',
-    'build_model_with_weights', 'attention_keys', 'file_sha256', 'save_pretrained', 'model_card',
+    'build_model_with_weights', 'attention_keys', 'file_sha256', 'model_from_checkpoint', 'save_pretrained',
+    'model_card',
 ]
 
 HUB_FILENAME = 'model.safetensors'
@@ -362,6 +364,31 @@ def model_card(
     for citation in _CITATIONS:
         lines += ['```bibtex', citation, '```']
     return '\n'.join(lines) + '\n'
+
+
+def model_from_checkpoint(model_name: str, checkpoint: Union[str, Path], **model_kwargs) -> nn.Module:
+    """`model_name` built without downloads, with a local checkpoint loaded strictly.
+
+    The file is read with timm's `load_state_dict` (safetensors, or a torch file with weights_only=True;
+    `state_dict` wrappers and `module.` prefixes removed), and the size of its classifier sets `num_classes`.
+    A checkpoint of another architecture raises a ValueError listing missing and unexpected keys.
+    """
+    state_dict = load_state_dict(str(checkpoint), weights_only=True)
+    classifier = timm.create_model(model_name, device='meta', **model_kwargs).pretrained_cfg.get('classifier')
+    head = state_dict.get(f'{classifier}.weight') if classifier else None
+    if head is not None:
+        model_kwargs = dict(model_kwargs, num_classes=head.shape[0])
+    model = timm.create_model(model_name, pretrained=False, **model_kwargs)
+    advice = 'pass the architecture the checkpoint was trained as.'
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    except RuntimeError as error:  # mis-shaped tensors
+        raise ValueError(f"{checkpoint} does not fit {model_name}; {advice} {error}") from None
+    if missing or unexpected:
+        raise ValueError(
+            f"{checkpoint} does not fit {model_name}: {len(missing)} missing keys (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}); {advice}")
+    return model
 
 
 def save_pretrained(

@@ -9,32 +9,23 @@ from typing import Any, Dict, Optional
 import timm
 import torch
 from timm.data import create_transform, resolve_data_config
-from timm.models import load_state_dict
 
 import bam_models  # noqa: F401  registers the zoo with timm
 from bam_models.data import DIGITS, build_dataset
-
-
-def _classifier_size(state: Dict[str, torch.Tensor], model: torch.nn.Module) -> Optional[int]:
-    weight = state.get(model.default_cfg.get('classifier', 'fc') + '.weight')
-    return None if weight is None else weight.shape[0]
+from bam_models.hub import model_from_checkpoint
 
 
 def validate(model_name: str, data: str, checkpoint: Optional[str] = None, split: str = 'validation',
              batch_size: int = 64, img_size: Optional[int] = None, workers: int = 0) -> Dict[str, Any]:
     from bam_models.train import evaluate
-    hub = model_name.startswith(('local-dir:', 'hf-hub:'))
-    model = timm.create_model(model_name, pretrained=hub or checkpoint is None)
     data_config_args = {}
     if checkpoint:
-        state = load_state_dict(checkpoint)
-        num_classes = _classifier_size(state, model)
-        if num_classes is not None and num_classes != model.num_classes:
-            model.reset_classifier(num_classes)
-        model.load_state_dict(state)
+        model = model_from_checkpoint(model_name, checkpoint)
         raw = torch.load(checkpoint, map_location='cpu', weights_only=True)
         if isinstance(raw, dict) and 'data_config' in raw:  # a best.pth from `bam-models train`
             data_config_args = dict(raw['data_config'])
+    else:
+        model = timm.create_model(model_name, pretrained=True)
     if img_size:
         data_config_args['input_size'] = (3, img_size, img_size)
     data_config = resolve_data_config(data_config_args, model=model)

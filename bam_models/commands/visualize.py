@@ -6,13 +6,8 @@ import timm
 import torch
 
 import bam_models  # noqa: F401  (registers the zoo with timm)
-from bam_models.hub import PretrainedWeightsError
+from bam_models.hub import PretrainedWeightsError, model_from_checkpoint
 from bam_models.visualize import save_attention_figure
-
-
-def _classifier_classes(state_dict, classifier: str) -> Optional[int]:
-    weight = state_dict.get(f'{classifier}.weight')
-    return None if weight is None else int(weight.shape[0])
 
 
 def load_model(name: str, checkpoint: Optional[str] = None, random_init: bool = False) -> torch.nn.Module:
@@ -30,17 +25,10 @@ def load_model(name: str, checkpoint: Optional[str] = None, random_init: bool = 
             if 'No pretrained weights' not in str(error):
                 raise
             raise SystemExit(f"{name} has no pretrained weights; {hint}") from error
-    state_dict = timm.models.load_state_dict(checkpoint, weights_only=True)
-    classifier = timm.create_model(name, pretrained=False, device='meta').pretrained_cfg.get('classifier', 'fc')
-    num_classes = _classifier_classes(state_dict, classifier)
-    model = timm.create_model(name, pretrained=False, **({} if num_classes is None else dict(num_classes=num_classes)))
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    if missing or unexpected:
-        raise SystemExit(
-            f"{checkpoint} does not fit {name}: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}); pass the architecture the checkpoint "
-            f"was trained as with --model.")
-    return model
+    try:
+        return model_from_checkpoint(name, checkpoint)
+    except ValueError as error:
+        raise SystemExit(f"{error} (set it with --model)") from None
 
 
 def load_images(model: torch.nn.Module, paths: Sequence[str], img_size: Optional[int] = None) -> torch.Tensor:
