@@ -70,7 +70,9 @@ def insert_bam(model: nn.Module, bam_args: Optional[Dict[str, Any]] = None) -> n
         channels = [model.feature_info[i]['num_chs'] for i in MOBILENETV1_BAM_STAGES]
     dd = _factory_kwargs(model)
     for stage, num_chs in zip(stages, channels):
-        stage.add_module('bam', BAM(num_chs, **(bam_args or {}), **dd).train(model.training))
+        # the stage's last block feeds only BAM, so in inference BAM may overwrite that block's output
+        stage_bam_args = {'inplace': True, **(bam_args or {})}
+        stage.add_module('bam', BAM(num_chs, **stage_bam_args, **dd).train(model.training))
     return model
 
 
@@ -115,8 +117,10 @@ def insert_cbam(model: nn.Module, cbam_args: Optional[Dict[str, Any]] = None) ->
     if any(getattr(block, 'se', None) is not None for block in blocks):
         raise ValueError("insert_cbam: the model's blocks already have an attention module (block.se).")
     dd = _factory_kwargs(model)
+    # a block's last BN output feeds only its CBAM, so in inference CBAM may overwrite it
+    cbam_args = {'inplace': True, **(cbam_args or {})}
     for block in blocks:
-        cbam = CBAM(_block_out_channels(block), **(cbam_args or {}), **dd).train(model.training)
+        cbam = CBAM(_block_out_channels(block), **cbam_args, **dd).train(model.training)
         if type(block) in _TORCHVISION_CBAM_BLOCKS:
             # swap in a subclass whose forward calls the attention; parameters and buffers stay as they are
             block.__class__ = _TORCHVISION_CBAM_BLOCKS[type(block)]

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import bam_models  # noqa: F401  registers the zoo models
 from bam_models.layers import BAM, CBAM, DilatedConv2d, space_to_batch_conv2d
-from bam_models.layers.fused_gates import bam_gate, cbam_channel_pool, cbam_spatial_pool, cbam_spatial_scale
+from bam_models.layers import fused_gates
+from bam_models.layers.fused_gates import bam_gate, bam_squeeze
 
 BAM_CONFIGS = [
     dict(fusion='product'),
@@ -27,6 +28,76 @@ def test_bam_gate_gradcheck(fusion):
     assert torch.autograd.gradcheck(lambda *t: bam_gate(*t, fusion=fusion), (x, channel, spatial))
 
 
+@pytest.fixture(params=['conv', 'matmul'])
+def pointwise_path(request, monkeypatch):
+    """Runs a test with BAM's 1x1 reduction as a convolution and as a matrix product (which only inputs of
+    32 MiB or more take by default)."""
+    if request.param == 'matmul':
+        monkeypatch.setattr(fused_gates, '_MATMUL_MIN_BYTES', 0)
+    return request.param
+
+
+def test_bam_squeeze_gradcheck(pointwise_path):
+    x = torch.randn(2, 6, 4, 5, dtype=torch.double, requires_grad=True)
+    weight = torch.randn(3, 6, 1, 1, dtype=torch.double, requires_grad=True)
+    bias = torch.randn(3, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(bam_squeeze, (x, weight, bias))
+    assert torch.autograd.gradcheck(lambda x, w: bam_squeeze(x, w, None), (x, weight))
+
+
+def test_bam_squeeze_equals_mean_and_conv(pointwise_path):
+    x = torch.randn(2, 6, 4, 5, dtype=torch.double)
+    weight, bias = torch.randn(3, 6, 1, 1, dtype=torch.double), torch.randn(3, dtype=torch.double)
+    for grad_mode in (True, False):
+        with torch.set_grad_enabled(grad_mode):
+            pooled, reduced = bam_squeeze(x, weight, bias)
+        torch.testing.assert_close(pooled, x.mean((2, 3)))
+        torch.testing.assert_close(reduced, F.conv2d(x, weight, bias))
+
+
+def test_inplace_bam_overwrites_its_input_only_when_autograd_records_nothing():
+    module = BAM(16, inplace=True).eval()
+    reference = copy.deepcopy(module)
+    reference.inplace = False
+    x = torch.randn(4, 16, 9, 7)
+    expected = reference(x)
+    x_grad = x.clone().requires_grad_()
+    torch.testing.assert_close(module(x_grad), expected)
+    torch.testing.assert_close(x_grad.detach(), x)  # recorded for autograd: input untouched
+    with torch.no_grad():
+        out = module(x)
+    assert out.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(out, expected)
+
+
+def test_inplace_cbam_overwrites_its_input_only_when_autograd_records_nothing():
+    module = CBAM(16, inplace=True).eval()
+    reference = copy.deepcopy(module)
+    reference.inplace = False
+    x = torch.randn(4, 16, 9, 7)
+    expected = reference(x)
+    x_grad = x.clone().requires_grad_()
+    torch.testing.assert_close(module(x_grad), expected)
+    torch.testing.assert_close(x_grad.detach(), x)
+    with torch.no_grad():
+        out = module(x)
+    assert out.data_ptr() == x.data_ptr()
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize('name', ['resnet18_bam', 'mobilenetv1_100_bam', 'resnet18_cbam'])
+def test_zoo_attention_overwrites_its_input_in_inference_with_the_same_result(name):
+    model = timm.create_model(name).eval()
+    attention = [m for m in model.modules() if isinstance(m, (BAM, CBAM))]
+    assert attention and all(m.inplace for m in attention)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        overwritten = model(x)
+        for m in attention:
+            m.inplace = False
+        torch.testing.assert_close(overwritten, model(x), rtol=0, atol=0)
+
+
 def test_bam_gate_max_splits_ties_like_torch_maximum():
     x = torch.randn(1, 2, 2, 2, dtype=torch.double, requires_grad=True)
     channel = torch.zeros(1, 2, 1, 1, dtype=torch.double, requires_grad=True)
@@ -40,37 +111,28 @@ def test_bam_gate_max_splits_ties_like_torch_maximum():
         torch.testing.assert_close(got, t.grad)
 
 
-def test_cbam_spatial_scale_gradcheck():
-    x = torch.randn(2, 3, 4, 5, dtype=torch.double, requires_grad=True)
-    channel = torch.rand(2, 3, 1, 1, dtype=torch.double, requires_grad=True)
-    spatial = torch.rand(2, 1, 4, 5, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, c, s: cbam_spatial_scale(x * c, s, x, c), (x, channel, spatial))
+def test_cbam_gradcheck():
+    module = CBAM(6, rd_channels=3).double().train()
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(3, 6, 4, 5, dtype=torch.double, requires_grad=True)
+    assert torch.autograd.gradcheck(module, (x,))
+    # and for every parameter, through the gates' own small networks
+    params = list(module.parameters())
+
+    def with_params(x, *values):
+        return torch.func.functional_call(module, dict(zip([n for n, _ in module.named_parameters()], values)), x)
+    assert torch.autograd.gradcheck(with_params, (x, *params))
 
 
-def test_cbam_spatial_pool_gradcheck():
-    x = torch.randn(3, 4, 5, 2, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(cbam_spatial_pool, (x,))
-
-
-def test_cbam_channel_pool_gradcheck():
-    x = torch.randn(2, 3, 4, 5, dtype=torch.double, requires_grad=True)
-    channel = torch.rand(2, 3, 1, 1, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, c: cbam_channel_pool(x * c, x, c), (x, channel))
-
-
-def test_cbam_channel_pool_splits_ties_like_amax():
-    x = torch.tensor([[1., 3., 3., 2.], [0., 0., 0., 0.]], dtype=torch.double).T.reshape(1, 4, 1, 2)
-    x.requires_grad_()
-    channel = torch.ones(1, 4, 1, 1, dtype=torch.double, requires_grad=True)
-    grad = torch.randn(1, 2, 1, 2, dtype=torch.double)
-    cbam_channel_pool(x * channel, x, channel).backward(grad)
-    fused = [t.grad.clone() for t in (x, channel)]
-    for t in (x, channel):
-        t.grad = None
-    refined = x * channel
-    torch.cat([refined.amax(1, keepdim=True), refined.mean(1, keepdim=True)], dim=1).backward(grad)
-    for got, t in zip(fused, (x, channel)):
-        torch.testing.assert_close(got, t.grad)
+def test_cbam_splits_tied_maxima_like_amax():
+    # few distinct values: many ties in the maxima over H, W and over channels
+    module = CBAM(8, rd_channels=2).double().train()
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randint(-2, 3, (2, 8, 5, 4)).double().requires_grad_()
+    assert (x == x.amax((2, 3), keepdim=True)).sum() > x.shape[0] * x.shape[1]
+    _compare(module, _plain_cbam, x, train=True)
 
 
 @pytest.mark.parametrize('shape,dilation', [
@@ -145,6 +207,11 @@ def _compare(module, plain_fn, x, train):
         torch.testing.assert_close(b, b_ref, **tol)
 
 
+def test_bam_with_matmul_reduction_equals_plain_formulation(monkeypatch):
+    monkeypatch.setattr(fused_gates, '_MATMUL_MIN_BYTES', 0)
+    test_bam_equals_plain_formulation(BAM_CONFIGS[0], train=True)
+
+
 @pytest.mark.parametrize('train', [True, False], ids=['train', 'eval'])
 @pytest.mark.parametrize('config', BAM_CONFIGS, ids=lambda c: '-'.join(c.values()))
 def test_bam_equals_plain_formulation(config, train):
@@ -201,9 +268,12 @@ def test_bam_spatial_gate_recomputes_its_activations_in_backward():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         module(x)
-    # only the small gates remain (pooled vectors, B x C x 1 x 1 and B x 1 x H x W logits, BN statistics):
-    # less than one of the spatial branch's reduced-width (B x C/16 x H x W = 2 x 4 x 8 x 8) activations
-    assert 0 < sum(saved.values()) < 2 * 4 * 8 * 8
+    # of the spatial branch's six reduced-width (B x C/16 x H x W = 2 x 4 x 8 x 8) activations only the first
+    # convolution's output, the recomputation's starting point, remains; besides it only small gates (pooled
+    # vectors, B x C x 1 x 1 and B x 1 x H x W logits, BN statistics)
+    reduced_width = 2 * 4 * 8 * 8
+    assert list(saved.values()).count(reduced_width) == 1
+    assert sum(saved.values()) < 2 * reduced_width
     # the recomputation in backward must not update the running statistics a second time
     module(x).sum().backward()
     tracked = [b for name, b in module.spatial_gate.named_buffers() if name.endswith('num_batches_tracked')]
@@ -279,9 +349,11 @@ def test_fx_tracing_keeps_fused_gates_as_leaves(name):
     stage = timm.create_model(name).layer1.eval()  # a stage holding BAM (layer1.bam) or CBAM (layer1.*.se)
     last = list(stage.named_children())[-1][0]  # 'bam' after the blocks, or the last block holding CBAM
     extractor = create_feature_extractor(stage, {last: 'out'})
-    gate_fn = 'bam_gate' if name.endswith('_bam') else 'cbam_spatial_scale'
-    assert any(node.target.__name__ == gate_fn for node in extractor.graph.nodes if node.op == 'call_function'
-               and hasattr(node.target, '__name__'))
+    if name.endswith('_bam'):
+        assert any(getattr(node.target, '__name__', None) == 'bam_gate' for node in extractor.graph.nodes
+                   if node.op == 'call_function')
+    else:
+        assert any(node.target.endswith('.se') for node in extractor.graph.nodes if node.op == 'call_module')
     x = torch.randn(1, 64, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(extractor(x)['out'], stage(x))

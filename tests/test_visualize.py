@@ -90,12 +90,19 @@ def test_capture_shapes_ranges_and_identical_output(name, train):
 
 def _module_io(model: nn.Module, module_type, images):
     """(input, output) of every module of `module_type`, recorded independently of bam_models.visualize."""
-    records = {}
+    inputs, records = {}, {}
+
+    # copies: in inference the zoo's attention overwrites its input, and the block adds the shortcut into the
+    # attention output in place afterwards
+    def record_input(name):
+        return lambda module, args: inputs.__setitem__(name, args[0].clone())
 
     def record(name):
-        # copies: the block adds the shortcut into the attention output in place afterwards
-        return lambda module, args, out: records.__setitem__(name, (args[0].clone(), out.clone()))
-    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if isinstance(m, module_type)]
+        return lambda module, args, out: records.__setitem__(name, (inputs[name], out.clone()))
+    handles = []
+    for n, m in model.named_modules():
+        if isinstance(m, module_type):
+            handles += [m.register_forward_pre_hook(record_input(n)), m.register_forward_hook(record(n))]
     with torch.no_grad():
         model(images)
     for handle in handles:

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import make_divisible
 from timm.layers._fx import register_notrace_module
 
-from .fused_gates import bam_gate, fused_gating_supported
+from .fused_gates import bam_gate, bam_gate_, bam_squeeze, fused_gating_supported
 
 __all__ = ['BAM', 'BamChannelGate', 'BamSpatialGate', 'DilatedConv2d', 'GateBatchNorm2d', 'space_to_batch_conv2d']
 
@@ -85,9 +85,11 @@ class BamChannelGate(nn.Module):
         self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=True, **dd)
         self.bn_out = GateBatchNorm2d(channels, **dd) if out_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Channel logits of x; `pooled`, the (B, C) mean of x over H, W, if the caller has it already."""
         batch = x.shape[0]
-        x = x.mean((2, 3))  # pooled over both dims: any H != W, no size-derived kernel
+        # pooled over both dims: any H != W, no size-derived kernel
+        x = x.mean((2, 3)) if pooled is None else pooled
         # the 1x1 convs on pooled vectors run as plain matrix products (same weights, no convolution dispatch)
         x = F.linear(x, self.fc1.weight.flatten(1), self.fc1.bias).view(batch, -1, 1, 1)
         x = self.act(self.bn(x))
@@ -155,9 +157,9 @@ class DilatedConv2d(nn.Conv2d):
 class BamSpatialGate(nn.Sequential):
     """Spatial branch Ms: 1x1 reduce -> `num_dilated` dilated 3x3 convs -> 1x1 to one map, (B, 1, H, W).
 
-    In eager training its reduced-width activations are not kept for backward: they are recomputed from the
-    input (which BAM keeps anyway) during backward, with the BatchNorm running statistics restored after the
-    recomputation so that they are updated exactly once per forward, as without recomputation.
+    In eager training its reduced-width activations after the first convolution are not kept for backward: they
+    are recomputed from that convolution's output during backward, with the BatchNorm running statistics restored
+    after the recomputation so that they are updated exactly once per forward, as without recomputation.
     """
 
     def __init__(
@@ -185,11 +187,18 @@ class BamSpatialGate(nn.Sequential):
             layers['bn_out'] = nn.BatchNorm2d(1, **dd)
         super().__init__(layers)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, reduced: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Spatial logits of x; `reduced`, the output of `conv_reduce` on x, if the caller has it already."""
+        if reduced is None:
+            reduced = self.conv_reduce(x)
         if not torch.jit.is_scripting() and self._recompute_in_backward():
-            return self._checkpointed(x)
-        for module in self:
-            x = module(x)
+            return self._checkpointed(reduced)
+        return self._after_reduce(reduced)
+
+    def _after_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        for i, module in enumerate(self):
+            if i > 0:
+                x = module(x)
         return x
 
     @torch.jit.unused
@@ -197,8 +206,8 @@ class BamSpatialGate(nn.Sequential):
         return torch.is_grad_enabled() and fused_gating_supported()
 
     @torch.jit.unused
-    def _checkpointed(self, x: torch.Tensor) -> torch.Tensor:
-        return checkpoint(nn.Sequential.forward, self, x, use_reentrant=False, context_fn=self._contexts)
+    def _checkpointed(self, reduced: torch.Tensor) -> torch.Tensor:
+        return checkpoint(self._after_reduce, reduced, use_reentrant=False, context_fn=self._contexts)
 
     @torch.jit.unused
     def _contexts(self):
@@ -236,6 +245,9 @@ class BAM(nn.Module):
         fusion: 'product' (authors' released weights), 'sum' (paper's equation) or 'max' (paper's ablation).
         gates: 'both', or 'channel' / 'spatial' for single-branch ablations.
         act_layer: activation inside both branches.
+        inplace: write the output over the input when autograd records nothing (inference), saving a full-size
+            allocation; for a BAM whose input nothing else reads, as after a stage's last block (the zoo's
+            models set it).
     """
 
     def __init__(
@@ -249,6 +261,7 @@ class BAM(nn.Module):
             fusion: str = 'product',
             gates: str = 'both',
             act_layer: Type[nn.Module] = nn.ReLU,
+            inplace: bool = False,
             device=None,
             dtype=None,
     ):
@@ -268,6 +281,7 @@ class BAM(nn.Module):
         self.rd_channels = rd_channels
         self.fusion = fusion
         self.gates = gates
+        self.inplace = inplace
         # the paper closes each branch with BN before combining; the released product form does not
         out_norm = fusion != 'product'
         self.channel_gate = BamChannelGate(
@@ -312,8 +326,20 @@ class BAM(nn.Module):
         if self.channel_gate is None or self.spatial_gate is None:
             # a single branch's gate is small (B, C, 1, 1) or (B, 1, H, W): plain ops keep nothing large
             return x * (1. + torch.sigmoid(self.attention_logits(x)))
+        conv_reduce = self.spatial_gate.conv_reduce
+        # one call computes both branches' first reductions, and in training one node takes their gradients
+        pooled, reduced = bam_squeeze(x, conv_reduce.weight, conv_reduce.bias)
+        channel = self.channel_gate(x, pooled)
+        spatial = self.spatial_gate(x, reduced)
+        if self.inplace and not torch.jit.is_scripting() and self._overwrite_input():
+            return bam_gate_(x, channel, spatial, self.fusion)
         # two branches broadcast to full size; bam_gate recomputes that product in backward instead of keeping it
-        return bam_gate(x, self.channel_gate(x), self.spatial_gate(x), self.fusion)
+        return bam_gate(x, channel, spatial, self.fusion)
+
+    @torch.jit.unused
+    def _overwrite_input(self) -> bool:
+        return not torch.is_grad_enabled() and fused_gating_supported()
 
     def extra_repr(self) -> str:
-        return f'channels={self.channels}, rd_channels={self.rd_channels}, fusion={self.fusion}, gates={self.gates}'
+        return (f'channels={self.channels}, rd_channels={self.rd_channels}, fusion={self.fusion}, gates={self.gates}'
+                f', inplace={self.inplace}')

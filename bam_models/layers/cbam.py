@@ -17,8 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from timm.layers import make_divisible
+from timm.layers._fx import register_notrace_module
 
-from .fused_gates import cbam_channel_pool, cbam_refine, cbam_spatial_pool, cbam_spatial_scale
+from .fused_gates import cbam_refine, fused_gating_supported
 
 __all__ = ['CBAM', 'CbamChannelGate', 'CbamSpatialGate']
 
@@ -41,10 +42,13 @@ class CbamChannelGate(nn.Module):
         self.act = act_layer(inplace=True)
         self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias, **dd)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Channel weights of x; `pooled`, the (2B, C) stack [mean over H, W; max over H, W] of x, if the caller
+        has it already."""
         batch, channels = x.shape[:2]
-        # amax is several times faster than max with indices on CPU; in training the fused pool keeps only x
-        pooled = cbam_spatial_pool(x)
+        if pooled is None:
+            # amax is several times faster than max with indices on CPU
+            pooled = torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=0)
         # both descriptors go through the shared MLP as one batch, and the 1x1 convs on pooled vectors run as
         # plain matrix products (same weights, no convolution dispatch)
         hidden = self.act(F.linear(pooled, self.fc1.weight.flatten(1), self.fc1.bias))
@@ -67,21 +71,15 @@ class CbamSpatialGate(nn.Module):
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False, **dd)
         self.bn = nn.BatchNorm2d(1, momentum=bn_momentum, **dd)
 
-    def forward(
-            self,
-            x: torch.Tensor,
-            source: Optional[torch.Tensor] = None,
-            scale: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """Spatial weights of x; given x = source * scale (CBAM's channel-refined map), backward rebuilds x
-        from them instead of keeping it."""
-        if source is not None and scale is not None:
-            pooled = cbam_channel_pool(x, source, scale)
-        else:
+    def forward(self, x: torch.Tensor, pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Spatial weights of x; `pooled`, the (B, 2, H, W) stack [max over C, mean over C] of x, if the caller
+        has it already."""
+        if pooled is None:
             pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
         return torch.sigmoid(self.bn(self.conv(pooled)))
 
 
+@register_notrace_module  # its training path is one autograd function, which FX cannot trace into
 class CBAM(nn.Module):
     """Convolutional Block Attention Module: channel gate, then spatial gate, each multiplied into x.
 
@@ -94,6 +92,9 @@ class CBAM(nn.Module):
         act_layer: activation inside the channel MLP.
         mlp_bias: biases in the channel MLP (the authors' weights have them).
         spatial_bn_momentum: momentum of the spatial gate's BN (authors: 0.01).
+        inplace: write the output over the input when autograd records nothing (inference), saving a full-size
+            allocation; for a CBAM whose input nothing else reads, as a block's last BN output (the zoo's
+            models set it).
     """
 
     def __init__(
@@ -106,6 +107,7 @@ class CBAM(nn.Module):
             act_layer: Type[nn.Module] = nn.ReLU,
             mlp_bias: bool = True,
             spatial_bn_momentum: float = 0.01,
+            inplace: bool = False,
             device=None,
             dtype=None,
     ):
@@ -115,6 +117,7 @@ class CBAM(nn.Module):
             rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.)
         self.channels = channels
         self.rd_channels = rd_channels
+        self.inplace = inplace
         self.channel_gate = CbamChannelGate(channels, rd_channels, act_layer=act_layer, mlp_bias=mlp_bias, **dd)
         self.spatial_gate = CbamSpatialGate(spatial_kernel_size, bn_momentum=spatial_bn_momentum, **dd)
         self.init_weights()
@@ -131,11 +134,14 @@ class CBAM(nn.Module):
                 nn.init.zeros_(fc.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        channel = self.channel_gate(x)
-        # in training nothing keeps `refined` for backward (it is rebuilt from x and channel); the output
-        # overwrites it
-        refined = cbam_refine(x, channel)
-        return cbam_spatial_scale(refined, self.spatial_gate(refined, x, channel), x, channel)
+        if not torch.jit.is_scripting() and fused_gating_supported():
+            if torch.is_grad_enabled():
+                return cbam_refine(x, self.channel_gate, self.spatial_gate)
+            if self.inplace:
+                refined = x.mul_(self.channel_gate(x))
+                return refined.mul_(self.spatial_gate(refined))
+        refined = x * self.channel_gate(x)
+        return refined * self.spatial_gate(refined)
 
     def extra_repr(self) -> str:
-        return f'channels={self.channels}, rd_channels={self.rd_channels}'
+        return f'channels={self.channels}, rd_channels={self.rd_channels}, inplace={self.inplace}'

@@ -13,15 +13,14 @@ torch.export and torch.compile see the plain formulation (`fused_gating_supporte
 custom autograd functions are opaque to them and compilers fuse these elementwise ops on their own. FX
 symbolic tracing (timm's feature extractors) treats the entry points as leaf functions.
 """
-from typing import List
+from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from timm.layers._fx import register_notrace_function
 
-__all__ = [
-    'bam_gate', 'cbam_channel_pool', 'cbam_refine', 'cbam_spatial_pool', 'cbam_spatial_scale', 'fused_gating_supported',
-]
+__all__ = ['bam_gate', 'bam_gate_', 'bam_squeeze', 'cbam_refine', 'fused_gating_supported']
 
 
 @torch.jit.unused
@@ -148,182 +147,212 @@ def _fused_bam_gate(x: torch.Tensor, channel: torch.Tensor, spatial: torch.Tenso
     return _BamGate.apply(x, channel, spatial, fusion)
 
 
-# CBAM, fused: every full-size step reads x and the small gates, and each backward writes its share of the
-# gradient of x into one fresh buffer (the autograd engine adds the three shares in place). Full-size
-# allocations are the expensive part on CPU, so backward makes three instead of the plain graph's eight or more
-# (mean and amax backward, the broadcast products and their reductions each materialise a full-size tensor).
+@torch.jit.unused
+def bam_gate_(x: torch.Tensor, channel: torch.Tensor, spatial: torch.Tensor, fusion: str) -> torch.Tensor:
+    """`bam_gate` written over x, for inference: no full-size allocation, one batch slice of gate at a time.
+
+    On CPU a fresh tensor above glibc's largest mmap threshold (32 MiB: a 16 x 256 x 56 x 56 float map is 51 MB)
+    is new zeroed pages on every call, which cost about as much as the arithmetic; the output buffer is the input.
+    """
+    slices = _batch_slices(x, channel, spatial)
+    buffer = torch.empty_like(x[slices[0]], dtype=torch.promote_types(channel.dtype, spatial.dtype))
+    for part in slices:
+        xs = x[part]
+        gate = buffer[:xs.shape[0]]
+        if fusion == 'product':
+            torch.mul(channel[part], spatial[part], out=gate)
+        elif fusion == 'sum':
+            torch.add(channel[part], spatial[part], out=gate)
+        else:
+            torch.maximum(channel[part], spatial[part], out=gate)
+        xs.addcmul_(xs, gate.sigmoid_())
+    return x
 
 
-class _CbamSpatialPool(torch.autograd.Function):
-    """[mean, max] over H, W of x as one (2B, C) batch for the shared MLP."""
+# oneDNN copies a large NCHW input into its blocked layout before a 1x1 convolution; above 32 MiB (glibc's
+# largest mmap threshold) that copy lands in fresh pages on every call. A matrix product reads the input where it
+# is: 5 ms instead of 22 ms for BAM's 256 -> 16 reduction of a 16 x 256 x 56 x 56 map on 2 cores.
+_MATMUL_MIN_BYTES = 32 * 1024 * 1024
+
+
+def _pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if x.device.type == 'cpu' and x.is_contiguous() and x.numel() * x.element_size() >= _MATMUL_MIN_BYTES:
+        batch, _, height, width = x.shape
+        weight = weight.flatten(1)
+        # bmm on the weight expanded over the batch: matmul may fold the batch into a transposed copy of x
+        out = torch.bmm(weight.to(x.dtype).expand(batch, -1, -1), x.flatten(2))
+        if bias is not None:
+            out.add_(bias.to(out.dtype).view(1, -1, 1))
+        return out.view(batch, weight.shape[0], height, width)
+    return F.conv2d(x, weight, bias)
+
+
+class _BamSqueeze(torch.autograd.Function):
+    """(mean of x over H, W; 1x1 convolution of x), whose backward writes the gradient of x in one buffer."""
 
     @staticmethod
-    def forward(ctx, x):
-        peak = x.amax((2, 3))
-        ctx.save_for_backward(x, peak)
-        return torch.cat([x.mean((2, 3)), peak], dim=0)
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return x.mean((2, 3)), _pointwise_conv(x, weight, bias)
 
     @staticmethod
-    def backward(ctx, grad):
-        x, peak = ctx.saved_tensors
-        batch, channels = peak.shape
-        grad_mean = (grad[:batch] / (x.shape[2] * x.shape[3])).view(batch, channels, 1, 1)
-        grad_peak = grad[batch:].reshape(batch, channels, 1, 1)
-        grad_x = torch.empty_like(x, dtype=grad.dtype)
-        slices = _batch_slices(x)
-        # a reused floating-point mask: fresh pages and bool-to-number conversions cost more than the math
-        mask = torch.empty_like(x[slices[0]], dtype=grad.dtype)
-        for part in slices:
-            is_peak = torch.eq(x[part], peak[part].view(-1, channels, 1, 1), out=mask[:grad_x[part].shape[0]])
-            # amax's rule: tied maxima share the gradient
-            share = grad_peak[part] / is_peak.sum((2, 3), keepdim=True)
-            torch.addcmul(grad_mean[part], is_peak, share, out=grad_x[part])
-        return grad_x
+    def backward(ctx, grad_pooled, grad_reduced):
+        x, weight = ctx.saved_tensors
+        need_x, need_weight, need_bias = ctx.needs_input_grad
+        batch, channels, height, width = x.shape
+        grad_maps = grad_reduced.reshape(batch, grad_reduced.shape[1], height * width)  # (B, rd, HW)
+        dtype = torch.promote_types(grad_maps.dtype, torch.promote_types(x.dtype, weight.dtype))
+        grad_maps = grad_maps.to(dtype)
+        grad_x = grad_weight = grad_bias = None
+        if need_x:
+            # W^T @ d reduced, plus the average pool's share broadcast over H, W, in one full-size tensor
+            grad_x = torch.bmm(weight.flatten(1).t().to(dtype).expand(batch, -1, -1), grad_maps)
+            grad_x.add_((grad_pooled.to(dtype) / (height * width)).unsqueeze(-1))
+            grad_x = grad_x.view(batch, channels, height, width)
+        if need_weight:
+            grad_weight = torch.bmm(grad_maps, x.flatten(2).transpose(1, 2).to(dtype)).sum(0)
+            grad_weight = grad_weight.view(weight.shape).to(weight.dtype)
+        if need_bias and ctx.has_bias:
+            grad_bias = grad_maps.sum((0, 2)).to(weight.dtype)
+        return grad_x, grad_weight, grad_bias
 
 
 @register_notrace_function
-def cbam_spatial_pool(x: torch.Tensor) -> torch.Tensor:
-    """CBAM's channel descriptors [mean over H, W; max over H, W] stacked along the batch, (2B, C)."""
-    if not torch.jit.is_scripting() and torch.is_grad_enabled() and fused_gating_supported():
-        return _fused_cbam_spatial_pool(x)
-    return torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=0)
+def bam_squeeze(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The two reductions BAM's branches start from: the average of x over H, W (B, C) for the channel branch
+    and the 1x1 convolution `weight`, `bias` of x (B, rd, H, W) for the spatial branch.
+
+    In eager training they are one autograd node, so backward writes their share of the gradient of x into one
+    full-size tensor instead of materialising the broadcast mean gradient and the convolution's separately.
+    """
+    if not torch.jit.is_scripting() and fused_gating_supported():
+        if torch.is_grad_enabled():
+            return _fused_bam_squeeze(x, weight, bias)
+        return x.mean((2, 3)), _pointwise_conv(x, weight, bias)
+    return x.mean((2, 3)), F.conv2d(x, weight, bias)
 
 
 @torch.jit.unused
-def _fused_cbam_spatial_pool(x: torch.Tensor) -> torch.Tensor:
-    return _CbamSpatialPool.apply(x)
+def _fused_bam_squeeze(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _BamSqueeze.apply(x, weight, bias)
 
 
-@register_notrace_function
-def cbam_refine(x: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
-    """x * channel. In fused training it is a plain buffer outside autograd: `cbam_channel_pool` and
-    `cbam_spatial_scale` take x and channel as their differentiable inputs and rebuild it in backward."""
-    if not torch.jit.is_scripting() and torch.is_grad_enabled() and fused_gating_supported():
-        return _detached_product(x, channel)
-    return x * channel
+class _Cbam(torch.autograd.Function):
+    """CBAM's refinement `x * Mc * Ms` as one autograd node that keeps only x of full size for backward and
+    writes the gradient of x into a single full-size tensor.
 
-
-@torch.jit.unused
-def _detached_product(x: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return x * channel
-
-
-class _CbamChannelPool(torch.autograd.Function):
-    """[max, mean] over the channels of refined = x * channel, differentiable in x and channel.
-
-    `refined` is only read in forward; backward rebuilds it a batch slice at a time from x and channel (kept by
-    CBAM anyway), so no full-size map is kept. Tied maxima share the gradient, as with amax.
+    Written with plain ops, autograd keeps the channel-refined map and gives x three full-size gradients (the
+    output product's, the channel-wise pools' and the spatial pools'), each a fresh allocation, then adds them.
+    Here the gates' small networks (shared MLP; 7x7 conv, BN) run with their own autograd graph from the pooled
+    descriptors, and backward walks the full-size steps itself, one batch slice at a time in reused buffers:
+    d out / d Ms, then through Ms's network to the channel-wise pools, then d refined, d Mc and Mc's share of
+    d x, then through Mc's network to the spatial pools, then their share of d x. Tied maxima share the
+    gradient, as with amax.
     """
 
     @staticmethod
-    def forward(ctx, refined, x, channel):
-        peak = refined.amax(1, keepdim=True)
-        ctx.save_for_backward(x, channel, peak)
-        return torch.cat([peak, refined.mean(1, keepdim=True)], dim=1)
+    def forward(ctx, x, channel_gate, spatial_gate, num_channel_params, *params):
+        peak_hw = x.amax((2, 3))
+        pooled_hw = torch.cat([x.mean((2, 3)), peak_hw], dim=0).requires_grad_()
+        with torch.enable_grad():
+            channel = channel_gate(x, pooled_hw)
+        refined = x * channel.detach()
+        peak_c = refined.amax(1, keepdim=True)
+        pooled_c = torch.cat([peak_c, refined.mean(1, keepdim=True)], dim=1).requires_grad_()
+        with torch.enable_grad():
+            spatial = spatial_gate(refined, pooled_c)
+        ctx.save_for_backward(x, channel.detach(), spatial.detach(), peak_hw, peak_c)
+        ctx.graphs = (pooled_hw, channel, pooled_c, spatial)
+        ctx.params = (params[:num_channel_params], params[num_channel_params:])
+        if torch.promote_types(refined.dtype, spatial.dtype) == refined.dtype:
+            return refined.mul_(spatial.detach())
+        return refined * spatial.detach()
 
     @staticmethod
     def backward(ctx, grad):
-        x, channel, peak = ctx.saved_tensors
-        need_x, need_channel = ctx.needs_input_grad[1:]
-        dtype = torch.promote_types(x.dtype, channel.dtype)
-        grad_x = torch.empty_like(x) if need_x else None
-        grad_channel = torch.empty_like(channel) if need_channel else None
-        slices = _batch_slices(x, channel)
+        x, channel, spatial, peak_hw, peak_c = ctx.saved_tensors
+        pooled_hw, channel_graph, pooled_c, spatial_graph = ctx.graphs
+        channel_params, spatial_params = ctx.params
+        need_x = ctx.needs_input_grad[0]
+        batch, channels, height, width = x.shape
+        dtype = torch.promote_types(grad.dtype, torch.promote_types(x.dtype, channel.dtype))
+        slices = _batch_slices(x)
         # reused per-slice buffers and a floating-point mask: fresh pages and bool-to-number conversions cost
         # more than the math
         buffer = torch.empty_like(x[slices[0]], dtype=dtype)
         mask = torch.empty_like(buffer)
+        grad_x = torch.empty_like(x, dtype=dtype) if need_x else None
+
+        # d out / d Ms = sum over C of grad * x * Mc
+        grad_spatial = torch.empty_like(spatial, dtype=dtype)
         for part in slices:
-            g, xs, ch = grad[part].to(dtype), x[part], channel[part]
-            n = xs.shape[0]
-            refined = torch.mul(xs, ch, out=buffer[:n])
-            is_peak = torch.eq(refined, peak[part], out=mask[:n])
-            grad_mean = g[:, 1:] / x.shape[1]
-            share = g[:, :1] / is_peak.sum(1, keepdim=True)
-            grad_refined = torch.addcmul(grad_mean, is_peak, share, out=refined)
-            if grad_channel is not None:
-                grad_channel[part] = _as_matrix(grad_refined).mul(_as_matrix(xs)).sum(2).view(ch.shape)
-            if grad_x is not None:
-                torch.mul(grad_refined, ch, out=grad_x[part])
-        return None, grad_x, grad_channel
+            g, xs, ch = grad[part], x[part], channel[part]
+            gx = _as_matrix(torch.mul(g, xs, out=buffer[:xs.shape[0]]))  # (b, C, HW)
+            ch_row = ch.to(dtype).reshape(xs.shape[0], 1, channels)
+            grad_spatial[part] = torch.bmm(ch_row, gx).view(grad_spatial[part].shape)
+        grad_pooled_c, spatial_param_grads = _small_backward(spatial_graph, grad_spatial, pooled_c, spatial_params)
+        grad_pooled_c = grad_pooled_c.to(dtype)
+        grad_peak_c, grad_mean_c = grad_pooled_c[:, :1], grad_pooled_c[:, 1:] / channels
 
-
-@register_notrace_function
-def cbam_channel_pool(refined: torch.Tensor, x: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
-    """CBAM's spatial descriptor [max, mean] over channels, (B, 2, H, W), for refined = cbam_refine(x, channel)."""
-    if not torch.jit.is_scripting() and torch.is_grad_enabled() and fused_gating_supported():
-        return _fused_cbam_channel_pool(refined, x, channel)
-    return torch.cat([refined.amax(1, keepdim=True), refined.mean(1, keepdim=True)], dim=1)
-
-
-@torch.jit.unused
-def _fused_cbam_channel_pool(refined: torch.Tensor, x: torch.Tensor, channel: torch.Tensor) -> torch.Tensor:
-    return _CbamChannelPool.apply(refined, x, channel)
-
-
-class _CbamSpatialScale(torch.autograd.Function):
-    """out = x * channel * spatial, written over `refined` (= x * channel, which nothing else reads), and
-    differentiable in x, channel and spatial; saves those three, nothing full-size but x."""
-
-    @staticmethod
-    def forward(ctx, refined, spatial, x, channel):
-        ctx.save_for_backward(spatial, x, channel)
-        if torch.promote_types(refined.dtype, spatial.dtype) == refined.dtype:
-            ctx.mark_dirty(refined)
-            return refined.mul_(spatial)
-        return refined * spatial
-
-    @staticmethod
-    def backward(ctx, grad):
-        spatial, x, channel = ctx.saved_tensors
-        need_spatial, need_x, need_channel = ctx.needs_input_grad[1:]
-        grad_x = torch.empty_like(x, dtype=grad.dtype) if need_x else None
-        grad_channel = torch.empty_like(channel) if need_channel else None
-        grad_spatial = torch.empty_like(spatial) if need_spatial else None
-        slices = _batch_slices(x, channel, spatial)
-        buffer = None
-        if grad_spatial is not None or grad_channel is not None:  # reused: fresh pages cost more than the math
-            buffer = torch.empty_like(x[slices[0]], dtype=torch.promote_types(grad.dtype, x.dtype))
+        # d refined = grad * Ms + the channel-wise pools' share; Mc's gradient and Mc's share of d x follow
+        grad_channel = torch.empty_like(channel, dtype=dtype)
         for part in slices:
             g, xs, ch, sp = grad[part], x[part], channel[part], spatial[part]
-            if buffer is not None:
-                gx = _as_matrix(torch.mul(g, xs, out=buffer[:xs.shape[0]]))  # (b, C, HW)
-                if grad_spatial is not None:  # sum over C of grad * x * channel
-                    ch_row = ch.to(gx.dtype).reshape(gx.shape[0], 1, gx.shape[1])
-                    grad_spatial[part] = torch.bmm(ch_row, gx).view(sp.shape)
-                if grad_channel is not None:  # sum over H, W of grad * x * spatial
-                    sp_col = sp.to(gx.dtype).reshape(gx.shape[0], -1, 1)
-                    grad_channel[part] = torch.bmm(gx, sp_col).view(ch.shape)
+            n = xs.shape[0]
+            is_peak = torch.mul(xs, ch, out=mask[:n]).eq_(peak_c[part])
+            share = grad_peak_c[part] / is_peak.sum(1, keepdim=True)
+            grad_refined = torch.addcmul(grad_mean_c[part], g, sp, out=buffer[:n]).addcmul_(is_peak, share)
+            grad_channel[part] = _row_dots(grad_refined, xs).view(ch.shape)
             if grad_x is not None:
-                out = grad_x[part]
-                torch.mul(g, ch, out=out)
-                out.mul_(sp)
-        return None, grad_spatial, grad_x, grad_channel
+                torch.mul(grad_refined, ch, out=grad_x[part])
+        grad_pooled_hw, channel_param_grads = _small_backward(
+            channel_graph, grad_channel, pooled_hw, channel_params)
+
+        # the spatial pools' share of d x: the mean's, broadcast over H, W, and the maxima's
+        if grad_x is not None:
+            grad_pooled_hw = grad_pooled_hw.to(dtype)
+            grad_mean_hw = (grad_pooled_hw[:batch] / (height * width)).view(batch, channels, 1, 1)
+            grad_peak_hw = grad_pooled_hw[batch:].reshape(batch, channels, 1, 1)
+            for part in slices:
+                xs = x[part]
+                n = xs.shape[0]
+                is_peak = torch.eq(xs, peak_hw[part].view(n, channels, 1, 1), out=mask[:n])
+                share = grad_peak_hw[part] / is_peak.sum((2, 3), keepdim=True)
+                grad_x[part].add_(torch.addcmul(grad_mean_hw[part], is_peak, share, out=is_peak))
+        return (grad_x, None, None, None, *channel_param_grads, *spatial_param_grads)
 
 
-@register_notrace_function
-def cbam_spatial_scale(
-        refined: torch.Tensor,
-        spatial: torch.Tensor,
-        x: torch.Tensor,
-        channel: torch.Tensor,
-) -> torch.Tensor:
-    """CBAM's last step `refined * spatial` for refined = cbam_refine(x, channel), written over `refined`
-    (callers pass a `refined` that nothing else reads afterwards)."""
-    if not torch.jit.is_scripting() and fused_gating_supported():
-        if torch.is_grad_enabled():
-            return _fused_cbam_spatial_scale(refined, spatial, x, channel)
-        if torch.promote_types(refined.dtype, spatial.dtype) == refined.dtype:
-            return refined.mul_(spatial)
-    return refined * spatial
+def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum over H, W of a * b for (b, C, H, W) maps, as (b, C), without a full-size product."""
+    rows, cols = a.shape[0] * a.shape[1], a.shape[2] * a.shape[3]
+    return torch.bmm(a.reshape(rows, 1, cols), b.to(a.dtype).reshape(rows, cols, 1)).view(a.shape[0], a.shape[1])
+
+
+def _small_backward(output, grad_output, leaf, params):
+    """Gradients of a gate's small network from its output gradient: for its input `leaf` and every parameter
+    (None where a parameter does not require grad)."""
+    trainable = [p for p in params if p.requires_grad]
+    # the graph stays until the outer node goes, so a backward with retain_graph=True can be repeated
+    grads = torch.autograd.grad(
+        output, [leaf] + trainable, grad_output.to(output.dtype), retain_graph=True, allow_unused=True)
+    by_param = iter(grads[1:])
+    return grads[0], [next(by_param) if p.requires_grad else None for p in params]
 
 
 @torch.jit.unused
-def _fused_cbam_spatial_scale(
-        refined: torch.Tensor,
-        spatial: torch.Tensor,
-        x: torch.Tensor,
-        channel: torch.Tensor,
-) -> torch.Tensor:
-    return _CbamSpatialScale.apply(refined, spatial, x, channel)
+def cbam_refine(x: torch.Tensor, channel_gate: torch.nn.Module, spatial_gate: torch.nn.Module) -> torch.Tensor:
+    """CBAM's `Ms(x * Mc(x)) * (x * Mc(x))` as one autograd node (eager training). The gates are called with the
+    pooled descriptors they start from: `channel_gate(x, pooled)` with the (2B, C) [mean; max] over H, W, and
+    `spatial_gate(refined, pooled)` with the (B, 2, H, W) [max, mean] over channels."""
+    channel_params = list(channel_gate.parameters())
+    return _Cbam.apply(x, channel_gate, spatial_gate, len(channel_params), *channel_params,
+                       *spatial_gate.parameters())

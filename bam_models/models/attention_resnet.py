@@ -32,14 +32,16 @@ BAM_STAGES = (1, 2, 3)
 BAM_DILATION = 4  # BAM's default spatial-gate dilation (the paper's)
 
 
-def _dilated_bam_args(bam_args: Optional[Dict[str, Any]], natural_stride: int, stride: int) -> Dict[str, Any]:
-    """BAM arguments for a stage that output_stride < 32 may have dilated.
+def _stage_bam_args(bam_args: Optional[Dict[str, Any]], natural_stride: int, stride: int) -> Dict[str, Any]:
+    """BAM arguments for the BAM after a stage's last block, in a stage that output_stride < 32 may have dilated.
 
     A dilated stage samples its maps `natural_stride / stride` times more densely; widening the spatial gate's
-    dilation by that factor keeps its receptive field in image pixels the one it was trained with.
+    dilation by that factor keeps its receptive field in image pixels the one it was trained with. BAM is the
+    only reader of the last block's output, so in inference it may overwrite it.
     """
     bam_args = dict(bam_args or {})
     bam_args['dilation'] = bam_args.get('dilation', BAM_DILATION) * max(natural_stride // stride, 1)
+    bam_args.setdefault('inplace', True)
     return bam_args
 
 
@@ -65,7 +67,7 @@ class AttentionResNet(ResNet):
             if stage not in (1, 2, 3, 4):
                 raise ValueError(f"bam_stages entries must be ResNet stages 1-4, got {stage}.")
             stage_channels = self.feature_info[stage]['num_chs']
-            stage_bam_args = _dilated_bam_args(bam_args, 2 ** (stage + 1), self.feature_info[stage]['reduction'])
+            stage_bam_args = _stage_bam_args(bam_args, 2 ** (stage + 1), self.feature_info[stage]['reduction'])
             getattr(self, f'layer{stage}').add_module('bam', BAM(stage_channels, **stage_bam_args, **dd))
         self.bam_stages = tuple(bam_stages)
         self.min_input_size = kwargs.get('output_stride', 32)
@@ -123,8 +125,9 @@ def _bam_args(block, layers, **kwargs) -> Dict[str, Any]:
 
 def _cbam_args(block, layers, **kwargs) -> Dict[str, Any]:
     """Architecture kwargs of a CBAM ResNet; `cbam_args` configure every block's CBAM."""
-    cbam_args = kwargs.pop('cbam_args', None) or {}
-    attn_layer = partial(CBAM, **cbam_args) if cbam_args else CBAM
+    # a block's last BN output feeds only its CBAM, so in inference CBAM may overwrite it
+    cbam_args = {'inplace': True, **(kwargs.pop('cbam_args', None) or {})}
+    attn_layer = partial(CBAM, **cbam_args)
     block_args = dict(kwargs.pop('block_args', None) or {})
     block_args.setdefault('attn_layer', attn_layer)
     return dict(block=block, layers=layers, block_args=block_args, **kwargs)

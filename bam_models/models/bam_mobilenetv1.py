@@ -20,7 +20,7 @@ from bam_models.hub import build_model_with_weights
 from bam_models.layers import BAM
 from bam_models.manifest import manifest_default_cfgs
 from ._checks import check_image_batch
-from .attention_resnet import _dilated_bam_args
+from .attention_resnet import _stage_bam_args
 
 # FX patches wrapped names in the globals of the module that calls them, so each calling module wraps it
 torch.fx.wrap('check_image_batch')
@@ -55,7 +55,7 @@ class BamMobileNetV1(EfficientNet):
             if not 0 <= stage < len(self.blocks):
                 raise ValueError(f"bam_stages entries must be stage indices 0-{len(self.blocks) - 1}, got {stage}.")
             stage_channels = self.feature_info[stage]['num_chs']
-            stage_bam_args = _dilated_bam_args(bam_args, 2 ** (stage + 1), self.feature_info[stage]['reduction'])
+            stage_bam_args = _stage_bam_args(bam_args, 2 ** (stage + 1), self.feature_info[stage]['reduction'])
             self.blocks[stage].add_module('bam', BAM(stage_channels, **stage_bam_args, **dd))
         self.bam_stages = tuple(bam_stages)
         self.min_input_size = kwargs.get('output_stride', 32)
