@@ -1,7 +1,8 @@
 """ What attention costs: parameters, FLOPs, latency, throughput, training-step time and peak memory.
 
 Every model is measured next to its plain trunk in the same process: each round runs every measurement for
-every model of a family, in an order rotated from round to round, and a figure is the median over rounds.
+every model of a family, in an order rotated from round to round, and a figure is the median over rounds; a
+time ratio is the median over rounds of the model's time over the trunk's in the same round.
 All models see the same seeded inputs; one warm-up pass per measurement precedes the rounds; inference runs
 under torch.inference_mode for every model; denormal floats are flushed to zero for the whole run (so no model
 pays for slow denormal arithmetic the others happen not to hit), and the thread count is reported.
@@ -32,7 +33,8 @@ import timm
 from bam_models.profiling import count_flops, count_params
 
 __all__ = [
-    'DEFAULT_FAMILIES', 'PAPER_REFERENCE', 'PEERS', 'BenchmarkSettings', 'run_benchmark', 'markdown_table',
+    'DEFAULT_FAMILIES', 'PAPER_REFERENCE', 'PEERS', 'BenchmarkSettings', 'markdown_table', 'paired_ratio',
+    'run_benchmark',
 ]
 
 # family name -> models measured together; the first is the plain trunk every ratio refers to
@@ -237,10 +239,20 @@ def _family_rows(family: str, names: List[str], settings: BenchmarkSettings, inp
         row['paper_gmacs_diff'] = _reference_diff(row['gmacs'], row['paper_gmacs'])
         for what in measures:
             row[f'{what}_s'] = statistics.median(subject.times[what])
+            row[f'{what}_ratio'] = paired_ratio(subject.times[what], subjects[0].times[what])
         if 'throughput' in measures:
             row['throughput_img_s'] = settings.batch_size / row['throughput_s']
         rows.append(row)
     return rows
+
+
+def paired_ratio(times: Sequence[float], trunk_times: Sequence[float]) -> float:
+    """Median over rounds of model time / trunk time in the same round.
+
+    Both ran back to back, so a slow spell of the machine (another tenant, the allocator's state) that lasts a
+    round scales both and cancels, where a ratio of the two medians could pair a slow round with a fast one.
+    """
+    return statistics.median(t / base for t, base in zip(times, trunk_times))
 
 
 def _add_memory(rows: List[Dict], settings: BenchmarkSettings, inputs: _Inputs) -> None:
@@ -261,7 +273,7 @@ def _add_ratios(rows: List[Dict]) -> None:
     for row in rows:
         base = bases[row['family']]
         for ratio_key, key in _RATIOS.items():
-            if key in row and base.get(key):
+            if ratio_key not in row and key in row and base.get(key):
                 row[ratio_key] = row[key] / base[key]
 
 
@@ -321,7 +333,8 @@ def _run(settings: BenchmarkSettings, flush_denormal: bool) -> Dict:
             'flush_denormal': flush_denormal,
             'inference': 'torch.inference_mode, eval mode, every model alike',
             'statistic': 'median over rounds, models interleaved, same inputs for every model',
-            'ratios': 'cost relative to the family trunk (time or bytes of model / trunk)',
+            'ratios': 'cost relative to the family trunk: for times the median over rounds of model / trunk '
+                      'time in the same round, for bytes model / trunk',
             'peak_memory': f'growth of peak RSS over one training step from gradients set to None (VmHWM), '
                            f'median of {max(settings.memory_steps, 1)} steps',
         },
@@ -373,6 +386,7 @@ def markdown_table(result: Dict) -> str:
         f"{m['cpu']}, {m['threads']} threads{load_note}, torch {m['torch']}, timm {m['timm']}; "
         f"{s['img_size']}×{s['img_size']} input, {s['rounds']} rounds (median, models interleaved). "
         f"(×) = cost relative to the first model of the family measured in the same run: time per image "
-        f"(also for throughput) or peak memory (peak RSS growth over one training step).",
+        f"(also for throughput; median over rounds of the per-round ratio) or peak memory (peak RSS growth "
+        f"over one training step).",
     ]
     return '\n'.join(lines)

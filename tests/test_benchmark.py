@@ -81,3 +81,12 @@ def test_paper_reference_columns_at_224():
     assert bam['paper_gmacs'] == 3.94
     assert bam['paper_gmacs_diff'] == pytest.approx(bam['gmacs'] / 3.94 - 1)
     assert '25,915,099 (+0.0%)' in markdown_table(result)
+
+
+def test_time_ratios_pair_each_round_with_the_trunk_of_that_round():
+    from bam_models.benchmark import paired_ratio
+    # slow spells hit both in round 3 and only the model in round 2: the rounds' own ratios are 1.1, 3.3 and
+    # 1.1, whose median is 1.1, where the ratio of the two medians (3.3 / 1.0) would say 3.3
+    trunk, model = [1.0, 1.0, 3.0], [1.1, 3.3, 3.3]
+    assert paired_ratio(model, trunk) == pytest.approx(1.1)
+    assert paired_ratio(trunk, trunk) == 1.0
