@@ -239,6 +239,7 @@ def _family_rows(family: str, names: List[str], settings: BenchmarkSettings, inp
         row['paper_gmacs_diff'] = _reference_diff(row['gmacs'], row['paper_gmacs'])
         for what in measures:
             row[f'{what}_s'] = statistics.median(subject.times[what])
+            row[f'{what}_rounds_s'] = list(subject.times[what])
             row[f'{what}_ratio'] = paired_ratio(subject.times[what], subjects[0].times[what])
         if 'throughput' in measures:
             row['throughput_img_s'] = settings.batch_size / row['throughput_s']

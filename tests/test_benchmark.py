@@ -44,6 +44,7 @@ def test_json_has_every_measurement_and_ratio(tiny_run):
             assert row[key] > 0
             ratio_key = key[:-2] + '_ratio'
             assert row[ratio_key] == pytest.approx(row[key] / trunk[key])
+            assert row[key[:-2] + '_rounds_s'] == [row[key]]  # one round: its time is the median
         assert row['throughput_img_s'] == pytest.approx(2 / row['throughput_s'])
         assert row['params_ratio'] == pytest.approx(row['params'] / trunk['params'])
         assert row['gmacs'] == pytest.approx(row['gflops'] / 2)
