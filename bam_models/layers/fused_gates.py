@@ -1,17 +1,20 @@
 """ Memory-lean gating for BAM and CBAM
 
 Written with plain tensor ops, `x * (1 + sigmoid(Mc * Ms))` makes autograd keep two full-size B x C x H x W
-tensors per BAM (the sigmoid output and `1 + sigmoid`), and CBAM's `x * cg * sg` keeps the channel-refined
-map `x * cg` alive as well. Those are the largest tensors of the network, saved only so that backward can
-read them again. The autograd functions here save the input and the small gates instead (B x C x 1 x 1 and
-B x 1 x H x W) and recompute the full-size product in backward, which costs one extra elementwise pass and
-saves one to two activation-sized tensors per module. Reductions over the broadcast dimensions are batched
-matrix products, so backward allocates no extra full-size temporaries for them.
+tensors per BAM (the sigmoid output and `1 + sigmoid`), and CBAM's `x * Mc * Ms` keeps the channel-refined
+map `x * Mc` alive as well; in backward each of x's uses adds a full-size gradient of its own. Those are the
+largest tensors of the network, and on CPU every fresh one above glibc's largest mmap threshold (32 MiB) is
+new zeroed pages, which cost about as much as the arithmetic. The autograd functions here save the input and
+the small gates instead (B x C x 1 x 1 and B x 1 x H x W), rebuild full-size products in backward one batch
+slice at a time in reused buffers, and write the gradient of x into as few full-size tensors as the graph
+allows: BAM's pooling and 1x1 reduction share one (`bam_squeeze`), and all of CBAM is one node
+(`cbam_refine`). Reductions over the broadcast dimensions are batched matrix products.
 
 Gradients equal those of the plain formulation up to float rounding. Scripting, tracing, ONNX export,
 torch.export and torch.compile see the plain formulation (`fused_gating_supported()` decides), because
 custom autograd functions are opaque to them and compilers fuse these elementwise ops on their own. FX
-symbolic tracing (timm's feature extractors) treats the entry points as leaf functions.
+symbolic tracing (timm's feature extractors) treats BAM's entry points as leaf functions and CBAM as a leaf
+module.
 """
 from typing import List, Optional, Tuple
 
