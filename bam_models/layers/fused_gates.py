@@ -41,17 +41,20 @@ def _as_matrix(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(2)
 
 
-def _combined_sigmoid(x: torch.Tensor, channel: torch.Tensor, spatial: torch.Tensor, fusion: str) -> torch.Tensor:
-    """sigmoid(fuse(channel, spatial)) as one full-size tensor laid out like x (channels_last stays so)."""
-    dtype = torch.promote_types(x.dtype, torch.promote_types(channel.dtype, spatial.dtype))
-    gate = torch.empty_like(x, dtype=dtype)
+def _gate_like(x: torch.Tensor, channel: torch.Tensor, spatial: torch.Tensor) -> torch.Tensor:
+    """An uninitialised full-size gate buffer laid out like x (channels_last stays so), in the promoted dtype."""
+    return torch.empty_like(x, dtype=torch.promote_types(x.dtype, torch.promote_types(channel.dtype, spatial.dtype)))
+
+
+def _combined_sigmoid(channel: torch.Tensor, spatial: torch.Tensor, fusion: str, out: torch.Tensor) -> torch.Tensor:
+    """sigmoid(fuse(channel, spatial)) written into the full-size buffer `out`."""
     if fusion == 'product':
-        torch.mul(channel, spatial, out=gate)
+        torch.mul(channel, spatial, out=out)
     elif fusion == 'sum':
-        torch.add(channel, spatial, out=gate)
+        torch.add(channel, spatial, out=out)
     else:
-        torch.maximum(channel, spatial, out=gate)
-    return gate.sigmoid_()
+        torch.maximum(channel, spatial, out=out)
+    return out.sigmoid_()
 
 
 def _plain_bam_gate(x: torch.Tensor, channel: torch.Tensor, spatial: torch.Tensor, fusion: str) -> torch.Tensor:
@@ -71,7 +74,7 @@ class _BamGate(torch.autograd.Function):
     def forward(ctx, x, channel, spatial, fusion):
         ctx.fusion = fusion
         ctx.save_for_backward(x, channel, spatial)
-        gate = _combined_sigmoid(x, channel, spatial, fusion)
+        gate = _combined_sigmoid(channel, spatial, fusion, _gate_like(x, channel, spatial))
         x = x.to(gate.dtype)
         # x + x * gate, written over the gate buffer: one pass, one full-size allocation in all
         return torch.addcmul(x, x, gate, out=gate)
@@ -86,7 +89,7 @@ class _BamGate(torch.autograd.Function):
         # batch slices bound the full-size temporaries (the rebuilt gate, d out / d logits) to one slice each
         for part in _batch_slices(x, channel, spatial):
             g, xs, ch, sp = grad[part], x[part], channel[part], spatial[part]
-            gate = _combined_sigmoid(xs, ch, sp, ctx.fusion)
+            gate = _combined_sigmoid(ch, sp, ctx.fusion, _gate_like(xs, ch, sp))
             if need_channel or need_spatial:
                 # d out / d logits = x * gate * (1 - gate)
                 grad_logits = torch.mul(g, xs).to(gate.dtype)
@@ -158,17 +161,10 @@ def bam_gate_(x: torch.Tensor, channel: torch.Tensor, spatial: torch.Tensor, fus
     is new zeroed pages on every call, which cost about as much as the arithmetic; the output buffer is the input.
     """
     slices = _batch_slices(x, channel, spatial)
-    buffer = torch.empty_like(x[slices[0]], dtype=torch.promote_types(channel.dtype, spatial.dtype))
+    buffer = _gate_like(x[slices[0]], channel, spatial)
     for part in slices:
         xs = x[part]
-        gate = buffer[:xs.shape[0]]
-        if fusion == 'product':
-            torch.mul(channel[part], spatial[part], out=gate)
-        elif fusion == 'sum':
-            torch.add(channel[part], spatial[part], out=gate)
-        else:
-            torch.maximum(channel[part], spatial[part], out=gate)
-        xs.addcmul_(xs, gate.sigmoid_())
+        xs.addcmul_(xs, _combined_sigmoid(channel[part], spatial[part], fusion, buffer[:xs.shape[0]]))
     return x
 
 
