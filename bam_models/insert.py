@@ -69,10 +69,10 @@ def insert_bam(model: nn.Module, bam_args: Optional[Dict[str, Any]] = None) -> n
     else:
         channels = [model.feature_info[i]['num_chs'] for i in MOBILENETV1_BAM_STAGES]
     dd = _factory_kwargs(model)
+    # a stage's last block feeds only BAM, so in inference BAM may overwrite that block's output
+    bam_args = {'inplace': True, **(bam_args or {})}
     for stage, num_chs in zip(stages, channels):
-        # the stage's last block feeds only BAM, so in inference BAM may overwrite that block's output
-        stage_bam_args = {'inplace': True, **(bam_args or {})}
-        stage.add_module('bam', BAM(num_chs, **stage_bam_args, **dd).train(model.training))
+        stage.add_module('bam', BAM(num_chs, **bam_args, **dd).train(model.training))
     return model
 
 
