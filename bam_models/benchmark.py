@@ -15,6 +15,13 @@ temporaries but not parameters or optimizer state; the figure is the median over
 /proc/self/clear_refs and read from VmHWM, and glibc is told to serve every allocation above 128 KiB with
 its own mmap so that freed tensors leave the resident set at once. That allocator setting slows
 allocation, so memory is measured after all timings. Where this is unavailable the column stays empty.
+
+Timings run with glibc set to keep freed memory for reuse (`allocator='caching'`, the default): a mmap
+threshold of 1 GiB and no heap trimming, as a caching allocator (jemalloc, TCMalloc, PyTorch's CUDA allocator)
+behaves. Under glibc's defaults every freed block above its dynamic mmap threshold goes back to the kernel and
+the next one arrives as fresh zeroed pages; those page faults cost a training step of resnet50 at batch 16 on 2
+cores about a quarter of its time and vary from step to step by as much, which buries differences of a few
+percent. `allocator='system'` keeps glibc's defaults. Both settings last for the rest of the process.
 """
 import ctypes
 import gc
@@ -33,7 +40,7 @@ import timm
 from bam_models.profiling import count_flops, count_params
 
 __all__ = [
-    'DEFAULT_FAMILIES', 'PAPER_REFERENCE', 'PEERS', 'BenchmarkSettings', 'markdown_table', 'paired_ratio',
+    'ALLOCATORS', 'DEFAULT_FAMILIES', 'PAPER_REFERENCE', 'PEERS', 'BenchmarkSettings', 'markdown_table', 'paired_ratio',
     'run_benchmark',
 ]
 
@@ -74,6 +81,7 @@ class BenchmarkSettings:
     measure: Sequence[str] = ('latency', 'throughput', 'train', 'memory')
     memory_steps: int = 3
     seed: int = 0
+    allocator: str = 'caching'
     log: Callable[[str], None] = field(default=lambda msg: None, repr=False)
 
 
@@ -175,12 +183,24 @@ def _status_bytes(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ':'))
 
 
+ALLOCATORS = ('caching', 'system')
+
+# glibc's mallopt parameters
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _caching_allocation() -> bool:
+    """Make glibc keep freed blocks for reuse: serve every block below 1 GiB from the heap, never trim it."""
+    if _LIBC is None or not hasattr(_LIBC, 'mallopt'):
+        return False
+    return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, 2 ** 30) and _LIBC.mallopt(_M_TRIM_THRESHOLD, 2 ** 31 - 1))
+
+
 def _exact_allocation_accounting() -> bool:
     """Make glibc return every freed block above 128 KiB to the OS at once, so RSS follows live tensors."""
     if _LIBC is None or not hasattr(_LIBC, 'mallopt') or not hasattr(_LIBC, 'malloc_trim'):
         return False
-    mmap_threshold, trim_threshold = -3, -1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
-    return bool(_LIBC.mallopt(mmap_threshold, 128 * 1024) and _LIBC.mallopt(trim_threshold, 128 * 1024))
+    return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, 128 * 1024) and _LIBC.mallopt(_M_TRIM_THRESHOLD, 128 * 1024))
 
 
 try:
@@ -300,6 +320,9 @@ def _load_average() -> Optional[float]:
 
 
 def _run(settings: BenchmarkSettings, flush_denormal: bool) -> Dict:
+    if settings.allocator not in ALLOCATORS:
+        raise ValueError(f"unknown allocator setting {settings.allocator!r}; choose from {list(ALLOCATORS)}.")
+    caching = settings.allocator == 'caching' and _caching_allocation()
     load_before = _load_average()
     if settings.models:
         families = {settings.models[0]: list(settings.models)}
@@ -332,6 +355,7 @@ def _run(settings: BenchmarkSettings, flush_denormal: bool) -> Dict:
             'channels_last': settings.channels_last,
             'seed': settings.seed,
             'flush_denormal': flush_denormal,
+            'allocator': 'caching (glibc: mmap threshold 1 GiB, no trimming)' if caching else 'system (glibc defaults)',
             'inference': 'torch.inference_mode, eval mode, every model alike',
             'statistic': 'median over rounds, models interleaved, same inputs for every model',
             'ratios': 'cost relative to the family trunk: for times the median over rounds of model / trunk '
@@ -385,7 +409,8 @@ def markdown_table(result: Dict) -> str:
     lines += [
         '',
         f"{m['cpu']}, {m['threads']} threads{load_note}, torch {m['torch']}, timm {m['timm']}; "
-        f"{s['img_size']}×{s['img_size']} input, {s['rounds']} rounds (median, models interleaved). "
+        f"{s['img_size']}×{s['img_size']} input, {s['rounds']} rounds (median, models interleaved), "
+        f"{s['allocator'].split(' (')[0]} allocator for timings. "
         f"(×) = cost relative to the first model of the family measured in the same run: time per image "
         f"(also for throughput; median over rounds of the per-round ratio) or peak memory (peak RSS growth "
         f"over one training step).",

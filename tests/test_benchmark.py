@@ -34,6 +34,7 @@ def test_json_has_every_measurement_and_ratio(tiny_run):
     assert set(result['machine']['load_average']) == {'start', 'end'}
     assert 'inference_mode' in result['settings']['inference']
     assert result['settings']['flush_denormal'] in (True, False)
+    assert result['settings']['allocator'].startswith('caching')
     assert result['settings']['img_size'] == 64 and result['settings']['batch_size'] == 2
     rows = {row['model']: row for row in result['rows']}
     assert list(rows) == ['resnet18', 'resnet18_bam', 'resnet18_cbam', 'pytorchcv:bam_resnet18']
@@ -72,6 +73,7 @@ def test_markdown_table_lists_every_model_with_ratios(tiny_run):
     assert '(1.000×)' in body[0]
     assert '11,712,503' in body[1]
     assert '1 threads' in table and '64×64' in table
+    assert 'caching allocator for timings' in table
 
 
 def test_paper_reference_columns_at_224():
@@ -91,3 +93,42 @@ def test_time_ratios_pair_each_round_with_the_trunk_of_that_round():
     trunk, model = [1.0, 1.0, 3.0], [1.1, 3.3, 3.3]
     assert paired_ratio(model, trunk) == pytest.approx(1.1)
     assert paired_ratio(trunk, trunk) == 1.0
+
+
+_PAGE_FAULTS_OF_REALLOCATION = r'''
+import resource, sys, torch
+from bam_models.benchmark import BenchmarkSettings, run_benchmark
+result = run_benchmark(BenchmarkSettings(models=('resnet18',), img_size=64, rounds=0, measure=(), allocator=sys.argv[1]))
+def faults_of_64_mib():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(16 * 2 ** 20)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults = [faults_of_64_mib() for _ in range(6)]
+print(result['settings']['allocator'].split()[0], sum(faults[3:]))
+'''
+
+
+def _huge_pages_always() -> bool:
+    try:
+        with open('/sys/kernel/mm/transparent_hugepage/enabled') as f:
+            return '[always]' in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc allocator settings')
+@pytest.mark.skipif(_huge_pages_always(), reason='2 MiB pages make fresh memory fault too rarely to count')
+def test_caching_allocator_reuses_freed_memory_without_page_faults():
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    faults = {}
+    for allocator in ('caching', 'system'):
+        proc = subprocess.run([sys.executable, '-c', _PAGE_FAULTS_OF_REALLOCATION, allocator],
+                              capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        recorded, count = proc.stdout.split()[-2:]
+        assert recorded == allocator
+        faults[allocator] = int(count)
+    # the last three of six 64 MiB tensors: glibc's defaults map 3 x 16384 fresh 4 KiB pages for them, the caching
+    # setting reuses the pages of the ones before (the first two may still be fresh: glibc's aligned allocation
+    # finds a freed block of exactly the requested size too small)
+    assert faults['caching'] < 1000 and faults['system'] > 10 * max(faults['caching'], 100), faults

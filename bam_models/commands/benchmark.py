@@ -3,7 +3,7 @@ import argparse
 import json
 import sys
 
-from bam_models.benchmark import DEFAULT_FAMILIES, BenchmarkSettings, markdown_table, run_benchmark
+from bam_models.benchmark import ALLOCATORS, DEFAULT_FAMILIES, BenchmarkSettings, markdown_table, run_benchmark
 
 _MEASURES = ('latency', 'throughput', 'train', 'memory')
 
@@ -22,6 +22,7 @@ def run(args: argparse.Namespace) -> int:
         measure=args.measure,
         memory_steps=args.memory_steps,
         seed=args.seed,
+        allocator=args.allocator,
         log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else (lambda msg: None),
     )
     try:
@@ -63,6 +64,10 @@ def register(subparsers) -> None:
                         help='what to measure (default: all)')
     parser.add_argument('--memory-steps', type=int, default=3,
                         help='training steps whose peak memory is measured; the median is reported (default 3)')
+    parser.add_argument('--allocator', choices=ALLOCATORS, default='caching',
+                        help="memory allocation during timings: 'caching' keeps freed memory for reuse, as "
+                             "jemalloc or TCMalloc would; 'system' leaves glibc's defaults, whose page faults "
+                             "add noise (default caching)")
     parser.add_argument('--seed', type=int, default=0, help='seed of the inputs every model sees (default 0)')
     parser.add_argument('--json', metavar='PATH', help='also write the full result as JSON')
     parser.add_argument('--markdown', metavar='PATH', help='also write the table to a file')
