@@ -121,6 +121,23 @@ def test_cbam_splits_tied_maxima_like_amax():
     _compare(module, _plain_cbam, x, train=True)
 
 
+@pytest.mark.parametrize('shape', [(2, 64, 7, 7), (3, 48, 5, 6), (2, 2048, 1, 1), (2, 24, 4, 4), (1, 16, 3, 3)])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_channel_amax_equals_amax(shape, channels_last):
+    x = torch.randint(-3, 4, shape).float()  # ties across channel groups
+    x[0, -1, 0, 0] = float('nan')  # propagated like amax
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(fused_gates.channel_amax(x), x.amax(1, keepdim=True), rtol=0, atol=0, equal_nan=True)
+
+
+def test_channel_amax_under_autograd_splits_ties_like_amax():
+    x = torch.zeros(1, 32, 1, 1, requires_grad=True)
+    x.data[0, [0, 1, 16], 0, 0] = 1.  # tied maxima: two in one 16-channel group, one in the other
+    fused_gates.channel_amax(x).sum().backward()
+    assert torch.equal(x.grad[0, [0, 1, 16], 0, 0], torch.full((3,), 1 / 3))
+
+
 @pytest.mark.parametrize('shape,dilation', [
     ((1, 5, 14, 14), 4),  # H, W not multiples of d
     ((2, 3, 16, 12), 4),  # multiples of d, batch > 1

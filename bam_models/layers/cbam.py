@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from timm.layers import make_divisible
 from timm.layers._fx import register_notrace_module
 
-from .fused_gates import cbam_refine, fused_gating_supported
+from .fused_gates import cbam_refine, channel_amax, fused_gating_supported
 
 __all__ = ['CBAM', 'CbamChannelGate', 'CbamSpatialGate']
 
@@ -75,7 +75,8 @@ class CbamSpatialGate(nn.Module):
         """Spatial weights of x; `pooled`, the (B, 2, H, W) stack [max over C, mean over C] of x, if the caller
         has it already."""
         if pooled is None:
-            pooled = torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
+            peak = x.amax(1, keepdim=True) if torch.jit.is_scripting() else channel_amax(x)
+            pooled = torch.cat([peak, x.mean(1, keepdim=True)], dim=1)
         return torch.sigmoid(self.bn(self.conv(pooled)))
 
 

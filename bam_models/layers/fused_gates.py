@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from timm.layers._fx import register_notrace_function
 
-__all__ = ['bam_gate', 'bam_gate_', 'bam_squeeze', 'cbam_refine', 'fused_gating_supported']
+__all__ = ['bam_gate', 'bam_gate_', 'bam_squeeze', 'cbam_refine', 'channel_amax', 'fused_gating_supported']
 
 
 @torch.jit.unused
@@ -34,6 +34,29 @@ def fused_gating_supported() -> bool:
     if torch.onnx.is_in_onnx_export():
         return False
     return not torch.compiler.is_compiling()
+
+
+# channels reduced in the second step of `channel_amax`
+_AMAX_GROUP = 16
+
+
+@torch.jit.unused
+def channel_amax(x: torch.Tensor) -> torch.Tensor:
+    """`x.amax(1, keepdim=True)` for a (B, C, H, W) map, in two steps where that is faster.
+
+    ATen vectorises a max over channels of a contiguous map along H*W, which is short in late stages (49 at 7x7:
+    nine times the time of the mean over channels at batch 16). Reducing first over C / 16 strided groups of 16
+    channels runs along 16 * H * W contiguous elements and leaves a 16-channel map for the second step. Where
+    autograd records, it is the plain amax, whose gradient splits tied maxima evenly (two steps would split them
+    per step).
+    """
+    batch, channels, height, width = x.shape
+    recorded = torch.is_grad_enabled() and x.requires_grad
+    if (not recorded and fused_gating_supported() and x.is_contiguous() and channels > _AMAX_GROUP
+            and channels % _AMAX_GROUP == 0):
+        groups = x.view(batch, channels // _AMAX_GROUP, _AMAX_GROUP * height * width).amax(1)
+        return groups.view(batch, _AMAX_GROUP, height * width).amax(1, keepdim=True).view(batch, 1, height, width)
+    return x.amax(1, keepdim=True)
 
 
 def _as_matrix(t: torch.Tensor) -> torch.Tensor:
@@ -265,7 +288,7 @@ class _Cbam(torch.autograd.Function):
         with torch.enable_grad():
             channel = channel_gate(x, pooled_hw)
         refined = x * channel.detach()
-        peak_c = refined.amax(1, keepdim=True)
+        peak_c = channel_amax(refined)
         pooled_c = torch.cat([peak_c, refined.mean(1, keepdim=True)], dim=1).requires_grad_()
         with torch.enable_grad():
             spatial = spatial_gate(refined, pooled_c)
