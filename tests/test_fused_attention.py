@@ -9,7 +9,6 @@ import torch.nn.functional as F
 import bam_models  # noqa: F401  registers the zoo models
 from bam_models.layers import BAM, CBAM, DilatedConv2d, space_to_batch_conv2d
 from bam_models.layers import fused_gates
-from bam_models.layers.fused_gates import bam_gate, bam_squeeze
 
 BAM_CONFIGS = [
     dict(fusion='product'),
@@ -17,42 +16,32 @@ BAM_CONFIGS = [
     dict(fusion='max'),
     dict(gates='channel'),
     dict(gates='spatial'),
+    dict(fusion='product', input_relu=True),
+    dict(gates='spatial', input_relu=True),
 ]
 
 
-@pytest.mark.parametrize('fusion', ['product', 'sum', 'max'])
-def test_bam_gate_gradcheck(fusion):
-    x = torch.randn(2, 3, 4, 5, dtype=torch.double, requires_grad=True)
-    channel = torch.randn(2, 3, 1, 1, dtype=torch.double, requires_grad=True)
-    spatial = torch.randn(2, 1, 4, 5, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda *t: bam_gate(*t, fusion=fusion), (x, channel, spatial))
+def _gradcheck_module_and_params(module, x):
+    assert torch.autograd.gradcheck(module, (x,))
+    # and for every parameter, through the gates' own small networks
+    names = [n for n, _ in module.named_parameters()]
+
+    def with_params(x, *values):
+        return torch.func.functional_call(module, dict(zip(names, values)), x)
+    assert torch.autograd.gradcheck(with_params, (x, *module.parameters()))
 
 
-@pytest.fixture(params=['conv', 'matmul'])
-def pointwise_path(request, monkeypatch):
-    """Runs a test with BAM's 1x1 reduction as a convolution and as a matrix product (which only inputs of
-    32 MiB or more take by default)."""
-    if request.param == 'matmul':
+@pytest.mark.parametrize('fusion,input_relu,reduction', [
+    ('product', False, 'conv'), ('product', True, 'matmul'), ('sum', True, 'conv'), ('max', False, 'conv'),
+])
+def test_bam_gradcheck(fusion, input_relu, reduction, monkeypatch):
+    if reduction == 'matmul':  # the 1x1 reduction as a matrix product, which inputs of 32 MiB or more take
         monkeypatch.setattr(fused_gates, '_MATMUL_MIN_BYTES', 0)
-    return request.param
-
-
-def test_bam_squeeze_gradcheck(pointwise_path):
-    x = torch.randn(2, 6, 4, 5, dtype=torch.double, requires_grad=True)
-    weight = torch.randn(3, 6, 1, 1, dtype=torch.double, requires_grad=True)
-    bias = torch.randn(3, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(bam_squeeze, (x, weight, bias))
-    assert torch.autograd.gradcheck(lambda x, w: bam_squeeze(x, w, None), (x, weight))
-
-
-def test_bam_squeeze_equals_mean_and_conv(pointwise_path):
-    x = torch.randn(2, 6, 4, 5, dtype=torch.double)
-    weight, bias = torch.randn(3, 6, 1, 1, dtype=torch.double), torch.randn(3, dtype=torch.double)
-    for grad_mode in (True, False):
-        with torch.set_grad_enabled(grad_mode):
-            pooled, reduced = bam_squeeze(x, weight, bias)
-        torch.testing.assert_close(pooled, x.mean((2, 3)))
-        torch.testing.assert_close(reduced, F.conv2d(x, weight, bias))
+    module = BAM(6, rd_channels=3, dilation=1, fusion=fusion, input_relu=input_relu).double().train()
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(3, 6, 4, 5, dtype=torch.double, requires_grad=True)
+    _gradcheck_module_and_params(module, x)
 
 
 @pytest.mark.parametrize('cls', [BAM, CBAM])
@@ -84,17 +73,17 @@ def test_zoo_attention_overwrites_its_input_in_inference_with_the_same_result(na
         torch.testing.assert_close(overwritten, model(x), rtol=0, atol=0)
 
 
-def test_bam_gate_max_splits_ties_like_torch_maximum():
-    x = torch.randn(1, 2, 2, 2, dtype=torch.double, requires_grad=True)
-    channel = torch.zeros(1, 2, 1, 1, dtype=torch.double, requires_grad=True)
-    spatial = torch.zeros(1, 1, 2, 2, dtype=torch.double, requires_grad=True)
-    bam_gate(x, channel, spatial, 'max').sum().backward()
-    fused = [t.grad.clone() for t in (x, channel, spatial)]
-    for t in (x, channel, spatial):
-        t.grad = None
-    (x * (1 + torch.sigmoid(torch.maximum(channel, spatial)))).sum().backward()
-    for got, t in zip(fused, (x, channel, spatial)):
-        torch.testing.assert_close(got, t.grad)
+def test_bam_max_splits_ties_like_torch_maximum():
+    module = BAM(8, rd_channels=2, fusion='max').double().train()
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    # both branches end in zero-initialised BNs: their logits are 0 everywhere, every element a tie
+    for bn in (module.channel_gate.bn_out, module.spatial_gate.bn_out):
+        torch.nn.init.zeros_(bn.weight)
+        torch.nn.init.zeros_(bn.bias)
+    x = torch.randn(2, 8, 5, 4, dtype=torch.double, requires_grad=True)
+    _compare(module, _plain_bam, x, train=True)
+    assert module.channel_gate.bn_out.weight.grad.abs().sum() > 0
 
 
 def test_cbam_gradcheck():
@@ -102,13 +91,7 @@ def test_cbam_gradcheck():
     for p in module.parameters():
         torch.nn.init.normal_(p, std=0.5)
     x = torch.randn(3, 6, 4, 5, dtype=torch.double, requires_grad=True)
-    assert torch.autograd.gradcheck(module, (x,))
-    # and for every parameter, through the gates' own small networks
-    params = list(module.parameters())
-
-    def with_params(x, *values):
-        return torch.func.functional_call(module, dict(zip([n for n, _ in module.named_parameters()], values)), x)
-    assert torch.autograd.gradcheck(with_params, (x, *params))
+    _gradcheck_module_and_params(module, x)
 
 
 def test_cbam_splits_tied_maxima_like_amax():
@@ -175,7 +158,8 @@ def test_dilated_conv_module_takes_space_to_batch_only_where_aten_is_slow():
 
 
 def _plain_bam(module: BAM, x: torch.Tensor) -> torch.Tensor:
-    return x * (1. + torch.sigmoid(module.attention_logits(x)))
+    features = F.relu(x) if module.input_relu else x
+    return features * (1. + torch.sigmoid(module.attention_logits(x)))
 
 
 def _plain_cbam(module: CBAM, x: torch.Tensor) -> torch.Tensor:
@@ -216,7 +200,7 @@ def test_bam_with_matmul_reduction_equals_plain_formulation(monkeypatch):
 
 
 @pytest.mark.parametrize('train', [True, False], ids=['train', 'eval'])
-@pytest.mark.parametrize('config', BAM_CONFIGS, ids=lambda c: '-'.join(c.values()))
+@pytest.mark.parametrize('config', BAM_CONFIGS, ids=lambda c: '-'.join(f'{k}={v}' for k, v in c.items()))
 def test_bam_equals_plain_formulation(config, train):
     module = BAM(32, **config).double()
     for p in module.parameters():  # non-trivial BN affine and biases so every term matters
@@ -234,8 +218,8 @@ def test_cbam_equals_plain_formulation(train):
     _compare(module, _plain_cbam, x, train)
 
 
-def _full_size_saved(module, x) -> int:
-    """Distinct full-size (x-sized) storages autograd keeps for backward, x itself included."""
+def _full_size_saved(module, x) -> set:
+    """The distinct full-size (x-sized) storages autograd keeps for backward, x itself included."""
     storages = set()
 
     def pack(t):
@@ -245,16 +229,46 @@ def _full_size_saved(module, x) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         module(x)
-    return len(storages)
+    return storages
 
 
 @pytest.mark.parametrize('fusion', ['product', 'sum', 'max'])
 def test_bam_keeps_only_its_input_for_backward(fusion):
     module = BAM(32, fusion=fusion).train()
     x = torch.randn(2, 32, 8, 8, requires_grad=True)
-    assert _full_size_saved(module, x) == 1
+    assert _full_size_saved(module, x) == {x.untyped_storage().data_ptr()}
     # the plain formulation keeps the sigmoid and 1 + sigmoid as well: the measurement can tell
-    assert _full_size_saved(lambda t: _plain_bam(module, t), x) == 3
+    assert len(_full_size_saved(lambda t: _plain_bam(module, t), x)) == 3
+
+
+def test_bam_taking_over_the_relu_keeps_only_its_output_for_backward():
+    module = BAM(32, input_relu=True).train()
+    x = torch.randn(2, 32, 8, 8, requires_grad=True)
+    out = []
+    saved = _full_size_saved(lambda t: out.append(module(t)), x)
+    assert saved == {out[0].untyped_storage().data_ptr()}
+    # the ReLU before a plain BAM keeps its output, which BAM keeps as its input
+    relu_then_bam = BAM(32).train()
+    assert len(_full_size_saved(lambda t: relu_then_bam(F.relu(t)), x)) == 1
+    assert len(_full_size_saved(lambda t: _plain_bam(module, t), x)) == 4
+
+
+def test_zoo_bam_resnet_keeps_little_more_for_backward_than_its_trunk():
+    def saved_bytes(model):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(torch.randn(2, 3, 128, 128))
+        return sum(n for ptr, n in storages.items() if ptr not in params)
+
+    trunk = saved_bytes(timm.create_model('resnet50').train())
+    bam = saved_bytes(timm.create_model('resnet50_bam').train())
+    # three BAM outputs would be 4.3 % of the trunk's; BAM's small branches are under 1 %
+    assert trunk < bam < 1.01 * trunk
 
 
 def test_bam_spatial_gate_recomputes_its_activations_in_backward():
@@ -286,8 +300,8 @@ def test_bam_spatial_gate_recomputes_its_activations_in_backward():
 def test_cbam_keeps_only_its_input_for_backward():
     module = CBAM(32).train()
     x = torch.randn(2, 32, 8, 8, requires_grad=True)
-    assert _full_size_saved(module, x) == 1
-    assert _full_size_saved(lambda t: _plain_cbam(module, t), x) == 2
+    assert _full_size_saved(module, x) == {x.untyped_storage().data_ptr()}
+    assert len(_full_size_saved(lambda t: _plain_cbam(module, t), x)) == 2
 
 
 @pytest.mark.parametrize('cls', [BAM, CBAM])
@@ -347,16 +361,13 @@ def test_compiled_module_matches_eager(cls):
 
 
 @pytest.mark.parametrize('name', ['resnet18_bam', 'resnet18_cbam'])
-def test_fx_tracing_keeps_fused_gates_as_leaves(name):
+def test_fx_tracing_keeps_attention_modules_as_leaves(name):
     from timm.layers._fx import create_feature_extractor
     stage = timm.create_model(name).layer1.eval()  # a stage holding BAM (layer1.bam) or CBAM (layer1.*.se)
     last = list(stage.named_children())[-1][0]  # 'bam' after the blocks, or the last block holding CBAM
     extractor = create_feature_extractor(stage, {last: 'out'})
-    if name.endswith('_bam'):
-        assert any(getattr(node.target, '__name__', None) == 'bam_gate' for node in extractor.graph.nodes
-                   if node.op == 'call_function')
-    else:
-        assert any(node.target.endswith('.se') for node in extractor.graph.nodes if node.op == 'call_module')
+    leaf = 'bam' if name.endswith('_bam') else '.se'
+    assert any(node.target.endswith(leaf) for node in extractor.graph.nodes if node.op == 'call_module')
     x = torch.randn(1, 64, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(extractor(x)['out'], stage(x))

@@ -118,6 +118,8 @@ def test_bam_maps_are_the_applied_attention(bam_args):
     images = torch.randn(2, 3, SIZE, SIZE)
     capture = capture_attention(model, images)
     for name, (x, out) in _module_io(model, BAM, images).items():
+        if model.get_submodule(name).input_relu:  # the zoo's BAM applies the ReLU that ends the block before it
+            x = x.relu()
         # the attention BAM actually applied, read off its input and output: out = x * (1 + A)
         nonzero = x.abs() > 1e-2
         applied = torch.where(nonzero, out / x - 1, torch.zeros_like(x))

@@ -20,7 +20,7 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import make_divisible
 from timm.layers._fx import register_notrace_module
 
-from .fused_gates import bam_gate, bam_gate_, bam_squeeze, fused_gating_supported
+from .fused_gates import bam_refine, fused_gating_supported
 
 __all__ = ['BAM', 'BamChannelGate', 'BamSpatialGate', 'DilatedConv2d', 'GateBatchNorm2d', 'space_to_batch_conv2d']
 
@@ -232,6 +232,7 @@ class _RestoredBuffers:
         return False
 
 
+@register_notrace_module  # its training path is one autograd function, which FX cannot trace into
 class BAM(nn.Module):
     """Bottleneck Attention Module: `out = F + F * sigmoid(fuse(Mc(F), Ms(F)))`.
 
@@ -248,6 +249,10 @@ class BAM(nn.Module):
         inplace: write the output over the input when autograd records nothing (inference), saving a full-size
             allocation; for a BAM whose input nothing else reads, as after a stage's last block (the zoo's
             models set it).
+        input_relu: apply a ReLU to the input first, F = relu(input), taking over the ReLU that ends the layer
+            before: in training BAM then keeps only its output for backward, which the next layer keeps anyway,
+            instead of its input next to the ReLU's copy of it (the zoo's ResNets set it and make that block's
+            last activation an identity).
     """
 
     def __init__(
@@ -262,6 +267,7 @@ class BAM(nn.Module):
             gates: str = 'both',
             act_layer: Type[nn.Module] = nn.ReLU,
             inplace: bool = False,
+            input_relu: bool = False,
             device=None,
             dtype=None,
     ):
@@ -282,6 +288,7 @@ class BAM(nn.Module):
         self.fusion = fusion
         self.gates = gates
         self.inplace = inplace
+        self.input_relu = input_relu
         # the paper closes each branch with BN before combining; the released product form does not
         out_norm = fusion != 'product'
         self.channel_gate = BamChannelGate(
@@ -308,7 +315,13 @@ class BAM(nn.Module):
                 nn.init.zeros_(module.bias)
 
     def attention_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """The pre-sigmoid attention map, broadcastable to x: (B, C, H, W), (B, C, 1, 1) or (B, 1, H, W)."""
+        """The pre-sigmoid attention map for input x, broadcastable to x: (B, C, H, W), (B, C, 1, 1) or
+        (B, 1, H, W)."""
+        if self.input_relu:
+            x = F.relu(x)
+        return self._logits(x)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
         if self.channel_gate is None:
             assert self.spatial_gate is not None
             return self.spatial_gate(x)
@@ -323,23 +336,15 @@ class BAM(nn.Module):
         return torch.maximum(channel, spatial)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channel_gate is None or self.spatial_gate is None:
-            # a single branch's gate is small (B, C, 1, 1) or (B, 1, H, W): plain ops keep nothing large
-            return x * (1. + torch.sigmoid(self.attention_logits(x)))
-        conv_reduce = self.spatial_gate.conv_reduce
-        # one call computes both branches' first reductions, and in training one node takes their gradients
-        pooled, reduced = bam_squeeze(x, conv_reduce.weight, conv_reduce.bias)
-        channel = self.channel_gate(x, pooled)
-        spatial = self.spatial_gate(x, reduced)
-        if self.inplace and not torch.jit.is_scripting() and self._overwrite_input():
-            return bam_gate_(x, channel, spatial, self.fusion)
-        # two branches broadcast to full size; bam_gate recomputes that product in backward instead of keeping it
-        return bam_gate(x, channel, spatial, self.fusion)
-
-    @torch.jit.unused
-    def _overwrite_input(self) -> bool:
-        return not torch.is_grad_enabled() and fused_gating_supported()
+        if (not torch.jit.is_scripting() and fused_gating_supported() and self.channel_gate is not None
+                and self.spatial_gate is not None):
+            # two branches broadcast to full size: one node that rebuilds their product in backward
+            return bam_refine(x, self.channel_gate, self.spatial_gate, self.fusion, self.input_relu, self.inplace)
+        # a single branch's gate is small (B, C, 1, 1) or (B, 1, H, W): plain ops keep nothing large
+        if self.input_relu:
+            x = F.relu(x)
+        return x * (1. + torch.sigmoid(self._logits(x)))
 
     def extra_repr(self) -> str:
         return (f'channels={self.channels}, rd_channels={self.rd_channels}, fusion={self.fusion}, gates={self.gates}'
-                f', inplace={self.inplace}')
+                f', inplace={self.inplace}, input_relu={self.input_relu}')

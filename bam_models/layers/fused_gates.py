@@ -4,26 +4,24 @@ Written with plain tensor ops, `x * (1 + sigmoid(Mc * Ms))` makes autograd keep 
 tensors per BAM (the sigmoid output and `1 + sigmoid`), and CBAM's `x * Mc * Ms` keeps the channel-refined
 map `x * Mc` alive as well; in backward each of x's uses adds a full-size gradient of its own. Those are the
 largest tensors of the network, and on CPU every fresh one above glibc's largest mmap threshold (32 MiB) is
-new zeroed pages, which cost about as much as the arithmetic. The autograd functions here save the input and
-the small gates instead (B x C x 1 x 1 and B x 1 x H x W), rebuild full-size products in backward one batch
-slice at a time in reused buffers, and write the gradient of x into as few full-size tensors as the graph
-allows: BAM's pooling and 1x1 reduction share one (`bam_squeeze`), and all of CBAM is one node
-(`cbam_refine`). Reductions over the broadcast dimensions are batched matrix products.
+new zeroed pages, which cost about as much as the arithmetic. BAM (`bam_refine`) and CBAM (`cbam_refine`) are
+each one autograd node that saves the input (or, for a BAM that takes over the ReLU before it, its output) and
+the small gates instead (B x C x 1 x 1 and B x 1 x H x W), rebuilds full-size products in backward one batch
+slice at a time in reused buffers, and writes the gradient of x into a single full-size tensor. Reductions over
+the broadcast dimensions are batched matrix products.
 
 Gradients equal those of the plain formulation up to float rounding. Scripting, tracing, ONNX export,
 torch.export and torch.compile see the plain formulation (`fused_gating_supported()` decides), because
 custom autograd functions are opaque to them and compilers fuse these elementwise ops on their own. FX
-symbolic tracing (timm's feature extractors) treats BAM's entry points as leaf functions and CBAM as a leaf
-module.
+symbolic tracing (timm's feature extractors) treats BAM and CBAM as leaf modules.
 """
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from timm.layers._fx import register_notrace_function
 
-__all__ = ['bam_gate', 'bam_gate_', 'bam_squeeze', 'cbam_refine', 'channel_amax', 'fused_gating_supported']
+__all__ = ['bam_refine', 'cbam_refine', 'channel_amax', 'fused_gating_supported']
 
 
 @torch.jit.unused
@@ -80,51 +78,163 @@ def _combined_sigmoid(channel: torch.Tensor, spatial: torch.Tensor, fusion: str,
     return out.sigmoid_()
 
 
-def _plain_bam_gate(x: torch.Tensor, channel: torch.Tensor, spatial: torch.Tensor, fusion: str) -> torch.Tensor:
-    if fusion == 'product':
-        logits = channel * spatial
-    elif fusion == 'sum':
-        logits = channel + spatial
-    else:
-        logits = torch.maximum(channel, spatial)
-    return x * (1. + torch.sigmoid(logits))
+class _Bam(torch.autograd.Function):
+    """BAM's refinement `r * (1 + sigmoid(fuse(Mc(r), Ms(r))))` of r = x, or r = relu(x) where BAM takes over the
+    ReLU before it, as one autograd node that keeps one full-size tensor for backward and writes the gradient of
+    x into one full-size tensor.
 
+    Written with plain ops, autograd keeps the gate and `1 + gate`, and x gets three full-size gradients (the
+    output product's, the average pool's and the 1x1 reduction's) that it adds. Here the branches' small
+    networks keep their own graph from the pooled (B, C) vector and the reduced (B, C/r, H, W) map, and backward
+    walks the full-size steps itself, one batch slice at a time in reused buffers: first d out / d logits (with
+    the gate rebuilt from the small saved logits), then through the branches to d pooled and d reduced, then the
+    gradient of x as `g * (1 + gate) + W^T d reduced + d pooled / HW` in one batched matrix product per slice.
 
-class _BamGate(torch.autograd.Function):
-    """out = x * (1 + sigmoid(fuse(channel, spatial))), saving x and the two small branch outputs."""
+    With r = x it keeps x. With r = relu(x) it keeps only its output y, which the next layer keeps anyway: r is
+    rebuilt as y / (1 + gate), exact up to rounding since 1 + gate lies in (1, 2), and y > 0 exactly where x > 0,
+    so the ReLU's mask comes from y as well. The ReLU's own output, which a separate ReLU would keep for its
+    backward, is never kept: BAM's memory cost in training is its small branches only.
+    """
 
     @staticmethod
-    def forward(ctx, x, channel, spatial, fusion):
-        ctx.fusion = fusion
-        ctx.save_for_backward(x, channel, spatial)
-        gate = _combined_sigmoid(channel, spatial, fusion, _gate_like(x, channel, spatial))
-        x = x.to(gate.dtype)
-        # x + x * gate, written over the gate buffer: one pass, one full-size allocation in all
-        return torch.addcmul(x, x, gate, out=gate)
+    def forward(ctx, x, channel_gate, spatial_gate, fusion, input_relu, num_channel_params, *params):
+        conv_reduce = spatial_gate.conv_reduce
+        r = torch.relu(x) if input_relu else x
+        pooled = r.mean((2, 3)).requires_grad_()
+        reduced = _pointwise_conv(r, conv_reduce.weight.detach(), _detached(conv_reduce.bias)).requires_grad_()
+        with torch.enable_grad():
+            channel = channel_gate(r, pooled)
+            spatial = spatial_gate(r, reduced)
+        dtype = torch.promote_types(r.dtype, torch.promote_types(channel.dtype, spatial.dtype))
+        # the ReLU's output is this node's own: the refinement goes over it
+        out = r if input_relu and dtype == r.dtype else torch.empty_like(r, dtype=dtype)
+        _refine_into(out, r, channel.detach(), spatial.detach(), fusion)
+        ctx.save_for_backward(out if input_relu else x, channel.detach(), spatial.detach(), conv_reduce.weight)
+        ctx.graphs = (pooled, channel, reduced, spatial)
+        ctx.params = (params[:num_channel_params], params[num_channel_params:])
+        ctx.conv_reduce = (conv_reduce.weight, conv_reduce.bias)
+        ctx.fusion, ctx.input_relu = fusion, input_relu
+        return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, channel, spatial = ctx.saved_tensors
-        need_x, need_channel, need_spatial, _ = ctx.needs_input_grad
-        grad_x = torch.empty_like(x) if need_x else None
-        grad_channel = torch.empty_like(channel) if need_channel else None
-        grad_spatial = torch.empty_like(spatial) if need_spatial else None
-        # batch slices bound the full-size temporaries (the rebuilt gate, d out / d logits) to one slice each
-        for part in _batch_slices(x, channel, spatial):
-            g, xs, ch, sp = grad[part], x[part], channel[part], spatial[part]
-            gate = _combined_sigmoid(ch, sp, ctx.fusion, _gate_like(xs, ch, sp))
-            if need_channel or need_spatial:
-                # d out / d logits = x * gate * (1 - gate)
-                grad_logits = torch.mul(g, xs).to(gate.dtype)
-                torch.ops.aten.sigmoid_backward.grad_input(grad_logits, gate, grad_input=grad_logits)
-                _reduce_logit_grads(grad_logits, ch, sp, ctx.fusion, grad_channel, grad_spatial, part)
-                del grad_logits
+        saved, channel, spatial, weight = ctx.saved_tensors
+        pooled, channel_graph, reduced, spatial_graph = ctx.graphs
+        channel_params, spatial_params = ctx.params
+        fusion, input_relu = ctx.fusion, ctx.input_relu
+        need_x = ctx.needs_input_grad[0]
+        batch, channels, height, width = saved.shape
+        dtype = torch.promote_types(grad.dtype, torch.promote_types(saved.dtype, channel.dtype))
+        slices = _batch_slices(saved, channel, spatial)
+        gate = _gate_like(saved[slices[0]], channel, spatial)
+        work = torch.empty_like(gate, dtype=dtype)
+        grad_x = torch.empty(saved.shape, dtype=dtype, device=saved.device) if need_x else None
+
+        def refined_input(part, n):
+            """The slice of r (x, or relu(x) rebuilt from the output) and its gate, in the work buffers."""
+            g_ate = _combined_sigmoid(channel[part], spatial[part], fusion, gate[:n])
+            if not input_relu:
+                return saved[part], g_ate
+            r = torch.add(g_ate, 1., out=work[:n])
+            return torch.div(saved[part], r, out=r), g_ate
+
+        # d out / d logits = g * r * gate * (1 - gate), reduced to the small logits' shapes; x's direct share
+        grad_channel = torch.empty_like(channel, dtype=dtype)
+        grad_spatial = torch.empty_like(spatial, dtype=dtype)
+        for part in slices:
+            g = grad[part]
+            n = g.shape[0]
+            r, g_ate = refined_input(part, n)
+            grad_logits = torch.mul(g, r, out=work[:n])
+            torch.ops.aten.sigmoid_backward.grad_input(grad_logits, g_ate, grad_input=grad_logits)
+            _reduce_logit_grads(grad_logits, channel[part], spatial[part], fusion, grad_channel, grad_spatial, part)
             if grad_x is not None:
-                if gate.dtype == x.dtype:
-                    torch.addcmul(g, g, gate, out=grad_x[part])
-                else:
-                    grad_x[part] = torch.addcmul(g, g, gate)
-        return grad_x, grad_channel, grad_spatial, None
+                torch.addcmul(g, g, g_ate, out=grad_x[part])
+        grad_pooled, channel_param_grads = _small_backward(channel_graph, grad_channel, pooled, channel_params)
+        grad_reduced, spatial_param_grads = _small_backward(spatial_graph, grad_spatial, reduced, spatial_params)
+
+        # the branches' shares: W^T d reduced + d pooled / HW, as one product of [W^T, d pooled / HW] and
+        # [d reduced; 1]; the 1x1 reduction's weight gradient sums d reduced r^T over the batch
+        conv_weight, conv_bias = ctx.conv_reduce
+        grad_maps = grad_reduced.to(dtype).reshape(batch, -1, height * width)  # (B, rd, HW)
+        grad_weight = None
+        if conv_weight.requires_grad:
+            grad_weight = torch.zeros(grad_maps.shape[1], channels, dtype=dtype, device=saved.device)
+        if grad_x is not None:
+            left = torch.cat([
+                weight.flatten(1).t().to(dtype).expand(batch, -1, -1),
+                (grad_pooled.to(dtype) / (height * width)).unsqueeze(-1),
+            ], dim=2)  # (B, C, rd + 1)
+            right = torch.cat([grad_maps, grad_maps.new_ones(batch, 1, height * width)], dim=1)  # (B, rd + 1, HW)
+        for part in slices:
+            n = grad_maps[part].shape[0]
+            if grad_weight is not None:
+                r = refined_input(part, n)[0].to(dtype)
+                grad_weight += torch.bmm(grad_maps[part], r.flatten(2).transpose(1, 2)).sum(0)
+            if grad_x is not None:
+                rows = grad_x[part].view(n, channels, height * width)
+                rows.baddbmm_(left[part], right[part])
+                if input_relu:
+                    rows = grad_x[part]
+                    torch.ops.aten.threshold_backward.grad_input(rows, saved[part], 0, grad_input=rows)
+        for i, p in enumerate(spatial_params):
+            if p is conv_weight and grad_weight is not None:
+                spatial_param_grads[i] = grad_weight.view(conv_weight.shape).to(conv_weight.dtype)
+            elif p is conv_bias and p.requires_grad:
+                spatial_param_grads[i] = grad_maps.sum((0, 2)).to(p.dtype)
+        return (grad_x, None, None, None, None, None, *channel_param_grads, *spatial_param_grads)
+
+
+@torch.jit.unused
+def bam_refine(
+        x: torch.Tensor,
+        channel_gate: torch.nn.Module,
+        spatial_gate: torch.nn.Module,
+        fusion: str = 'product',
+        input_relu: bool = False,
+        inplace: bool = False,
+) -> torch.Tensor:
+    """BAM's `r * (1 + sigmoid(fuse(Mc(r), Ms(r))))` for r = x, or r = relu(x) with `input_relu` (eager mode).
+
+    Where autograd records it is one autograd node (see `_Bam`); otherwise it writes over x where `inplace`
+    allows (and over the ReLU's output, which is its own), else into one new tensor. The gates are called with
+    what they start from: `channel_gate(r, pooled)` with the (B, C) mean of r over H, W and
+    `spatial_gate(r, reduced)` with the output of `spatial_gate.conv_reduce` on r.
+    """
+    if torch.is_grad_enabled():
+        channel_params = list(channel_gate.parameters())
+        return _Bam.apply(x, channel_gate, spatial_gate, fusion, input_relu, len(channel_params), *channel_params,
+                          *spatial_gate.parameters())
+    if input_relu:
+        x = x.relu_() if inplace else torch.relu(x)
+        inplace = True
+    conv_reduce = spatial_gate.conv_reduce
+    channel = channel_gate(x, x.mean((2, 3)))
+    spatial = spatial_gate(x, _pointwise_conv(x, conv_reduce.weight, conv_reduce.bias))
+    dtype = torch.promote_types(x.dtype, torch.promote_types(channel.dtype, spatial.dtype))
+    out = x if inplace and dtype == x.dtype else torch.empty_like(x, dtype=dtype)
+    return _refine_into(out, x, channel, spatial, fusion)
+
+
+def _detached(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.detach()
+
+
+def _refine_into(
+        out: torch.Tensor,
+        x: torch.Tensor,
+        channel: torch.Tensor,
+        spatial: torch.Tensor,
+        fusion: str,
+) -> torch.Tensor:
+    """out = x * (1 + sigmoid(fuse(channel, spatial))), one batch slice of gate at a time; out may be x."""
+    slices = _batch_slices(x, channel, spatial)
+    buffer = _gate_like(x[slices[0]], channel, spatial)
+    for part in slices:
+        xs = x[part]
+        torch.addcmul(xs, xs, _combined_sigmoid(channel[part], spatial[part], fusion, buffer[:xs.shape[0]]),
+                      out=out[part])
+    return out
 
 
 def _batch_slices(x: torch.Tensor, *small: torch.Tensor) -> List[slice]:
@@ -160,37 +270,6 @@ def _reduce_logit_grads(grad_logits, channel, spatial, fusion, grad_channel, gra
             grad_spatial[part] = (grad_logits * (1. - share)).sum(1, keepdim=True)
 
 
-@register_notrace_function
-def bam_gate(x: torch.Tensor, channel: torch.Tensor, spatial: torch.Tensor, fusion: str = 'product') -> torch.Tensor:
-    """BAM's refinement `x * (1 + sigmoid(fuse(channel, spatial)))` for channel logits (B, C, 1, 1) and
-    spatial logits (B, 1, H, W), fused as 'product', 'sum' or 'max'."""
-    if fusion != 'product' and fusion != 'sum' and fusion != 'max':
-        raise ValueError("BAM fusion must be 'product', 'sum' or 'max', got '" + fusion + "'.")
-    if not torch.jit.is_scripting() and fused_gating_supported():
-        return _fused_bam_gate(x, channel, spatial, fusion)
-    return _plain_bam_gate(x, channel, spatial, fusion)
-
-
-@torch.jit.unused
-def _fused_bam_gate(x: torch.Tensor, channel: torch.Tensor, spatial: torch.Tensor, fusion: str) -> torch.Tensor:
-    return _BamGate.apply(x, channel, spatial, fusion)
-
-
-@torch.jit.unused
-def bam_gate_(x: torch.Tensor, channel: torch.Tensor, spatial: torch.Tensor, fusion: str) -> torch.Tensor:
-    """`bam_gate` written over x, for inference: no full-size allocation, one batch slice of gate at a time.
-
-    On CPU a fresh tensor above glibc's largest mmap threshold (32 MiB: a 16 x 256 x 56 x 56 float map is 51 MB)
-    is new zeroed pages on every call, which cost about as much as the arithmetic; the output buffer is the input.
-    """
-    slices = _batch_slices(x, channel, spatial)
-    buffer = _gate_like(x[slices[0]], channel, spatial)
-    for part in slices:
-        xs = x[part]
-        xs.addcmul_(xs, _combined_sigmoid(channel[part], spatial[part], fusion, buffer[:xs.shape[0]]))
-    return x
-
-
 # oneDNN copies a large NCHW input into its blocked layout before a 1x1 convolution; above 32 MiB (glibc's
 # largest mmap threshold) that copy lands in fresh pages on every call. A matrix product reads the input where it
 # is: 5 ms instead of 22 ms for BAM's 256 -> 16 reduction of a 16 x 256 x 56 x 56 map on 2 cores.
@@ -207,65 +286,6 @@ def _pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.
             out.add_(bias.to(out.dtype).view(1, -1, 1))
         return out.view(batch, weight.shape[0], height, width)
     return F.conv2d(x, weight, bias)
-
-
-class _BamSqueeze(torch.autograd.Function):
-    """(mean of x over H, W; 1x1 convolution of x), whose backward writes the gradient of x in one buffer."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        return x.mean((2, 3)), _pointwise_conv(x, weight, bias)
-
-    @staticmethod
-    def backward(ctx, grad_pooled, grad_reduced):
-        x, weight = ctx.saved_tensors
-        need_x, need_weight, need_bias = ctx.needs_input_grad
-        batch, channels, height, width = x.shape
-        grad_maps = grad_reduced.reshape(batch, grad_reduced.shape[1], height * width)  # (B, rd, HW)
-        dtype = torch.promote_types(grad_maps.dtype, torch.promote_types(x.dtype, weight.dtype))
-        grad_maps = grad_maps.to(dtype)
-        grad_x = grad_weight = grad_bias = None
-        if need_x:
-            # W^T @ d reduced, plus the average pool's share broadcast over H, W, in one full-size tensor
-            grad_x = torch.bmm(weight.flatten(1).t().to(dtype).expand(batch, -1, -1), grad_maps)
-            grad_x.add_((grad_pooled.to(dtype) / (height * width)).unsqueeze(-1))
-            grad_x = grad_x.view(batch, channels, height, width)
-        if need_weight:
-            grad_weight = torch.bmm(grad_maps, x.flatten(2).transpose(1, 2).to(dtype)).sum(0)
-            grad_weight = grad_weight.view(weight.shape).to(weight.dtype)
-        if need_bias and ctx.has_bias:
-            grad_bias = grad_maps.sum((0, 2)).to(weight.dtype)
-        return grad_x, grad_weight, grad_bias
-
-
-@register_notrace_function
-def bam_squeeze(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: Optional[torch.Tensor],
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The two reductions BAM's branches start from: the average of x over H, W (B, C) for the channel branch
-    and the 1x1 convolution `weight`, `bias` of x (B, rd, H, W) for the spatial branch.
-
-    In eager training they are one autograd node, so backward writes their share of the gradient of x into one
-    full-size tensor instead of materialising the broadcast mean gradient and the convolution's separately.
-    """
-    if not torch.jit.is_scripting() and fused_gating_supported():
-        if torch.is_grad_enabled():
-            return _fused_bam_squeeze(x, weight, bias)
-        return x.mean((2, 3)), _pointwise_conv(x, weight, bias)
-    return x.mean((2, 3)), F.conv2d(x, weight, bias)
-
-
-@torch.jit.unused
-def _fused_bam_squeeze(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: Optional[torch.Tensor],
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _BamSqueeze.apply(x, weight, bias)
 
 
 class _Cbam(torch.autograd.Function):

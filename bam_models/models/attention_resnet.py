@@ -12,6 +12,7 @@ from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn as nn
 
 from timm.models import register_model
 from timm.models._manipulate import checkpoint_seq
@@ -45,6 +46,20 @@ def _stage_bam_args(bam_args: Optional[Dict[str, Any]], natural_stride: int, str
     return bam_args
 
 
+def _hand_final_relu_over(block: nn.Module) -> bool:
+    """Make a block's closing ReLU an identity, for the BAM after it to apply (True), where it is a plain ReLU.
+
+    The output of that ReLU is BAM's input; apart from BAM only the ReLU's backward would keep it. BAM applying
+    the ReLU itself keeps only its own output, which the next stage keeps anyway: the BAM network's training
+    memory stays that of the plain trunk plus BAM's small branches. Parameters and outputs do not change.
+    """
+    name = 'act3' if isinstance(block, Bottleneck) else 'act2'
+    if type(getattr(block, name, None)) is not nn.ReLU:
+        return False
+    setattr(block, name, nn.Identity())
+    return True
+
+
 class AttentionResNet(ResNet):
     """timm's ResNet with BAM inside the stages named by `bam_stages` (CBAM goes in through `block_args`).
 
@@ -68,7 +83,10 @@ class AttentionResNet(ResNet):
                 raise ValueError(f"bam_stages entries must be ResNet stages 1-4, got {stage}.")
             stage_channels = self.feature_info[stage]['num_chs']
             stage_bam_args = _stage_bam_args(bam_args, 2 ** (stage + 1), self.feature_info[stage]['reduction'])
-            getattr(self, f'layer{stage}').add_module('bam', BAM(stage_channels, **stage_bam_args, **dd))
+            layer = getattr(self, f'layer{stage}')
+            if stage_bam_args.setdefault('input_relu', True):
+                stage_bam_args['input_relu'] = _hand_final_relu_over(layer[-1])
+            layer.add_module('bam', BAM(stage_channels, **stage_bam_args, **dd))
         self.bam_stages = tuple(bam_stages)
         self.min_input_size = kwargs.get('output_stride', 32)
 
