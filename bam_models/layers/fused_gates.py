@@ -251,8 +251,10 @@ def _reduce_logit_grads(grad_logits, channel, spatial, fusion, grad_channel, gra
     if fusion == 'product':
         g = _as_matrix(grad_logits)  # (b, C, HW)
         if grad_channel is not None:
-            sp = spatial.to(g.dtype).reshape(spatial.shape[0], -1, 1)  # (b, HW, 1)
-            grad_channel[part] = torch.bmm(g, sp).view(channel.shape)
+            sp = spatial.to(g.dtype).reshape(spatial.shape[0], 1, -1)  # (b, 1, HW)
+            # as a row times g^T: the column form (g @ sp) runs as a slow matrix-vector kernel (1.45 vs 0.29 ms
+            # for a quarter batch of layer1 maps)
+            grad_channel[part] = torch.bmm(sp, g.transpose(1, 2)).view(channel.shape)
         if grad_spatial is not None:
             ch = channel.to(g.dtype).reshape(channel.shape[0], 1, channel.shape[1])  # (b, 1, C)
             grad_spatial[part] = torch.bmm(ch, g).view(spatial.shape)
@@ -353,7 +355,9 @@ class _Cbam(torch.autograd.Function):
             is_peak = torch.mul(xs, ch, out=mask[:n]).eq_(peak_c[part])
             share = grad_peak_c[part] / is_peak.sum(1, keepdim=True)
             grad_refined = torch.addcmul(grad_mean_c[part], g, sp, out=buffer[:n]).addcmul_(is_peak, share)
-            grad_channel[part] = _row_dots(grad_refined, xs).view(ch.shape)
+            # the mask's buffer is free again; a product into it and a sum beat a batch of row dot products
+            # (0.5 vs 1.5 ms for a quarter batch of layer1 maps)
+            grad_channel[part] = torch.mul(grad_refined, xs, out=mask[:n]).sum((2, 3), keepdim=True)
             if grad_x is not None:
                 torch.mul(grad_refined, ch, out=grad_x[part])
         grad_pooled_hw, channel_param_grads = _small_backward(
@@ -371,12 +375,6 @@ class _Cbam(torch.autograd.Function):
                 share = grad_peak_hw[part] / is_peak.sum((2, 3), keepdim=True)
                 grad_x[part].add_(torch.addcmul(grad_mean_hw[part], is_peak, share, out=is_peak))
         return (grad_x, None, None, None, *channel_param_grads, *spatial_param_grads)
-
-
-def _row_dots(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum over H, W of a * b for (b, C, H, W) maps, as (b, C), without a full-size product."""
-    rows, cols = a.shape[0] * a.shape[1], a.shape[2] * a.shape[3]
-    return torch.bmm(a.reshape(rows, 1, cols), b.to(a.dtype).reshape(rows, cols, 1)).view(a.shape[0], a.shape[1])
 
 
 def _small_backward(output, grad_output, leaf, params):
