@@ -9,12 +9,16 @@ pays for slow denormal arithmetic the others happen not to hit), and the thread 
 Ratios are costs relative to the trunk (model time / trunk time, model memory / trunk memory), so a value
 of 1.05 means 5 % more time or memory than the plain network on the same machine in the same run.
 
-Peak memory is the growth of the process's peak resident set size over one training step (forward, loss,
-backward, optimizer step), starting with gradients set to None, so it counts activations, gradients and
-temporaries but not parameters or optimizer state; the figure is the median over `memory_steps` steps. Linux only: the peak is reset through
-/proc/self/clear_refs and read from VmHWM, and glibc is told to serve every allocation above 128 KiB with
-its own mmap so that freed tensors leave the resident set at once. That allocator setting slows
-allocation, so memory is measured after all timings. Where this is unavailable the column stays empty.
+Peak memory is measured twice over one training step (forward, loss, backward, optimizer step) that starts
+with gradients set to None, so both count activations, gradients and temporaries but not parameters or
+optimizer state. The tensor peak is the largest total of bytes that the step's tensors hold at once, summed
+from the profiler's allocation records: deterministic, the CPU counterpart of torch.cuda.max_memory_allocated.
+The RSS peak is the growth of the process's peak resident set size, median over `memory_steps` steps (Linux
+only: the peak is reset through /proc/self/clear_refs and read from VmHWM, and glibc is told to serve every
+allocation above 128 KiB with its own mmap so that freed tensors leave the resident set at once); it adds the
+allocator's and the kernel's page granularity and varies by a few percent from run to run. That allocator
+setting slows allocation, so memory is measured after all timings. Where a measure is unavailable its column
+stays empty.
 
 Timings run with glibc set to keep freed memory for reuse (`allocator='caching'`, the default): a mmap
 threshold of 1 GiB and no heap trimming, as a caching allocator (jemalloc, TCMalloc, PyTorch's CUDA allocator)
@@ -73,7 +77,7 @@ class BenchmarkSettings:
     batch_size: int = 16
     rounds: int = 5
     threads: Optional[int] = None
-    latency_iters: int = 3
+    latency_iters: int = 10
     families: Sequence[str] = tuple(DEFAULT_FAMILIES)
     models: Sequence[str] = ()
     peers: bool = False
@@ -163,6 +167,23 @@ class _Subject:
             self.train_step()
             self.times['train'].append(time.perf_counter() - start)
 
+    def peak_train_tensors(self) -> Optional[int]:
+        """Peak bytes of the tensors one training step allocates and holds at once (see module docstring)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            self.train_step()
+        try:
+            records = sorted(
+                (event.start_ns(), event.nbytes()) for event in prof.profiler.kineto_results.events()
+                if event.name() == '[memory]' and event.device_type() == torch.autograd.DeviceType.CPU)
+        except AttributeError:  # the profiler's result API moved
+            return None
+        live = peak = 0
+        for _, nbytes in records:  # allocations positive, frees negative
+            live += nbytes
+            peak = max(peak, live)
+        return peak
+
     def peak_train_memory(self) -> Optional[int]:
         """Peak RSS growth over one training step, in bytes (see module docstring); None off Linux."""
         self.optimizer.zero_grad(set_to_none=True)
@@ -216,6 +237,7 @@ _RATIOS = {
     'latency_ratio': 'latency_s',
     'throughput_ratio': 'throughput_s',
     'train_ratio': 'train_s',
+    'train_tensor_peak_ratio': 'train_tensor_peak_bytes',
     'train_peak_ratio': 'train_peak_bytes',
 }
 
@@ -277,15 +299,18 @@ def paired_ratio(times: Sequence[float], trunk_times: Sequence[float]) -> float:
 
 
 def _add_memory(rows: List[Dict], settings: BenchmarkSettings, inputs: _Inputs) -> None:
-    if not _exact_allocation_accounting():
-        return
+    rss_follows_tensors = _exact_allocation_accounting()
     for row in rows:
         settings.log(f"[{row['family']}] peak memory of {row['model']}")
         subject = _Subject(row['model'], settings, inputs)
         subject.train_step()  # optimizer state and one-off initialisation are not part of the step
-        peaks = [subject.peak_train_memory() for _ in range(max(settings.memory_steps, 1))]
-        if None not in peaks:
-            row['train_peak_bytes'] = statistics.median(peaks)
+        tensor_peak = subject.peak_train_tensors()
+        if tensor_peak is not None:
+            row['train_tensor_peak_bytes'] = tensor_peak
+        if rss_follows_tensors:
+            peaks = [subject.peak_train_memory() for _ in range(max(settings.memory_steps, 1))]
+            if None not in peaks:
+                row['train_peak_bytes'] = statistics.median(peaks)
         del subject
 
 
@@ -360,8 +385,9 @@ def _run(settings: BenchmarkSettings, flush_denormal: bool) -> Dict:
             'statistic': 'median over rounds, models interleaved, same inputs for every model',
             'ratios': 'cost relative to the family trunk: for times the median over rounds of model / trunk '
                       'time in the same round, for bytes model / trunk',
-            'peak_memory': f'growth of peak RSS over one training step from gradients set to None (VmHWM), '
-                           f'median of {max(settings.memory_steps, 1)} steps',
+            'peak_memory': f'over one training step from gradients set to None: tensors (the most bytes held at '
+                           f'once, from the profiler\'s allocation records) and RSS (growth of VmHWM, median of '
+                           f'{max(settings.memory_steps, 1)} steps)',
         },
         'rows': rows,
     }
@@ -384,8 +410,8 @@ def markdown_table(result: Dict) -> str:
     lines = [
         f"| model | params | paper params (ours vs) | GMACs | paper GMACs (ours vs) "
         f"| latency b1 ms | throughput b{s['batch_size']} img/s | train step b{s['batch_size']} ms "
-        f"| train peak MiB |",
-        '|---|---:|---:|---:|---:|---:|---:|---:|---:|',
+        f"| train peak tensors MiB | train peak RSS MiB |",
+        '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
     ]
     for row in result['rows']:
         cells = [
@@ -397,6 +423,8 @@ def markdown_table(result: Dict) -> str:
             f"{row['latency_s'] * 1e3:.1f}{_fmt_ratio(row, 'latency')}" if 'latency_s' in row else '–',
             f"{row['throughput_img_s']:.1f}{_fmt_ratio(row, 'throughput')}" if 'throughput_s' in row else '–',
             f"{row['train_s'] * 1e3:.0f}{_fmt_ratio(row, 'train')}" if 'train_s' in row else '–',
+            f"{row['train_tensor_peak_bytes'] / 2 ** 20:.0f}{_fmt_ratio(row, 'train_tensor_peak')}"
+            if 'train_tensor_peak_bytes' in row else '–',
             f"{row['train_peak_bytes'] / 2 ** 20:.0f}{_fmt_ratio(row, 'train_peak')}"
             if 'train_peak_bytes' in row else '–',
         ]
@@ -412,7 +440,7 @@ def markdown_table(result: Dict) -> str:
         f"{s['img_size']}×{s['img_size']} input, {s['rounds']} rounds (median, models interleaved), "
         f"{s['allocator'].split(' (')[0]} allocator for timings. "
         f"(×) = cost relative to the first model of the family measured in the same run: time per image "
-        f"(also for throughput; median over rounds of the per-round ratio) or peak memory (peak RSS growth "
-        f"over one training step).",
+        f"(also for throughput; median over rounds of the per-round ratio) or peak memory over one training "
+        f"step (tensors: most bytes held at once; RSS: growth of the resident set).",
     ]
     return '\n'.join(lines)

@@ -50,12 +50,18 @@ def test_json_has_every_measurement_and_ratio(tiny_run):
         assert row['params_ratio'] == pytest.approx(row['params'] / trunk['params'])
         assert row['gmacs'] == pytest.approx(row['gflops'] / 2)
         assert row['train_peak_bytes'] >= 0
+        assert row['train_tensor_peak_bytes'] > 0
+        assert row['train_tensor_peak_ratio'] == pytest.approx(
+            row['train_tensor_peak_bytes'] / trunk['train_tensor_peak_bytes'])
     for key in ('latency_ratio', 'throughput_ratio', 'train_ratio', 'params_ratio'):
         assert trunk[key] == 1.0
     # same architecture, two implementations: equal parameter counts and FLOPs
     assert rows['resnet18_bam']['params'] == rows['pytorchcv:bam_resnet18']['params'] == 11_712_503
     assert rows['resnet18_bam']['gflops'] == pytest.approx(rows['pytorchcv:bam_resnet18']['gflops'], rel=1e-3)
     assert rows['resnet18_bam']['gflops'] > trunk['gflops']
+    # the zoo's BAM keeps no more for backward than its trunk beyond its small branches, pytorchcv's keeps its
+    # outputs and gates as well; counted exactly, so the comparison holds at any size
+    assert rows['resnet18_bam']['train_tensor_peak_ratio'] < rows['pytorchcv:bam_resnet18']['train_tensor_peak_ratio']
     # papers' figures are for 224 x 224 only
     assert rows['resnet18_bam']['paper_params'] is None
 
@@ -66,7 +72,7 @@ def test_markdown_table_lists_every_model_with_ratios(tiny_run):
     lines = table.splitlines()
     header = lines[0]
     for column in ('params', 'paper params', 'GMACs', 'latency b1 ms', 'throughput b2 img/s',
-                   'train step b2 ms', 'train peak MiB'):
+                   'train step b2 ms', 'train peak tensors MiB', 'train peak RSS MiB'):
         assert column in header
     body = [line for line in lines[2:] if line.startswith('| `')]
     assert len(body) == len(result['rows'])

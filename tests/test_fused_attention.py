@@ -322,7 +322,8 @@ def test_channels_last(cls):
 def test_autocast_bf16_train_step():
     # under autocast the convolutions run in bf16, so the gates see bf16 logits next to fp32 or bf16 maps
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(3, 32, 3, padding=1), BAM(32), CBAM(32), torch.nn.Conv2d(32, 4, 1)).train()
+        torch.nn.Conv2d(3, 32, 3, padding=1), BAM(32), BAM(32, input_relu=True), CBAM(32),
+        torch.nn.Conv2d(32, 4, 1)).train()
     x = torch.randn(2, 3, 16, 16)
     with torch.autocast('cpu', dtype=torch.bfloat16):
         out = model(x)

@@ -57,7 +57,8 @@ def register(subparsers) -> None:
     parser.add_argument('--batch-size', type=int, default=16,
                         help='batch of the throughput and training measurements (default 16)')
     parser.add_argument('--rounds', type=int, default=5, help='interleaved rounds; figures are medians (default 5)')
-    parser.add_argument('--latency-iters', type=int, default=3, help='batch-1 forwards averaged per round')
+    parser.add_argument('--latency-iters', type=int, default=10,
+                        help='batch-1 forwards averaged per round (default 10)')
     parser.add_argument('--threads', type=int, help='torch.set_num_threads (default: torch default)')
     parser.add_argument('--channels-last', action='store_true', help='run models and inputs channels_last')
     parser.add_argument('--measure', nargs='+', choices=_MEASURES, default=list(_MEASURES),

@@ -131,12 +131,13 @@ class _Bam(torch.autograd.Function):
         grad_x = torch.empty(saved.shape, dtype=dtype, device=saved.device) if need_x else None
 
         def refined_input(part, n):
-            """The slice of r (x, or relu(x) rebuilt from the output) and its gate, in the work buffers."""
-            g_ate = _combined_sigmoid(channel[part], spatial[part], fusion, gate[:n])
+            """A batch slice of r (x, or relu(x) rebuilt from the output) and of the gate, the rebuilt ones in
+            the reused buffers."""
+            gate_slice = _combined_sigmoid(channel[part], spatial[part], fusion, gate[:n])
             if not input_relu:
-                return saved[part], g_ate
-            r = torch.add(g_ate, 1., out=work[:n])
-            return torch.div(saved[part], r, out=r), g_ate
+                return saved[part], gate_slice
+            r = torch.add(gate_slice, 1., out=work[:n])
+            return torch.div(saved[part], r, out=r), gate_slice
 
         # d out / d logits = g * r * gate * (1 - gate), reduced to the small logits' shapes; x's direct share
         grad_channel = torch.empty_like(channel, dtype=dtype)
@@ -144,12 +145,12 @@ class _Bam(torch.autograd.Function):
         for part in slices:
             g = grad[part]
             n = g.shape[0]
-            r, g_ate = refined_input(part, n)
+            r, gate_slice = refined_input(part, n)
             grad_logits = torch.mul(g, r, out=work[:n])
-            torch.ops.aten.sigmoid_backward.grad_input(grad_logits, g_ate, grad_input=grad_logits)
+            torch.ops.aten.sigmoid_backward.grad_input(grad_logits, gate_slice, grad_input=grad_logits)
             _reduce_logit_grads(grad_logits, channel[part], spatial[part], fusion, grad_channel, grad_spatial, part)
             if grad_x is not None:
-                torch.addcmul(g, g, g_ate, out=grad_x[part])
+                torch.addcmul(g, g, gate_slice, out=grad_x[part])
         grad_pooled, channel_param_grads = _small_backward(channel_graph, grad_channel, pooled, channel_params)
         grad_reduced, spatial_param_grads = _small_backward(spatial_graph, grad_spatial, reduced, spatial_params)
 
@@ -172,11 +173,10 @@ class _Bam(torch.autograd.Function):
                 r = refined_input(part, n)[0].to(dtype)
                 grad_weight += torch.bmm(grad_maps[part], r.flatten(2).transpose(1, 2)).sum(0)
             if grad_x is not None:
-                rows = grad_x[part].view(n, channels, height * width)
-                rows.baddbmm_(left[part], right[part])
-                if input_relu:
-                    rows = grad_x[part]
-                    torch.ops.aten.threshold_backward.grad_input(rows, saved[part], 0, grad_input=rows)
+                grad_x[part].view(n, channels, height * width).baddbmm_(left[part], right[part])
+                if input_relu:  # the ReLU's mask, y > 0
+                    torch.ops.aten.threshold_backward.grad_input(
+                        grad_x[part], saved[part], 0, grad_input=grad_x[part])
         for i, p in enumerate(spatial_params):
             if p is conv_weight and grad_weight is not None:
                 spatial_param_grads[i] = grad_weight.view(conv_weight.shape).to(conv_weight.dtype)
