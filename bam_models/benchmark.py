@@ -31,6 +31,7 @@ import ctypes
 import gc
 import os
 import platform
+import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from bam_models.profiling import count_flops, count_params
 
 __all__ = [
     'ALLOCATORS', 'DEFAULT_FAMILIES', 'PAPER_REFERENCE', 'PEERS', 'BenchmarkSettings', 'markdown_table', 'paired_ratio',
-    'run_benchmark',
+    'run_benchmark', 'trunk_of',
 ]
 
 # family name -> models measured together; the first is the plain trunk every ratio refers to
@@ -55,11 +56,14 @@ DEFAULT_FAMILIES: Dict[str, List[str]] = {
     'mobilenetv1_100': ['mobilenetv1_100', 'mobilenetv1_100_bam'],
 }
 
-# independent implementations of the same architectures (pytorchcv), added by `peers=True`
+# independent implementations of the same architectures (pytorchcv), added by `peers=True`, with their own
+# plain trunk: pytorchcv's ResNets differ from timm's in speed (resnet50: about 5 % faster here), so each
+# attention network is measured against the trunk of its own implementation
 PEERS: Dict[str, List[str]] = {
-    'resnet50': ['pytorchcv:bam_resnet50', 'pytorchcv:cbam_resnet50'],
-    'resnet18': ['pytorchcv:bam_resnet18', 'pytorchcv:cbam_resnet18'],
+    'resnet50': ['pytorchcv:resnet50', 'pytorchcv:bam_resnet50', 'pytorchcv:cbam_resnet50'],
+    'resnet18': ['pytorchcv:resnet18', 'pytorchcv:bam_resnet18', 'pytorchcv:cbam_resnet18'],
 }
+_PYTORCHCV_ATTENTION = re.compile(r'^pytorchcv:c?bam_(.+)$')
 
 # published figures: parameters and the papers' "GFLOPs", which are multiply-adds (GMACs here)
 PAPER_REFERENCE: Dict[str, Dict[str, float]] = {
@@ -246,8 +250,18 @@ def _reference_diff(value: float, reference: Optional[float]) -> Optional[float]
     return None if reference is None else value / reference - 1.
 
 
+def trunk_of(name: str, names: Sequence[str]) -> str:
+    """The plain trunk `name` is measured against among `names`: pytorchcv's own ResNet for its bam_/cbam_
+    ResNets where it is measured too, else the first model."""
+    peer = _PYTORCHCV_ATTENTION.match(name)
+    if peer and f'pytorchcv:{peer.group(1)}' in names:
+        return f'pytorchcv:{peer.group(1)}'
+    return names[0]
+
+
 def _family_rows(family: str, names: List[str], settings: BenchmarkSettings, inputs: _Inputs) -> List[Dict]:
     subjects = [_Subject(name, settings, inputs) for name in names]
+    by_name = {subject.name: subject for subject in subjects}
     settings.log(f'[{family}] warm-up')
     measures = [m for m in ('latency', 'throughput', 'train') if m in settings.measure]
     for subject in subjects:
@@ -269,7 +283,7 @@ def _family_rows(family: str, names: List[str], settings: BenchmarkSettings, inp
         row = {
             'family': family,
             'model': subject.name,
-            'trunk': names[0],
+            'trunk': trunk_of(subject.name, names),
             'params': count_params(stats_model),
             'gflops': flops / 1e9,
             'gmacs': flops / 2e9,
@@ -282,7 +296,7 @@ def _family_rows(family: str, names: List[str], settings: BenchmarkSettings, inp
         for what in measures:
             row[f'{what}_s'] = statistics.median(subject.times[what])
             row[f'{what}_rounds_s'] = list(subject.times[what])
-            row[f'{what}_ratio'] = paired_ratio(subject.times[what], subjects[0].times[what])
+            row[f'{what}_ratio'] = paired_ratio(subject.times[what], by_name[row['trunk']].times[what])
         if 'throughput' in measures:
             row['throughput_img_s'] = settings.batch_size / row['throughput_s']
         rows.append(row)
@@ -315,9 +329,9 @@ def _add_memory(rows: List[Dict], settings: BenchmarkSettings, inputs: _Inputs) 
 
 
 def _add_ratios(rows: List[Dict]) -> None:
-    bases = {row['family']: row for row in reversed(rows)}  # the first row of each family
+    bases = {(row['family'], row['model']): row for row in rows}
     for row in rows:
-        base = bases[row['family']]
+        base = bases[row['family'], row['trunk']]
         for ratio_key, key in _RATIOS.items():
             if ratio_key not in row and key in row and base.get(key):
                 row[ratio_key] = row[key] / base[key]
@@ -439,7 +453,8 @@ def markdown_table(result: Dict) -> str:
         f"{m['cpu']}, {m['threads']} threads{load_note}, torch {m['torch']}, timm {m['timm']}; "
         f"{s['img_size']}×{s['img_size']} input, {s['rounds']} rounds (median, models interleaved), "
         f"{s['allocator'].split(' (')[0]} allocator for timings. "
-        f"(×) = cost relative to the first model of the family measured in the same run: time per image "
+        f"(×) = cost relative to the plain trunk measured in the same run (the family's first model; for "
+        f"pytorchcv's attention ResNets pytorchcv's own ResNet where it was measured): time per image "
         f"(also for throughput; median over rounds of the per-round ratio) or peak memory over one training "
         f"step (tensors: most bytes held at once; RSS: growth of the resident set).",
     ]

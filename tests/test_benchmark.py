@@ -92,6 +92,19 @@ def test_paper_reference_columns_at_224():
     assert '25,915,099 (+0.0%)' in markdown_table(result)
 
 
+def test_peers_are_measured_against_the_trunk_of_their_own_implementation():
+    from bam_models.benchmark import run_benchmark, BenchmarkSettings, trunk_of
+    names = ('resnet18', 'resnet18_bam', 'pytorchcv:resnet18', 'pytorchcv:bam_resnet18', 'pytorchcv:cbam_resnet50')
+    assert [trunk_of(n, names) for n in names] == [
+        'resnet18', 'resnet18', 'resnet18', 'pytorchcv:resnet18', 'resnet18']
+    result = run_benchmark(BenchmarkSettings(
+        models=names[:4], img_size=64, rounds=1, latency_iters=1, measure=('latency',)))
+    rows = {row['model']: row for row in result['rows']}
+    for name, trunk in (('pytorchcv:bam_resnet18', 'pytorchcv:resnet18'), ('resnet18_bam', 'resnet18')):
+        assert rows[name]['trunk'] == trunk
+        assert rows[name]['latency_ratio'] == rows[name]['latency_s'] / rows[trunk]['latency_s']
+
+
 def test_time_ratios_pair_each_round_with_the_trunk_of_that_round():
     from bam_models.benchmark import paired_ratio
     # slow spells hit both in round 3 and only the model in round 2: the rounds' own ratios are 1.1, 3.3 and

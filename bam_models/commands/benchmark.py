@@ -49,10 +49,12 @@ def register(subparsers) -> None:
     parser.add_argument('--family', nargs='+', choices=list(DEFAULT_FAMILIES),
                         help='model families to measure (default: all)')
     parser.add_argument('--models', nargs='+', metavar='NAME',
-                        help='measure these timm models instead of the families; the first is the trunk '
+                        help='measure these timm models instead of the families; the first is the trunk, except for '
+                             "pytorchcv's bam_/cbam_ models when their plain pytorchcv ResNet is listed too "
                              '(pytorchcv models as pytorchcv:NAME)')
     parser.add_argument('--peers', action='store_true',
-                        help="add pytorchcv's bam_resnet*/cbam_resnet* (same math, other implementation)")
+                        help="add pytorchcv's bam_resnet*/cbam_resnet* (same math, other implementation), measured "
+                             "against pytorchcv's own resnet*")
     parser.add_argument('--img-size', type=int, default=224, help='square input size (default 224)')
     parser.add_argument('--batch-size', type=int, default=16,
                         help='batch of the throughput and training measurements (default 16)')

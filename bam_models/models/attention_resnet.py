@@ -3,7 +3,9 @@
 BAM (Park et al. 2018) refines the output of layer1, layer2 and layer3, just before each downsampling stage.
 The module lives inside the stage it refines (`layer1.bam`), so every trunk parameter keeps timm's (and
 torchvision's) name, plain-trunk checkpoints load with only the BAM keys missing, and every features_only
-wrapper and forward_intermediates return BAM-refined maps.
+wrapper and forward_intermediates return BAM-refined maps. Each BAM applies the ReLU that ends the block
+before it (that block's last activation is an identity; see `_hand_final_relu_over`), which leaves every
+output unchanged and keeps one full-size tensor fewer for backward.
 
 CBAM (Woo et al. 2018) sits in every residual block after the last BN and before the residual add, which is
 timm's block attention slot (`layer1.0.se`).
