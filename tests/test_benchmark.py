@@ -117,7 +117,8 @@ def test_time_ratios_pair_each_round_with_the_trunk_of_that_round():
 _PAGE_FAULTS_OF_REALLOCATION = r'''
 import resource, sys, torch
 from bam_models.benchmark import BenchmarkSettings, run_benchmark
-result = run_benchmark(BenchmarkSettings(models=('resnet18',), img_size=64, rounds=0, measure=(), allocator=sys.argv[1]))
+settings = BenchmarkSettings(models=('resnet18',), img_size=64, rounds=0, measure=(), allocator=sys.argv[1])
+result = run_benchmark(settings)
 def faults_of_64_mib():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(16 * 2 ** 20)

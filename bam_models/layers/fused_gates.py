@@ -105,10 +105,8 @@ class _Bam(torch.autograd.Function):
         with torch.enable_grad():
             channel = channel_gate(r, pooled)
             spatial = spatial_gate(r, reduced)
-        dtype = torch.promote_types(r.dtype, torch.promote_types(channel.dtype, spatial.dtype))
-        # the ReLU's output is this node's own: the refinement goes over it
-        out = r if input_relu and dtype == r.dtype else torch.empty_like(r, dtype=dtype)
-        _refine_into(out, r, channel.detach(), spatial.detach(), fusion)
+        # the ReLU's output is this node's own: the refinement may go over it
+        out = _refine(r, channel.detach(), spatial.detach(), fusion, overwrite=input_relu)
         ctx.save_for_backward(out if input_relu else x, channel.detach(), spatial.detach(), conv_reduce.weight)
         ctx.graphs = (pooled, channel, reduced, spatial)
         ctx.params = (params[:num_channel_params], params[num_channel_params:])
@@ -211,23 +209,24 @@ def bam_refine(
     conv_reduce = spatial_gate.conv_reduce
     channel = channel_gate(x, x.mean((2, 3)))
     spatial = spatial_gate(x, _pointwise_conv(x, conv_reduce.weight, conv_reduce.bias))
-    dtype = torch.promote_types(x.dtype, torch.promote_types(channel.dtype, spatial.dtype))
-    out = x if inplace and dtype == x.dtype else torch.empty_like(x, dtype=dtype)
-    return _refine_into(out, x, channel, spatial, fusion)
+    return _refine(x, channel, spatial, fusion, overwrite=inplace)
 
 
 def _detached(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return None if t is None else t.detach()
 
 
-def _refine_into(
-        out: torch.Tensor,
+def _refine(
         x: torch.Tensor,
         channel: torch.Tensor,
         spatial: torch.Tensor,
         fusion: str,
+        overwrite: bool,
 ) -> torch.Tensor:
-    """out = x * (1 + sigmoid(fuse(channel, spatial))), one batch slice of gate at a time; out may be x."""
+    """x * (1 + sigmoid(fuse(channel, spatial))), one batch slice of gate at a time, written over x where
+    `overwrite` allows and the result keeps x's dtype, else into a new tensor of the promoted dtype."""
+    dtype = torch.promote_types(x.dtype, torch.promote_types(channel.dtype, spatial.dtype))
+    out = x if overwrite and dtype == x.dtype else torch.empty_like(x, dtype=dtype)
     slices = _batch_slices(x, channel, spatial)
     buffer = _gate_like(x[slices[0]], channel, spatial)
     for part in slices:
