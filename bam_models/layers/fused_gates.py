@@ -168,7 +168,8 @@ class _Bam(torch.autograd.Function):
         for part in slices:
             n = grad_maps[part].shape[0]
             if grad_weight is not None:
-                r = refined_input(part, n)[0].to(dtype)
+                # x itself, or relu(x) rebuilt with its gate; x needs no gate
+                r = (refined_input(part, n)[0] if input_relu else saved[part]).to(dtype)
                 grad_weight += torch.bmm(grad_maps[part], r.flatten(2).transpose(1, 2)).sum(0)
             if grad_x is not None:
                 grad_x[part].view(n, channels, height * width).baddbmm_(left[part], right[part])
