@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from bam_models.cli import main
-from bam_models.detection import fasterrcnn_fpn
+from bam_models.tasks.detection import fasterrcnn_fpn
 from synthetic_detection import make_dataset, write_coco
 
 ROOT = Path(__file__).resolve().parents[1]

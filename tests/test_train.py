@@ -16,9 +16,9 @@ import yaml
 from bam_models.cli import main
 from bam_models.commands.demo import DIGITS_DEMO
 from bam_models.commands.validate import validate
-from bam_models.config import ConfigError, config_from_dict, load_config
-from bam_models.data import DigitsDataset, EpochShuffleSampler
-from bam_models.train import NonFiniteLossError, check_config, is_attention_param, param_groups, train
+from bam_models.train.config import ConfigError, config_from_dict, load_config
+from bam_models.train.data import DigitsDataset, EpochShuffleSampler
+from bam_models.train.loop import NonFiniteLossError, check_config, is_attention_param, param_groups, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import TINY_SETTINGS, make_digits_folder  # noqa: E402
@@ -165,7 +165,7 @@ def test_param_groups_give_attention_its_own_lr():
 
 
 def test_freeze_trunk_trains_only_attention_and_head(tiny_data):
-    from bam_models.train import build_model
+    from bam_models.train.loop import build_model
     cfg = load_config(None, [*TINY_SETTINGS, f'data.dataset={tiny_data}', 'model.freeze=trunk'])
     model = build_model(cfg, 10)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

@@ -18,7 +18,7 @@ TINY_SETTINGS = [
 
 def make_digits_folder(root: Path) -> Path:
     """root/train/<digit>/*.png and root/val/<digit>/*.png from scikit-learn's digits (the first images of each class)."""
-    from bam_models.data import DigitsDataset
+    from bam_models.train.data import DigitsDataset
     dataset = DigitsDataset('train')
     counts = {}
     for index in range(len(dataset)):

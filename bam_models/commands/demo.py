@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from bam_models.commands.validate import validate
-    from bam_models.config import apply_overrides, config_from_dict
+    from bam_models.train.config import apply_overrides, config_from_dict
     from bam_models.train import train
 
     overrides = [f'train.seed={args.seed}', f'train.output={args.output}', f'train.progress={str(args.progress).lower()}']
@@ -57,7 +57,7 @@ def write_attention_figure(model_name: str, out_path: str) -> None:
     import torch
     from timm.data import create_transform, resolve_data_config
 
-    from bam_models.data import DigitsDataset
+    from bam_models.train.data import DigitsDataset
     from bam_models.visualize import save_attention_figure
 
     model = timm.create_model(model_name, pretrained=True).eval()

@@ -2,7 +2,7 @@
 import argparse
 import dataclasses
 
-from bam_models.detection_train import BUILDERS, DetectionTrainConfig, train_detector
+from bam_models.tasks.detection_train import BUILDERS, DetectionTrainConfig, train_detector
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,9 +7,9 @@ from pathlib import Path
 import timm
 from timm.models import get_pretrained_cfg
 
-from bam_models.convert import ConversionError, read_checkpoint
+from bam_models.hub.convert import ConversionError, read_checkpoint
 from bam_models.hub import save_pretrained
-from bam_models.manifest import load_manifest, manifest_path, update_manifest_entry
+from bam_models.hub.manifest import load_manifest, manifest_path, update_manifest_entry
 
 
 def publish(arch_tag: str, checkpoint: str, out_dir=None, push: bool = False, manifest=None) -> dict:

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from bam_models.config import ConfigError, load_config
+from bam_models.train.config import ConfigError, load_config
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import torch
 from timm.data import create_transform, resolve_data_config
 
 import bam_models  # noqa: F401  registers the zoo with timm
-from bam_models.data import DIGITS, build_dataset
+from bam_models.train.data import DIGITS, build_dataset
 from bam_models.hub import model_from_checkpoint
 
 

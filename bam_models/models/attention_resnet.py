@@ -23,7 +23,7 @@ from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from bam_models.hub import build_model_with_weights
 from bam_models.layers import BAM, CBAM
-from bam_models.manifest import manifest_default_cfgs
+from bam_models.hub.manifest import manifest_default_cfgs
 from ._checks import check_image_batch
 
 # FX patches wrapped names in the globals of the module that calls them, so each calling module wraps it

@@ -18,7 +18,7 @@ from timm.models.efficientnet import EfficientNet
 
 from bam_models.hub import build_model_with_weights
 from bam_models.layers import BAM
-from bam_models.manifest import manifest_default_cfgs
+from bam_models.hub.manifest import manifest_default_cfgs
 from ._checks import check_image_batch
 from .attention_resnet import _stage_bam_args
 

@@ -32,17 +32,14 @@ from timm.utils.distributed import init_distributed_device_so
 from tqdm import tqdm
 
 import bam_models  # noqa: F401  registers the zoo with timm
+from bam_models.errors import NonFiniteLossError
 from bam_models.hub import save_pretrained
-from bam_models.config import ConfigError, RunConfig
-from bam_models.data import (
+from bam_models.train.config import ConfigError, RunConfig
+from bam_models.train.data import (
     DIGITS, build_dataset, create_train_eval_loaders, dataset_classes, folder_classes)
 
 ATTENTION_MARKERS = ('.bam.', '.se.')
 LAST, BEST = 'last.pth', 'best.pth'
-
-
-class NonFiniteLossError(RuntimeError):
-    pass
 
 
 def is_attention_param(name: str) -> bool:

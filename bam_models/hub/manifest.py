@@ -19,8 +19,8 @@ __all__ = [
 ]
 
 MANIFEST_ENV = 'BAM_MODELS_MANIFEST'
-PACKAGED_MANIFEST = Path(__file__).with_name('weights_manifest.json')
-SCHEMA_PATH = Path(__file__).with_name('weights_manifest.schema.json')
+PACKAGED_MANIFEST = Path(__file__).parent.parent.joinpath('weights_manifest.json')
+SCHEMA_PATH = Path(__file__).parent.parent.joinpath('weights_manifest.schema.json')
 
 # manifest `pretrained_cfg` keys that are tuples in timm's PretrainedCfg
 _TUPLE_KEYS = ('input_size', 'test_input_size', 'min_input_size', 'mean', 'std', 'pool_size', 'test_pool_size')

@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2 as T
 
-from bam_models.detection import fasterrcnn_fpn, maskrcnn_fpn, retinanet_fpn
+from bam_models.tasks.detection import fasterrcnn_fpn, maskrcnn_fpn, retinanet_fpn
 
 __all__ = ['DetectionTrainConfig', 'coco_dataset', 'train_detector', 'evaluate_coco']
 

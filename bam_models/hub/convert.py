@@ -21,16 +21,13 @@ import timm
 import torch
 from timm.models import load_state_dict
 
+from bam_models.errors import ConversionError
 from bam_models.hub import attention_keys, save_pretrained
 
 __all__ = ['SOURCES', 'ConversionError', 'read_checkpoint', 'convert_state_dict', 'to_official_state_dict',
            'convert_checkpoint']
 
 SOURCES = ('official', 'pytorchcv', 'torchvision')
-
-
-class ConversionError(ValueError):
-    """The checkpoint does not match the requested source layout or target architecture."""
 
 
 # the authors' names <-> ours; {k}: BAM stage, {blk}: 'layer{L}.{i}', {p}: parameter/buffer name

@@ -41,8 +41,10 @@ from timm.models import load_state_dict
 from timm.models._builder import build_model_with_cfg, resolve_pretrained_cfg
 from timm.models._hub import hf_split, load_state_dict_from_path, save_config_for_hf, save_for_hf
 
+from bam_models.checkpoint import head_classes, load_strict, read_state_dict
+from bam_models.errors import PretrainedWeightsError
 from bam_models.layers import BAM, CBAM
-from bam_models.manifest import load_manifest, manifest_entry, manifest_entry_for_repo
+from bam_models.hub.manifest import load_manifest, manifest_entry, manifest_entry_for_repo
 
 __all__ = [
     'PretrainedWeightsError', 'TrunkOnlyWeightsWarning', 'UnverifiedWeightsWarning',
@@ -51,10 +53,6 @@ __all__ = [
 ]
 
 HUB_FILENAME = 'model.safetensors'
-
-
-class PretrainedWeightsError(RuntimeError):
-    """Pretrained weights could not be loaded; nothing was loaded into the model."""
 
 
 class TrunkOnlyWeightsWarning(UserWarning):
@@ -369,26 +367,17 @@ def model_card(
 def model_from_checkpoint(model_name: str, checkpoint: Union[str, Path], **model_kwargs) -> nn.Module:
     """`model_name` built without downloads, with a local checkpoint loaded strictly.
 
-    The file is read with timm's `load_state_dict` (safetensors, or a torch file with weights_only=True;
-    `state_dict` wrappers and `module.` prefixes removed), and the size of its classifier sets `num_classes`.
-    A checkpoint of another architecture raises a ValueError listing missing and unexpected keys.
+    The file is read by `bam_models.checkpoint.read_state_dict` (no pickled code runs), the size of its
+    classifier sets `num_classes`, and a checkpoint of another architecture raises a `CheckpointError` that
+    counts and names missing and unexpected keys.
     """
-    state_dict = load_state_dict(str(checkpoint), weights_only=True)
+    state_dict = read_state_dict(checkpoint)
     classifier = timm.create_model(model_name, device='meta', **model_kwargs).pretrained_cfg.get('classifier')
-    head = state_dict.get(f'{classifier}.weight') if classifier else None
-    if head is not None:
-        model_kwargs = dict(model_kwargs, num_classes=head.shape[0])
+    classes = head_classes(state_dict, classifier)
+    if classes is not None:
+        model_kwargs = dict(model_kwargs, num_classes=classes)
     model = timm.create_model(model_name, pretrained=False, **model_kwargs)
-    advice = 'pass the architecture the checkpoint was trained as.'
-    try:
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    except RuntimeError as error:  # mis-shaped tensors
-        raise ValueError(f"{checkpoint} does not fit {model_name}; {advice} {error}") from None
-    if missing or unexpected:
-        raise ValueError(
-            f"{checkpoint} does not fit {model_name}: {len(missing)} missing keys (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected keys (e.g. {unexpected[:3]}); {advice}")
-    return model
+    return load_strict(model, state_dict, f'checkpoint {checkpoint}', 'pass the architecture it was trained as')
 
 
 def save_pretrained(

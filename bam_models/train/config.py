@@ -8,9 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message is one line saying what to change."""
+from bam_models.errors import ConfigError
 
 
 @dataclass

@@ -1,0 +1,114 @@
+""" Weight files, read and checked one way everywhere (hub, convert, publish, train, validate, visualize,
+export, detection).
+
+- `read_state_dict`: the tensors of a `.safetensors` file or a torch file read with `weights_only=True` (no
+  pickled code ever runs), with `state_dict` / `model` wrappers and `module.` prefixes removed (timm's reader);
+  NaN/Inf values and negative BatchNorm variances are refused with the offending keys.
+- `head_classes`: how many classes a state dict's classifier has, which sizes the model built for it.
+- `key_mismatch`: missing / unexpected / mis-shaped / wrongly-typed keys of a state dict against a model,
+  and `describe_mismatch` the one message format for them.
+- `load_strict`: all of the above, then `model.load_state_dict`.
+"""
+from pathlib import Path
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+from timm.models import load_state_dict
+
+from bam_models.errors import CheckpointError
+
+__all__ = ['KeyMismatch', 'describe_mismatch', 'head_classes', 'key_mismatch', 'load_strict', 'read_state_dict']
+
+PathLike = Union[str, Path]
+_EXAMPLES = 3  # keys named per kind of problem; the counts say how many there are in all
+
+
+def _bad_values(state_dict: Dict[str, torch.Tensor]) -> List[str]:
+    """Keys whose values no trained network has: NaN/Inf, or a negative BatchNorm running variance."""
+    bad = []
+    for key, value in state_dict.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            bad.append(f'{key} (NaN/Inf)')
+        elif key.endswith('running_var') and value.is_floating_point() and (value < 0).any():
+            bad.append(f'{key} (negative variance)')
+    return bad
+
+
+def read_state_dict(path: PathLike, what: str = 'checkpoint') -> Dict[str, torch.Tensor]:
+    """The tensors of the weight file at `path`, read safely and checked for impossible values."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"{what} {path} does not exist; pass the path of a .safetensors or .pth file")
+    try:
+        state_dict = load_state_dict(str(path), use_ema=False, weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{what} {path} could not be read as weights ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"pass a .safetensors file or a torch state dict (read with weights_only=True, so pickled objects "
+            f"are refused)") from None
+    state_dict = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    bad = _bad_values(state_dict)
+    if bad:
+        raise CheckpointError(f"{what} {path} holds values no trained network has in {len(bad)} tensors: "
+                              f"{', '.join(bad[:_EXAMPLES])}; the file is damaged or was saved mid-divergence")
+    return state_dict
+
+
+def head_classes(state_dict: Dict[str, torch.Tensor], classifier: Union[str, Sequence[str], None]) -> Optional[int]:
+    """Number of classes of the first of `classifier`'s module names found in `state_dict` (None: no head)."""
+    names = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
+    for name in names:
+        weight = state_dict.get(f'{name}.weight')
+        if weight is not None:
+            return weight.shape[0]
+    return None
+
+
+class KeyMismatch(NamedTuple):
+    missing: List[str]
+    unexpected: List[str]
+    mismatched: List[str]  # 'key: checkpoint (shape/dtype), model (shape/dtype)'
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.mismatched)
+
+
+def key_mismatch(state_dict: Dict[str, torch.Tensor], model: nn.Module, ignore: Iterable[str] = ()) -> KeyMismatch:
+    """How `state_dict` differs from `model.state_dict()`; keys in `ignore` are adapted by the caller."""
+    ignore = set(ignore)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict and k not in ignore]
+    unexpected = sorted(k for k in state_dict if k not in expected and k not in ignore)
+    mismatched = []
+    for key, value in state_dict.items():
+        if key in ignore or key not in expected:
+            continue
+        want = expected[key]
+        if value.shape != want.shape:
+            mismatched.append(f'{key}: checkpoint {tuple(value.shape)}, model {tuple(want.shape)}')
+        elif want.is_floating_point() and not value.is_floating_point():
+            mismatched.append(f'{key}: checkpoint {value.dtype}, model {want.dtype}')
+    return KeyMismatch(missing, unexpected, mismatched)
+
+
+def _examples(keys: Sequence[str]) -> str:
+    more = f', ... ({len(keys) - _EXAMPLES} more)' if len(keys) > _EXAMPLES else ''
+    return ', '.join(keys[:_EXAMPLES]) + more
+
+
+def describe_mismatch(mismatch: KeyMismatch) -> str:
+    """'12 missing keys (e.g. a, b, c, ... (9 more)); 3 unexpected keys (...)': only the kinds that occur."""
+    parts = [f'{len(keys)} {kind} (e.g. {_examples(keys)})' for kind, keys in (
+        ('missing keys', mismatch.missing), ('unexpected keys', mismatch.unexpected),
+        ('mismatched tensors', mismatch.mismatched)) if keys]
+    return '; '.join(parts)
+
+
+def load_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str, advice: str) -> nn.Module:
+    """Loads `state_dict` into `model` only if every key, shape and dtype fits; else one CheckpointError."""
+    mismatch = key_mismatch(state_dict, model)
+    if mismatch:
+        arch = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
+        raise CheckpointError(f"{source} does not fit {arch}: {describe_mismatch(mismatch)}; {advice}")
+    model.load_state_dict(state_dict)
+    return model

@@ -1,0 +1,42 @@
+""" The package's one error hierarchy.
+
+Every expected failure (a user's mistake, a bad file, an unreachable Hub) raises a `BamModelsError`. Each
+subclass also keeps the builtin base that callers caught before (as huggingface_hub's errors do), so
+`except ValueError` around a config load keeps working. The CLI prints any `BamModelsError` as one line,
+`error: <what was wrong>; <what to do>`, and exits with `exit_code`; `--debug` shows the traceback instead.
+"""
+
+__all__ = [
+    'BamModelsError', 'CheckpointError', 'ConfigError', 'ConversionError', 'NonFiniteLossError', 'PretrainedWeightsError',
+    'UsageError',
+]
+
+
+class BamModelsError(Exception):
+    """Base class of every error bam_models raises on purpose; the message says what to do."""
+    exit_code = 2
+
+
+class UsageError(BamModelsError, ValueError):
+    """A command or function was called with arguments that cannot work (missing file, unknown name...)."""
+
+
+class CheckpointError(BamModelsError, ValueError):
+    """A weights file is missing, unreadable, holds bad values or does not fit the model; nothing was loaded."""
+
+
+class ConfigError(BamModelsError, ValueError):
+    """A training configuration that cannot run; raised before any work starts."""
+
+
+class ConversionError(BamModelsError, ValueError):
+    """A checkpoint could not be converted to a zoo model's layout; nothing was written."""
+
+
+class PretrainedWeightsError(BamModelsError, RuntimeError):
+    """Pretrained weights could not be loaded; nothing was loaded into the model."""
+
+
+class NonFiniteLossError(BamModelsError, RuntimeError):
+    """Training stopped because the loss became NaN or infinite."""
+    exit_code = 3

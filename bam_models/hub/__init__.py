@@ -1,0 +1,19 @@
+""" Weights and the Hugging Face Hub: verified pretrained loading (`pretrained`), the weights manifest
+(`manifest`), checkpoint conversion (`convert`) and the Hub folder writer (`save_pretrained`). """
+from bam_models.hub.pretrained import (
+    PretrainedWeightsError,
+    TrunkOnlyWeightsWarning,
+    UnverifiedWeightsWarning,
+    attention_keys,
+    build_model_with_weights,
+    file_sha256,
+    model_card,
+    model_from_checkpoint,
+    save_pretrained,
+)
+
+__all__ = [
+    'PretrainedWeightsError', 'TrunkOnlyWeightsWarning', 'UnverifiedWeightsWarning',
+    'build_model_with_weights', 'attention_keys', 'file_sha256', 'model_from_checkpoint', 'save_pretrained',
+    'model_card',
+]
