@@ -1,4 +1,5 @@
-# `make demo` and `make test` each create .venv on first use and install what they need.
+# `make demo` and `make test` each create .venv on first use and install what they need; `make test` runs
+# `make lint` (ruff, configured in pyproject.toml) before the suite.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,7 @@ STAMP := $(VENV)/.installed
 # checks that torchvision's compiled ops load against the installed torch
 TORCH_PAIR_CHECK := import torch, torchvision; torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)
 
-.PHONY: demo test venv clean
+.PHONY: demo test lint venv clean
 
 venv: $(STAMP)
 
@@ -23,7 +24,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/bam-models demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest
 
 clean:
