@@ -1,9 +1,11 @@
-""" A non-editable wheel carries every subpackage, the package data and the console script. """
+""" A non-editable wheel carries every subpackage, the package data and the console script; the licence and
+citation files say what pyproject declares. """
 import subprocess
 import sys
 import zipfile
 
 import pytest
+import yaml
 
 
 @pytest.fixture(scope='module')
@@ -39,3 +41,32 @@ def test_wheel_installs_and_registers_models(wheel, tmp_path):
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                             env={'PYTHONPATH': str(target), 'PATH': ''}, cwd=tmp_path, check=True)
     assert result.stdout.split() == ['12', '8', '1']  # the trunk tag; unpublished tags list no weights
+
+
+def test_license_file_matches_pyproject(request):
+    tomllib = pytest.importorskip('tomllib')  # Python 3.11+
+    root = request.config.rootpath
+    declared = tomllib.loads((root / 'pyproject.toml').read_text())['project']['license']
+    license_text = (root / 'LICENSE').read_text()
+    assert declared == 'MIT'
+    assert license_text.startswith('MIT License\n')
+    assert 'Permission is hereby granted, free of charge' in license_text
+
+
+def _paper(entry):
+    return entry['title'], [(a['given-names'], a['family-names']) for a in entry['authors']], entry['year']
+
+
+def test_citation_cites_both_papers(request):
+    citation = yaml.safe_load((request.config.rootpath / 'CITATION.cff').read_text())
+    assert citation['cff-version'] == '1.2.0'
+    assert citation['license'] == 'MIT'
+    bam = ('BAM: Bottleneck Attention Module',
+           [('Jongchan', 'Park'), ('Sanghyun', 'Woo'), ('Joon-Young', 'Lee'), ('In So', 'Kweon')], 2018)
+    cbam = ('CBAM: Convolutional Block Attention Module',
+            [('Sanghyun', 'Woo'), ('Jongchan', 'Park'), ('Joon-Young', 'Lee'), ('In So', 'Kweon')], 2018)
+    assert _paper(citation['preferred-citation']) == bam
+    assert 'BMVC' in citation['preferred-citation']['conference']['name']
+    references = {entry['title']: entry for entry in citation['references']}
+    assert [_paper(references[paper[0]]) for paper in (bam, cbam)] == [bam, cbam]
+    assert 'ECCV' in references[cbam[0]]['conference']['name']
