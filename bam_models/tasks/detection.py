@@ -79,7 +79,7 @@ class TimmFpnBackbone(nn.Module):
             out_channels: int = 256,
             extra_blocks: Optional[ExtraFPNBlock] = None,
             fpn_norm_layer: Optional[Any] = None,
-    ):
+    ) -> None:
         super().__init__()
         self.body = body
         self.fpn = FeaturePyramidNetwork(
@@ -104,7 +104,7 @@ def backbone_with_fpn(
         extra_blocks: Optional[ExtraFPNBlock] = None,
         out_channels: int = 256,
         fpn_norm_layer: Optional[Any] = None,
-        **model_kwargs,
+        **model_kwargs: Any,
 ) -> TimmFpnBackbone:
     """Any zoo model (or plain timm CNN) as a torchvision detection backbone with an FPN.
 
@@ -163,7 +163,7 @@ def _num_levels(backbone: TimmFpnBackbone) -> int:
     return len(backbone.fpn.inner_blocks) + num_extra
 
 
-def _split_backbone_kwargs(kwargs: Dict[str, Any], **defaults) -> Dict[str, Any]:
+def _split_backbone_kwargs(kwargs: Dict[str, Any], **defaults: Any) -> Dict[str, Any]:
     """Pop backbone_with_fpn's own arguments out of a builder's kwargs, which then go to torchvision."""
     backbone_kwargs = dict(defaults)
     backbone_kwargs.update({key: kwargs.pop(key) for key in _BACKBONE_ARGS if key in kwargs})
@@ -193,7 +193,7 @@ def _rcnn_defaults(backbone: TimmFpnBackbone, kwargs: Dict[str, Any], mask: bool
             kwargs.setdefault('mask_roi_pool', MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2))
 
 
-def fasterrcnn_fpn(backbone: str = 'resnet50_bam', num_classes: int = 91, **kwargs) -> FasterRCNN:
+def fasterrcnn_fpn(backbone: str = 'resnet50_bam', num_classes: int = 91, **kwargs: Any) -> FasterRCNN:
     """torchvision's Faster R-CNN on `backbone_with_fpn(backbone)`.
 
     Keyword arguments of backbone_with_fpn (trainable_stages, returned_stages, norm, extra_blocks,
@@ -207,7 +207,7 @@ def fasterrcnn_fpn(backbone: str = 'resnet50_bam', num_classes: int = 91, **kwar
     return FasterRCNN(fpn, num_classes=num_classes, **kwargs)
 
 
-def maskrcnn_fpn(backbone: str = 'resnet50_bam', num_classes: int = 91, **kwargs) -> MaskRCNN:
+def maskrcnn_fpn(backbone: str = 'resnet50_bam', num_classes: int = 91, **kwargs: Any) -> MaskRCNN:
     """torchvision's Mask R-CNN on `backbone_with_fpn(backbone)`; arguments as for `fasterrcnn_fpn`."""
     fpn = backbone_with_fpn(backbone, **_split_backbone_kwargs(kwargs))
     _image_stats(fpn, kwargs)
@@ -215,7 +215,7 @@ def maskrcnn_fpn(backbone: str = 'resnet50_bam', num_classes: int = 91, **kwargs
     return MaskRCNN(fpn, num_classes=num_classes, **kwargs)
 
 
-def retinanet_fpn(backbone: str = 'resnet50_bam', num_classes: int = 91, **kwargs) -> RetinaNet:
+def retinanet_fpn(backbone: str = 'resnet50_bam', num_classes: int = 91, **kwargs: Any) -> RetinaNet:
     """torchvision's RetinaNet on `backbone_with_fpn(backbone)`: stages 2-4 and P6/P7 from P5, as torchvision's
     retinanet_resnet50_fpn; arguments as for `fasterrcnn_fpn`."""
     out_channels = kwargs.get('out_channels', 256)
