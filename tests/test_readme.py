@@ -1,6 +1,5 @@
-""" The README's model table is generated and equals what `bam-models list` measures now; the README and docs/index.md
-link every docs page;
-relative links and their anchors resolve. """
+""" The README's model table is generated and equals what `bam-models list` measures now; the README and
+docs/index.md link every docs page; relative links and their anchors resolve. """
 import pathlib
 import re
 import runpy
