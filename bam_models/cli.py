@@ -12,6 +12,7 @@ COMMANDS = (
     'visualize',
     'convert',
     'publish',
+    'insert',
     'train',
     'validate',
     'export',

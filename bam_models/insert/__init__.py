@@ -93,3 +93,7 @@ def insert_cbam(
     for slot in slots:
         fill(slot, CBAM(slot.channels, **cbam_args, **dd).train(model.training))
     return model
+
+
+# registers `with_attention` with timm, which `bam-models insert` folders name in their config.json
+from . import inserted  # noqa: E402,F401
