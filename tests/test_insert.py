@@ -4,11 +4,13 @@ import json
 import re
 
 import pytest
+import safetensors.torch
 import timm
 import torch
 import torchvision
+from torchvision.models.feature_extraction import create_feature_extractor
+from torchvision.models.mobilenetv3 import InvertedResidual
 
-import bam_models
 from bam_models import BAM, CBAM, insert_bam, insert_cbam
 from bam_models.cli import main
 from bam_models.config import ConfigError, config_from_dict
@@ -306,6 +308,22 @@ def test_features_only_and_forward_intermediates_return_refined_maps():
         torch.testing.assert_close(a, b)
 
 
+def test_torchvision_feature_extractor_returns_refined_maps():
+    model = insert_bam(torchvision.models.mobilenet_v3_small()).eval()
+    extractor = create_feature_extractor(
+        model, return_nodes={'features.3': 'stride8', 'features.8': 'stride16'},
+        tracer_kwargs=dict(leaf_modules=[BAM, CBAM]))
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        seen, _ = _call_counts(model, x)
+        maps = extractor(x)
+    assert sorted(seen) == ['features.1.bam', 'features.3.bam', 'features.8.bam']
+    # the map at features.3 is that block's output after its BAM: recompute it by hand
+    with torch.no_grad():
+        block_out = InvertedResidual.forward(model.features[3], model.features[:3](x))
+        torch.testing.assert_close(maps['stride8'], model.features[3].bam(block_out))
+
+
 # ----------------------------------------------------------------------------------- Hub folders and CLI
 
 def test_insert_folder_loads_with_local_dir_and_rebuilds_the_attention(tmp_path):
@@ -315,7 +333,7 @@ def test_insert_folder_loads_with_local_dir_and_rebuilds_the_attention(tmp_path)
     assert config['architecture'] == 'with_attention'
     assert config['model_args']['base_model'] == 'convnext_atto' and config['model_args']['attention'] == 'bam'
     assert config['pretrained_cfg']['classifier'] == 'head.fc'  # the base model's cfg
-    saved = bam_models.hub.safetensors.torch.load_file(out / 'model.safetensors')
+    saved = safetensors.torch.load_file(out / 'model.safetensors')
     model = timm.create_model(f'local-dir:{out}', pretrained=True)
     assert _attention(model) == [('stages.0.bam', 40), ('stages.1.bam', 80), ('stages.2.bam', 160)]
     assert sum(p.numel() for p in model.parameters()) == info['num_params']

@@ -26,6 +26,10 @@ def run(args: argparse.Namespace) -> int:
         return _error(str(e))
     except (TypeError, ValueError) as e:  # no stage / slot for the attention, or inserted twice
         return _error(str(e).rstrip('.'))
+    except (RuntimeError, OSError) as e:  # timm found no weights, or could not download them
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return _error(f"timm could not load pretrained weights of {args.arch} ({first_line}); check the network "
+                      f"or HF_ENDPOINT, or leave out --pretrained")
     print(f"wrote {info['weights']} ({info['num_params']:,} parameters), {info['config']}, {info['readme']}")
     print(f"load it with timm.create_model('local-dir:{args.out}', pretrained=True) after `import bam_models`, "
           f"or fine-tune it with `bam-models train --set model.name=local-dir:{args.out} --set model.pretrained=true`")
