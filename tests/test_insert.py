@@ -2,6 +2,8 @@
 placement rule on a dozen other architectures (meta device), real training steps, feature maps, Hub folders. """
 import json
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -17,6 +19,9 @@ from bam_models.config import ConfigError, config_from_dict
 from bam_models.hub import TrunkOnlyWeightsWarning, attention_keys
 from bam_models.insert.inserted import insert_into_folder
 from bam_models.train import check_config
+
+sys.path.insert(0, str(Path(__file__).parent))
+from train_helpers import TINY_SETTINGS, make_digits_folder  # noqa: E402
 
 
 def _shapes(model: torch.nn.Module):
@@ -377,3 +382,21 @@ def test_training_config_accepts_an_inserted_folder(tmp_path):
     check_config(config_from_dict({'model': {'name': f'local-dir:{tmp_path / "hub"}'}}))
     with pytest.raises(ConfigError, match='has no config.json'):
         check_config(config_from_dict({'model': {'name': f'local-dir:{tmp_path / "missing"}'}}))
+
+
+def test_training_cli_fine_tunes_an_inserted_folder(tmp_path):
+    data = make_digits_folder(tmp_path / 'digits')
+    insert_into_folder('mobilenetv3_small_050', 'bam', tmp_path / 'start')
+    settings = [s for s in TINY_SETTINGS if not s.startswith(('model.name', 'schedule.epochs'))] + [
+        f'model.name=local-dir:{tmp_path / "start"}', 'model.pretrained=true', f'data.dataset={data}',
+        'data.val_split=val', 'schedule.epochs=1', f'train.output={tmp_path / "run"}']
+    assert main(['train'] + [arg for s in settings for arg in ('--set', s)]) == 0
+    hub = tmp_path / 'run' / 'hub'
+    config = json.loads((hub / 'config.json').read_text())
+    assert config['architecture'] == 'with_attention' and config['num_classes'] == 10
+    assert config['model_args']['base_model'] == 'mobilenetv3_small_050'
+    tuned = timm.create_model(f'local-dir:{hub}', pretrained=True)
+    assert _attention(tuned) == _attention(timm.create_model(f'local-dir:{tmp_path / "start"}'))
+    best = torch.load(tmp_path / 'run' / 'best.pth', weights_only=True)['state_dict']
+    for key, value in tuned.state_dict().items():
+        torch.testing.assert_close(value, best[key])
