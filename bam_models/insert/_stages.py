@@ -47,15 +47,16 @@ def _holds_blocks(module: nn.Module) -> bool:
 
 def _downsamples(module: nn.Module) -> bool:
     for m in module.modules():
-        stride = getattr(m, 'stride', 1)
-        if isinstance(m, nn.Conv2d) or isinstance(m, _POOLS):
-            if max(stride if isinstance(stride, tuple) else (stride,)) > 1:
+        if isinstance(m, (nn.Conv2d, *_POOLS)):
+            stride = m.stride if isinstance(m.stride, tuple) else (m.stride,)
+            if max(stride) > 1:
                 return True
     return False
 
 
-def _first_conv_in_channels(module: nn.Module) -> int:
-    return next(m.in_channels for m in module.modules() if isinstance(m, nn.Conv2d))
+def _channels_read_by(units: List[nn.Module]) -> Optional[int]:
+    """Input channels of the first convolution in `units`: the width of the map that reaches them."""
+    return next((m.in_channels for unit in units for m in unit.modules() if isinstance(m, nn.Conv2d)), None)
 
 
 def _resolve(model: nn.Module, name: str) -> Optional[nn.Module]:
@@ -97,11 +98,15 @@ def _torchvision_units(model: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 def _torchvision_stages(model: nn.Module) -> List[Stage]:
     units = _torchvision_units(model)
-    return [
-        Stage(name, module, _first_conv_in_channels(nxt), nxt)
-        for (name, module), (_, nxt) in zip(units, units[1:])
-        if _holds_blocks(module) and _downsamples(nxt)
-    ]
+    stages = []
+    for index, (name, module) in enumerate(units[:-1]):
+        following = [unit for _, unit in units[index + 1:]]
+        if not _holds_blocks(module) or not _downsamples(following[0]):
+            continue
+        channels = _channels_read_by(following)
+        if channels is not None:
+            stages.append(Stage(name, module, channels, following[0]))
+    return stages
 
 
 def bam_stages(model: nn.Module) -> List[Stage]:
