@@ -81,7 +81,8 @@ def insert_cbam(
         raise TypeError(f"insert_cbam does not support {_model_name(model)}: none of its blocks has an attention "
                         f"slot. {NO_SLOT_HELP}.")
     if any(isinstance(slot.existing, CBAM) for slot in slots):
-        raise ValueError("insert_cbam: the model's blocks already have an attention module (CBAM); insert it only once.")
+        raise ValueError(
+            "insert_cbam: the model's blocks already have an attention module (CBAM); insert it only once.")
     occupied = [slot for slot in slots if slot.existing is not None]
     if occupied and not replace_existing:
         raise ValueError(
