@@ -14,6 +14,7 @@ COMMANDS = (
     'visualize',
     'convert',
     'publish',
+    'insert',
     'train',
     'validate',
     'export',

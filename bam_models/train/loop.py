@@ -24,7 +24,7 @@ from timm.data import Mixup, resolve_data_config
 from timm.data.dataset_factory import _search_split
 from timm.layers import freeze_batch_norm_2d
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import get_arch_pretrained_cfgs, load_state_dict, split_model_name_tag
+from timm.models import get_arch_pretrained_cfgs, load_state_dict, parse_model_name, split_model_name_tag
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler, accuracy, dispatch_clip_grad
@@ -51,8 +51,15 @@ def is_attention_param(name: str) -> bool:
 
 def check_config(cfg: RunConfig) -> List[str]:
     """Rejects a configuration that cannot run, before any work; returns the class names of the data."""
-    arch, tag = split_model_name_tag(cfg.model.name)
-    if not timm.is_model(arch):
+    try:
+        source, model_id = parse_model_name(cfg.model.name)  # 'local-dir:FOLDER' / 'hf-hub:ORG/REPO' or ARCH[.TAG]
+    except ValueError as e:
+        raise ConfigError(f"model.name: {e}") from None
+    arch, tag = (None, None) if source else split_model_name_tag(model_id)
+    if source == 'local-dir' and not os.path.isfile(os.path.join(model_id, 'config.json')):
+        raise ConfigError(f"model.name {cfg.model.name}: {model_id} has no config.json; pass a folder written by "
+                          f"`bam-models insert` or `bam-models train` (OUTPUT/hub)")
+    if source is None and not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=3)
         raise ConfigError(f"unknown model '{arch}' in model.name; did you mean {' or '.join(close)}?" if close
                           else f"unknown model '{arch}' in model.name; see `bam-models list` or timm.list_models()")

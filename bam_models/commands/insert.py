@@ -1,0 +1,53 @@
+""" `bam-models insert`: a timm CNN with BAM or CBAM inserted, written as a Hub folder to fine-tune. """
+import argparse
+import difflib
+import sys
+
+import timm
+
+from bam_models.insert.inserted import ATTENTIONS, FolderNotEmptyError, insert_into_folder
+
+
+def _error(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    arch = args.arch.split('.')[0]
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        hint = f"did you mean {' or '.join(close)}?" if close else "see timm.list_models()"
+        return _error(f"unknown timm model '{arch}'; {hint}")
+    try:
+        info = insert_into_folder(
+            args.arch, args.attention, args.out, pretrained=args.pretrained, replace_existing=args.replace_existing)
+    except FolderNotEmptyError as e:
+        return _error(str(e))
+    except (TypeError, ValueError) as e:  # no stage / slot for the attention, or inserted twice
+        return _error(str(e).rstrip('.'))
+    except (RuntimeError, OSError) as e:  # timm found no weights, or could not download them
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return _error(f"timm could not load pretrained weights of {args.arch} ({first_line}); check the network "
+                      f"or HF_ENDPOINT, or leave out --pretrained")
+    print(f"wrote {info['weights']} ({info['num_params']:,} parameters), {info['config']}, {info['readme']}")
+    print(f"load it with timm.create_model('local-dir:{args.out}', pretrained=True) after `import bam_models`, "
+          f"or fine-tune it with `bam-models train --set model.name=local-dir:{args.out} --set model.pretrained=true`")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        'insert', help='add BAM or CBAM to any timm CNN and write it as a Hub folder',
+        description='Build timm model ARCH, insert BAM (one after every stage followed by a downsampling) or CBAM '
+                    '(in every block attention slot), and write model.safetensors + config.json + README.md to OUT, '
+                    "which timm.create_model('local-dir:OUT') rebuilds once bam_models is imported.")
+    parser.add_argument('arch', metavar='ARCH', help="timm model name, optionally with a tag, e.g. convnext_tiny")
+    parser.add_argument('out', metavar='OUT', help='folder to write (new or empty)')
+    parser.add_argument('--attention', choices=ATTENTIONS, default='bam', help='module to insert (default: bam)')
+    parser.add_argument('--pretrained', action='store_true',
+                        help="start from timm's pretrained weights of ARCH (downloaded by timm); the attention is "
+                             "freshly initialised")
+    parser.add_argument('--replace-existing', action='store_true',
+                        help='with --attention cbam: replace the SE modules a model has with CBAM')
+    parser.set_defaults(func=run)

@@ -1,0 +1,131 @@
+""" `with_attention`: any timm CNN with BAM or CBAM inserted, as a timm model that Hub folders can name.
+
+`timm.create_model('with_attention', base_model='convnext_tiny', attention='bam')` builds timm's convnext_tiny
+and runs `insert_bam` on it; `pretrained=True` starts it from the base model's timm weights (the attention
+freshly initialised). A folder written by `bam-models insert` or `bam-models train` records
+`architecture: with_attention` and the base model in config.json's `model_args`, with the base model's
+pretrained_cfg (preprocessing, classifier name), so `timm.create_model('local-dir:FOLDER')` (and `hf-hub:` of
+the pushed folder) rebuilds the same network and, with `pretrained=True`, loads its weights with the zoo's
+key checks.
+"""
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import timm
+import torch.nn as nn
+from timm.models import register_model
+from timm.models._builder import resolve_pretrained_cfg
+from timm.models._registry import generate_default_cfgs
+
+from bam_models.hub import build_model_with_weights, save_pretrained
+
+__all__ = ['ATTENTIONS', 'FolderNotEmptyError', 'insert_into_folder', 'with_attention']
+
+ARCHITECTURE = 'with_attention'
+# pretrained_cfg fields that say where the base model's weights live: not where an inserted model's do
+_WEIGHT_SOURCE_KEYS = ('url', 'hf_hub_id', 'hf_hub_filename', 'file', 'state_dict', 'source', 'tag')
+
+
+ATTENTIONS = ('bam', 'cbam')
+
+
+def _base_cfg(base_model: str) -> Dict[str, Any]:
+    """The base model's pretrained_cfg (preprocessing, classifier, first conv) as the inserted model's."""
+    cfg = resolve_pretrained_cfg(*_split_tag(base_model)).to_dict()
+    for key in _WEIGHT_SOURCE_KEYS:
+        cfg.pop(key, None)
+    cfg['architecture'] = ARCHITECTURE
+    return cfg
+
+
+def _split_tag(name: str) -> Tuple[str, Optional[str]]:
+    arch, _, tag = name.partition('.')
+    return arch, tag or None
+
+
+def _build(
+        base_model: str,
+        attention: str,
+        attention_args: Optional[Dict[str, Any]],
+        replace_existing: bool,
+        trunk_pretrained: bool,
+        **kwargs,
+) -> nn.Module:
+    from . import insert_bam, insert_cbam  # the package imports this module once it defines them
+    model = timm.create_model(base_model, pretrained=trunk_pretrained, **kwargs)
+    if attention == 'bam':
+        return insert_bam(model, bam_args=attention_args)
+    return insert_cbam(model, cbam_args=attention_args, replace_existing=replace_existing)
+
+
+default_cfgs = generate_default_cfgs({ARCHITECTURE: dict(url='', license='mit')})
+
+
+@register_model
+def with_attention(
+        pretrained: bool = False,
+        base_model: Optional[str] = None,
+        attention: str = 'bam',
+        attention_args: Optional[Dict[str, Any]] = None,
+        replace_existing: bool = False,
+        pretrained_cfg: Optional[Dict[str, Any]] = None,
+        pretrained_cfg_overlay: Optional[Dict[str, Any]] = None,
+        **kwargs,
+) -> nn.Module:
+    """`base_model` (a timm name, optionally with a tag) with BAM (insert_bam) or CBAM (insert_cbam) inserted.
+
+    Without a saved pretrained_cfg (a folder, a Hub repo, or an overlay naming a file) `pretrained=True` loads
+    the base model's timm weights before insertion; with one it loads the saved weights after insertion.
+    """
+    if not base_model:
+        raise TypeError("with_attention needs base_model, e.g. timm.create_model('with_attention', "
+                        "base_model='convnext_tiny', attention='bam').")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"with_attention: attention must be one of {ATTENTIONS}, got {attention!r}.")
+    saved = bool(pretrained_cfg) or bool(pretrained_cfg_overlay)
+    build = partial(_build, base_model, attention, attention_args, replace_existing, pretrained and not saved)
+    return build_model_with_weights(
+        build, ARCHITECTURE, pretrained and saved,
+        pretrained_cfg=pretrained_cfg if pretrained_cfg else _base_cfg(base_model),
+        pretrained_cfg_overlay=pretrained_cfg_overlay,
+        feature_cfg=_feature_cfg(base_model) if kwargs.get('features_only') else None,
+        **kwargs,
+    )
+
+
+def _feature_cfg(base_model: str) -> Dict[str, Any]:
+    """features_only through forward_intermediates, in which every stage module runs with its attention; by
+    default every stage the base model describes."""
+    num_stages = len(timm.create_model(_split_tag(base_model)[0], device='meta').feature_info)
+    return dict(feature_cls='getter', out_indices=tuple(range(num_stages)))
+
+
+class FolderNotEmptyError(FileExistsError):
+    """`bam-models insert` refuses to write into a folder that holds files."""
+
+
+def insert_into_folder(
+        base_model: str,
+        attention: str,
+        out_dir: Union[str, Path],
+        pretrained: bool = False,
+        replace_existing: bool = False,
+        attention_args: Optional[Dict[str, Any]] = None,
+) -> Dict[str, Any]:
+    """Write `base_model` + attention as a Hub folder that `timm.create_model('local-dir:OUT')` rebuilds."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise FolderNotEmptyError(f"{out_dir} exists and is not an empty folder; pass a new or empty folder")
+    model_args = dict(base_model=base_model, attention=attention)
+    if attention_args:
+        model_args['attention_args'] = attention_args
+    if replace_existing:
+        model_args['replace_existing'] = True
+    model = timm.create_model(ARCHITECTURE, pretrained=pretrained, **model_args)
+    trunk = 'its timm pretrained trunk' if pretrained else 'random initialisation'
+    return save_pretrained(
+        model, out_dir, arch_tag=f'local-dir:{out_dir.name}',
+        description=f"timm's `{base_model}` with {attention.upper()} inserted by `bam-models insert`, from {trunk}; "
+                    f"the {attention.upper()} modules are freshly initialised, fine-tune before use.",
+    )
