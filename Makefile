@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/bam-models demo
+	$(VENV)/bin/bam-models demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest
