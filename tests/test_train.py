@@ -71,10 +71,11 @@ def reference_run(tiny_data, tmp_path_factory):
 @pytest.mark.parametrize('path', CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_bundled_config_loads_and_passes_checks(path, tmp_path):
     cfg = load_config(str(path))
-    if cfg.data.dataset != 'digits':  # stand in an (empty) folder of the right class count for the real data
+    if cfg.data.dataset != 'digits':  # stand in a folder of the right class count for the real data
         for split in (cfg.data.train_split, 'val' if cfg.data.val_split == 'validation' else cfg.data.val_split):
             for c in range(cfg.model.num_classes or 10):
                 (tmp_path / split / f'class{c:04d}').mkdir(parents=True)
+                (tmp_path / split / f'class{c:04d}' / '0.jpg').touch()  # the checks read file names only
         cfg.data.dataset = str(tmp_path)
     classes = check_config(cfg)
     assert len(classes) == (cfg.model.num_classes or len(classes))
@@ -118,9 +119,9 @@ def test_bad_config_fails_before_any_work_with_one_line(sets, message, tmp_path,
 def test_folder_with_missing_split_or_disagreeing_classes_is_rejected(tiny_data, tmp_path):
     (tmp_path / 'train' / 'a').mkdir(parents=True)
     cfg = load_config(None, [f'data.dataset={tmp_path}'])
-    with pytest.raises(ConfigError, match="has no 'validation' split"):
+    with pytest.raises(ConfigError, match="has no 'train' split"):  # a class folder without images is no class
         check_config(cfg)
-    (tmp_path / 'train' / 'a' / '0.png').write_bytes(b'')  # the reader lists file names, a class needs images
+    (tmp_path / 'train' / 'a' / '0.png').write_bytes(b'')  # the reader lists file names only
     with pytest.raises(ConfigError, match="has no 'validation' split"):
         check_config(cfg)
     for name in ('a', 'b'):
