@@ -60,7 +60,7 @@ def _check_model_name(name: str) -> None:
         raise ConfigError(f"unknown model '{arch}' in model.name; did you mean {' or '.join(close)}?" if close
                           else f"unknown model '{arch}' in model.name; see `bam-models list` or timm.list_models()")
     if tag:
-        tags = [t for t in get_arch_pretrained_cfgs(arch) if t]
+        tags = [t for t in (split_model_name_tag(name)[1] for name in get_arch_pretrained_cfgs(arch)) if t]
         if tag not in tags:
             raise ConfigError(f"model '{arch}' has no tag '{tag}'; its tags: {', '.join(tags) or 'none'}")
 
@@ -179,8 +179,9 @@ def base_weights(cfg: RunConfig) -> Optional[str]:
     if not cfg.model.pretrained:
         return None
     arch, tag = split_model_name_tag(cfg.model.name)
-    tag = tag or next(iter(get_arch_pretrained_cfgs(arch)), '')
-    return f'{arch}.{tag}' if tag else arch
+    if tag:
+        return f'{arch}.{tag}'
+    return next(iter(get_arch_pretrained_cfgs(arch)), arch)  # the name timm resolves first, tag included
 
 
 # ---------------------------------------------------------------------------------------------- the run
