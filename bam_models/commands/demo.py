@@ -15,8 +15,8 @@ def run(args: argparse.Namespace) -> int:
     result = run_demo(args.output, args.seed, args.progress, args.overwrite)
     best, test, hub = result.summary['best'], result.test, result.summary['hub_dir']
     print()
-    print(f"best epoch      {best['epoch']} of {schedule['epochs']}, chosen on the validation split: "
-          f"top-1 {best['top1']:.2f} %")
+    print(f"best epoch      {best['epoch']} of {result.summary['epochs']}, chosen on the {result.val_images} "
+          f"validation digits: top-1 {best['top1']:.2f} %")
     print(f"test accuracy   {test['top1']:.2f} % top-1 on {test['count']} held-out digits, top-5 {test['top5']:.2f} %")
     print(f"reloaded        timm.create_model('local-dir:{hub}') and best.pth score "
           f"{'the same' if result.reload_matches else 'DIFFERENTLY'} on the test digits")

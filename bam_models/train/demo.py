@@ -31,6 +31,10 @@ class DemoResult:
     figure: str
 
     @property
+    def val_images(self) -> int:
+        return self.summary['final']['val_images']
+
+    @property
     def reload_matches(self) -> bool:
         return abs(self.test['top1'] - self.test_from_checkpoint['top1']) < 1e-6 and \
             abs(self.test['loss'] - self.test_from_checkpoint['loss']) < 1e-5 * max(1.0, self.test['loss'])
