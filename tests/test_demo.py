@@ -22,8 +22,8 @@ def test_digits_validation_is_carved_from_training_and_disjoint_from_test():
     assert len(build_dataset('digits', 'train')) == 1137
 
 
-@pytest.mark.skipif(not os.environ.get('BAM_MODELS_SLOW_TESTS'), reason='a 1-epoch demo on all 1,437 training '
-                    'digits takes about a minute on 2 cores; set BAM_MODELS_SLOW_TESTS=1')
+@pytest.mark.skipif(not os.environ.get('BAM_MODELS_SLOW_TESTS'), reason='a 1-epoch demo on all 1,437 training digits '
+                    'takes minutes on 2 CPU cores; set BAM_MODELS_SLOW_TESTS=1')
 
 def test_demo_selects_on_validation_and_scores_the_test_digits_once(tmp_path):
     output = tmp_path / 'demo'

@@ -533,7 +533,8 @@ def _end_epoch(run: Run, checkpointer: Checkpointer, epoch: int, result: EpochRe
     is_best = best is None or metrics['top1'] > best['top1']
     record = dict(epoch=number, train_loss=result.loss, train_top1=result.top1,
                   lr=run.optimizer.param_groups[0]['lr'], val_loss=metrics['loss'], val_top1=metrics['top1'],
-                  val_top5=metrics['top5'], val_images=metrics['count'], img_per_s=result.seen / result.seconds, epoch_time_s=result.seconds)
+                  val_top5=metrics['top5'], val_images=metrics['count'], img_per_s=result.seen / result.seconds,
+                  epoch_time_s=result.seconds)
     if is_best:
         best = dict(epoch=number, top1=metrics['top1'], top5=metrics['top5'], loss=metrics['loss'])
     state = checkpointer.state(epoch=number, step_in_epoch=0, best=best, config=cfg.to_dict())
