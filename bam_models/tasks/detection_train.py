@@ -184,11 +184,11 @@ def train_detector(config: DetectionTrainConfig) -> Dict[str, float]:
     """Fine-tune a detector; returns the last epoch's mean loss (and validation AP when a val set is given)."""
     _check_inputs(config)
     out = Path(config.out)
-    prepare_run_folder(out, resume=bool(config.resume), overwrite=config.overwrite)
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
     summary: Dict[str, float] = {}
     with RunFolderLock(out):
+        prepare_run_folder(out, resume=bool(config.resume), overwrite=config.overwrite)
         model, loader, num_classes, objects = _build(config, device)
         checkpointer = Checkpointer(out, objects)
         start_epoch = _resume(config, checkpointer) if config.resume else 0

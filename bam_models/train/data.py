@@ -69,13 +69,21 @@ def folder_class_to_idx(root: str, split: str) -> Dict[str, int]:
 
 def shared_class_to_idx(root: str, train_split: str, val_split: str) -> Dict[str, int]:
     """The training split's mapping, which the validation split must use too (it may lack classes, but a
-    validation class unknown to training has no output to be scored on)."""
-    train_map = folder_class_to_idx(root, train_split)
-    unknown = sorted(set(folder_class_to_idx(root, val_split)) - set(train_map))
+    validation class unknown to training has no output to be scored on). Each split is scanned once."""
+    maps = {}
+    for split in (train_split, val_split):
+        try:
+            maps[split] = folder_class_to_idx(root, split)
+        except FileNotFoundError:
+            maps[split] = {}
+        if not maps[split]:
+            raise ConfigError(f"data folder {root} has no '{split}' split with class sub-folders of images; "
+                              f"expected {root}/{split}/CLASS/IMAGE")
+    unknown = sorted(set(maps[val_split]) - set(maps[train_split]))
     if unknown:
         raise ConfigError(f"the {val_split} split of {root} has classes the {train_split} split lacks "
                           f"({', '.join(unknown[:5])}); every validation class needs training images")
-    return train_map
+    return maps[train_split]
 
 
 def build_dataset(dataset: str, split: str, train_split: str = 'train', val_split: str = 'validation',

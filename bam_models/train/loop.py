@@ -43,7 +43,7 @@ from bam_models.train.checkpointer import (
     BEST, LAST, Checkpointer, RunFolderLock, config_changes, prepare_run_folder, read_run_checkpoint, set_rng_state)
 from bam_models.train.config import ConfigError, RunConfig, flat_items
 from bam_models.train.data import (
-    DIGITS, build_dataset, create_train_eval_loaders, dataset_classes, folder_class_to_idx, shared_class_to_idx)
+    DIGITS, build_dataset, create_train_eval_loaders, dataset_classes, shared_class_to_idx)
 
 # config keys that may differ on resume: they change where and how visibly a run runs, not what it computes
 RESUME_FREE_KEYS = ('train.output', 'train.device', 'train.progress', 'train.export', 'data.workers',
@@ -73,14 +73,6 @@ def data_classes(cfg: RunConfig) -> List[str]:
     if not os.path.isdir(data.dataset):
         raise ConfigError(f"data folder {data.dataset} does not exist; set data.dataset to a folder with "
                           f"train/ and val/ sub-folders of class folders, or to 'digits'")
-    for split in (data.train_split, data.val_split):
-        try:
-            found = folder_class_to_idx(data.dataset, split)
-        except FileNotFoundError:
-            found = {}
-        if not found:
-            raise ConfigError(f"data folder {data.dataset} has no '{split}' split with class sub-folders of "
-                              f"images; expected {data.dataset}/{split}/CLASS/IMAGE")
     class_to_idx = shared_class_to_idx(data.dataset, data.train_split, data.val_split)
     return sorted(class_to_idx, key=class_to_idx.get)
 
@@ -583,10 +575,10 @@ def train(cfg: RunConfig, resume: Optional[str] = None, overwrite: bool = False)
     resume = str(output / LAST) if resume == 'auto' else resume
     resumed = read_resume(cfg, resume) if resume else None
     is_main = int(os.environ.get('RANK', '0')) == 0  # before torch.distributed starts: only rank 0 owns the folder
-    if is_main:
-        prepare_run_folder(output, resume=resume is not None, overwrite=overwrite)
     started = time.perf_counter()
     with RunFolderLock(output) if is_main else nullcontext():
+        if is_main:  # under the lock: --overwrite never deletes the files of a run that is still going
+            prepare_run_folder(output, resume=resume is not None, overwrite=overwrite)
         run = build_run(cfg, classes)
         checkpointer = Checkpointer(output, dict(
             state_dict=run.model, optimizer=run.optimizer, scheduler=run.scheduler, state_dict_ema=run.ema,
