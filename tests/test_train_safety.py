@@ -76,8 +76,9 @@ def test_overwrite_replaces_the_earlier_run(run_copy, tiny_data, capsys):
 def test_a_second_run_stops_at_once_naming_the_first_runs_pid(tiny_data, tmp_path, capsys):
     output = tmp_path / 'busy'
     holder = subprocess.Popen(
-        [sys.executable, '-c', 'import sys, time; from bam_models.train.checkpointer import RunFolderLock; '
-                               f'RunFolderLock({str(output)!r}).acquire(); print("locked", flush=True); time.sleep(60)'],
+        [sys.executable, '-c', 'import time; from bam_models.train.checkpointer import RunFolderLock; '
+                               f'RunFolderLock({str(output)!r}).acquire(); print("locked", flush=True); '
+                               'time.sleep(60)'],
         stdout=subprocess.PIPE, text=True, env={'PYTHONPATH': str(ROOT), 'PATH': '/usr/bin:/bin'})
     try:
         assert holder.stdout.readline().strip() == 'locked'
