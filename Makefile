@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/bam-models demo
+	$(VENV)/bin/bam-models demo --overwrite
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

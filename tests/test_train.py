@@ -14,11 +14,13 @@ import torch
 import yaml
 
 from bam_models.cli import main
-from bam_models.commands.demo import DIGITS_DEMO
 from bam_models.commands.validate import validate
 from bam_models.train.config import ConfigError, config_from_dict, load_config
 from bam_models.train.data import DigitsDataset, EpochShuffleSampler
-from bam_models.train.loop import NonFiniteLossError, check_config, is_attention_param, param_groups, train
+from bam_models.hub import attention_keys
+from bam_models.train.demo import DIGITS_DEMO
+from bam_models.train.loop import (
+    NonFiniteLossError, attention_parameter_names, check_config, param_groups, train)
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import TINY_SETTINGS, make_digits_folder  # noqa: E402
@@ -69,10 +71,11 @@ def reference_run(tiny_data, tmp_path_factory):
 @pytest.mark.parametrize('path', CONFIGS, ids=[p.stem for p in CONFIGS])
 def test_bundled_config_loads_and_passes_checks(path, tmp_path):
     cfg = load_config(str(path))
-    if cfg.data.dataset != 'digits':  # stand in an (empty) folder of the right class count for the real data
+    if cfg.data.dataset != 'digits':  # stand in a folder of the right class count for the real data
         for split in (cfg.data.train_split, 'val' if cfg.data.val_split == 'validation' else cfg.data.val_split):
             for c in range(cfg.model.num_classes or 10):
                 (tmp_path / split / f'class{c:04d}').mkdir(parents=True)
+                (tmp_path / split / f'class{c:04d}' / '0.jpg').touch()  # the checks read file names only
         cfg.data.dataset = str(tmp_path)
     classes = check_config(cfg)
     assert len(classes) == (cfg.model.num_classes or len(classes))
@@ -116,19 +119,24 @@ def test_bad_config_fails_before_any_work_with_one_line(sets, message, tmp_path,
 def test_folder_with_missing_split_or_disagreeing_classes_is_rejected(tiny_data, tmp_path):
     (tmp_path / 'train' / 'a').mkdir(parents=True)
     cfg = load_config(None, [f'data.dataset={tmp_path}'])
+    with pytest.raises(ConfigError, match="has no 'train' split"):  # a class folder without images is no class
+        check_config(cfg)
+    (tmp_path / 'train' / 'a' / '0.png').write_bytes(b'')  # the reader lists file names only
     with pytest.raises(ConfigError, match="has no 'validation' split"):
         check_config(cfg)
-    (tmp_path / 'val' / 'a').mkdir(parents=True)
-    (tmp_path / 'val' / 'b').mkdir(parents=True)
-    with pytest.raises(ConfigError, match='has 2 classes but train has 1'):
+    for name in ('a', 'b'):
+        (tmp_path / 'val' / name).mkdir(parents=True)
+        (tmp_path / 'val' / name / '0.png').write_bytes(b'')
+    with pytest.raises(ConfigError, match=r'has classes the train split lacks \(b\)'):
         check_config(cfg)
 
 
 # ------------------------------------------------------------------------------------------- pieces
 
 def test_digits_split_is_fixed_stratified_and_real():
-    train_set, test_set = DigitsDataset('train'), DigitsDataset('test')
-    assert (len(train_set), len(test_set)) == (1437, 360)
+    train_set, val_set, test_set = DigitsDataset('train'), DigitsDataset('val'), DigitsDataset('test')
+    assert (len(train_set), len(val_set), len(test_set)) == (1137, 300, 360)
+    assert np.bincount(val_set.targets).min() >= 29  # stratified: about 30 of each class
     assert np.bincount(test_set.targets).tolist() == [36, 36, 35, 37, 36, 36, 36, 36, 35, 37] or \
         np.bincount(test_set.targets).min() >= 35
     assert np.array_equal(DigitsDataset('test').images, test_set.images)  # same split every time
@@ -159,9 +167,19 @@ def test_param_groups_give_attention_its_own_lr():
         assert by_name['attention']['lr_scale'] == 10.0 and by_name['trunk']['lr_scale'] == 1.0
         assert by_name['trunk_no_decay']['weight_decay'] == 0.0
         attention = sum(p.numel() for g in groups if g['group_name'].startswith('attention') for p in g['params'])
-        expected = sum(p.numel() for n, p in model.named_parameters() if ('.bam.' in n or '.se.' in n))
+        expected = sum(p.numel() for n, p in model.named_parameters() if n in set(attention_keys(model)))
         assert attention == expected > 0
-    assert is_attention_param('layer1.bam.channel_gate.fc1.weight') and not is_attention_param('layer1.0.conv1.weight')
+    names = attention_parameter_names(timm.create_model('resnet18_bam'))
+    assert 'layer1.bam.channel_gate.fc1.weight' in names and 'layer1.0.conv1.weight' not in names
+
+
+def test_timm_squeeze_excitation_is_trunk_not_attention():
+    """Attention means the BAM/CBAM module types: timm's SE blocks (also named `.se`) train as trunk."""
+    model = timm.create_model('seresnet18', num_classes=10)
+    assert any('.se.' in n for n, _ in model.named_parameters())
+    assert attention_parameter_names(model) == set()
+    groups = {g['group_name'] for g in param_groups(model, 1e-4, 10.0, no_decay_bias_and_norm=True)}
+    assert groups == {'trunk', 'trunk_no_decay'}
 
 
 def test_freeze_trunk_trains_only_attention_and_head(tiny_data):
@@ -169,7 +187,8 @@ def test_freeze_trunk_trains_only_attention_and_head(tiny_data):
     cfg = load_config(None, [*TINY_SETTINGS, f'data.dataset={tiny_data}', 'model.freeze=trunk'])
     model = build_model(cfg, 10)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all(is_attention_param(n) or n.startswith('fc.') for n in trainable)
+    attention = attention_parameter_names(model)
+    assert trainable and all(n in attention or n.startswith('fc.') for n in trainable)
     assert 'fc.weight' in trainable and any('.bam.' in n for n in trainable)
 
 
@@ -177,7 +196,7 @@ def test_freeze_trunk_trains_only_attention_and_head(tiny_data):
 
 def test_run_writes_logs_checkpoints_and_a_hub_folder_timm_loads(reference_run, tiny_data):
     log = _log(reference_run)
-    assert [r['epoch'] for r in log] == [0, 1]
+    assert [r['epoch'] for r in log] == [1, 2]  # numbered from 1, as on the console
     assert log[1]['train_loss'] < log[0]['train_loss']
     summary = json.loads((reference_run / 'summary.json').read_text())
     best = summary['best']
@@ -202,7 +221,7 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(reference_
     args = _train_args(tiny_data, tmp_path)
     killed = _run(args, how='kill', step=STEPS_PER_EPOCH + 2, check=False)  # epoch 2, step 2
     assert killed.returncode == -9
-    assert [r['epoch'] for r in _log(tmp_path)] == [0]
+    assert [r['epoch'] for r in _log(tmp_path)] == [1]
     assert torch.load(tmp_path / 'last.pth', weights_only=True)['epoch'] == 1
     _run(args + ['--resume', 'auto'])
     assert _log(tmp_path) == [
@@ -223,7 +242,7 @@ def test_ctrl_c_saves_last_and_resume_ends_like_an_uninterrupted_run(reference_r
 
 
 def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
-    import bam_models.train as train_module
+    import bam_models.train.loop as train_module
 
     class ExplodingLoss(train_module.LabelSmoothingCrossEntropy):
         calls = 0
@@ -235,7 +254,7 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoin
 
     monkeypatch.setattr(train_module, 'LabelSmoothingCrossEntropy', ExplodingLoss)
     cfg = load_config(None, [*TINY_SETTINGS, f'data.dataset={tiny_data}', f'train.output={tmp_path}'])
-    with pytest.raises(NonFiniteLossError, match=r'at epoch 2, step 2 of 5'):
+    with pytest.raises(NonFiniteLossError, match=r'at epoch 2, step 2 of 5; .*last.pth still holds the state after epoch 1'):
         train(cfg)
     last = torch.load(tmp_path / 'last.pth', weights_only=True)
     assert last['epoch'] == 1 and all(torch.isfinite(v).all() for v in last['state_dict'].values() if v.is_floating_point())

@@ -40,5 +40,6 @@ def register(subparsers) -> None:
     parser.add_argument('--val-images', help='folder of validation images (scored with COCO box AP)')
     parser.add_argument('--val-annotations', help='COCO instances JSON of the validation images')
     parser.add_argument('--resume', help='checkpoint (OUT/last.pth) to continue from')
+    parser.add_argument('--overwrite', action='store_true', help='start afresh in an OUT that holds an earlier run')
     parser.add_argument('--seed', type=int, default=defaults.seed)
     parser.set_defaults(func=run)

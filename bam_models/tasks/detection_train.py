@@ -3,24 +3,35 @@
 Data comes through torchvision.datasets.CocoDetection wrapped for transforms v2 (tv_tensors boxes and masks),
 training runs SGD with a cosine schedule and optional autocast (float16 + GradScaler on CUDA, bfloat16 on
 CPU), a checkpoint is written after every epoch and can be resumed, and a validation set is scored with
-pycocotools' COCOeval.
+pycocotools' COCOeval. Run folders and checkpoints follow `bam-models train`'s rules (bam_models.train.checkpointer):
+a folder that holds a run is refused unless the run resumes it or overwrites it, the folder is locked while the
+run lasts, last.pth is written atomically and read back with weights_only=True. On resume the arguments given
+now apply (the schedule is rebuilt from them) and every one that differs from the checkpoint's is printed.
 """
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2 as T
 
+from bam_models.errors import NonFiniteLossError, UsageError
 from bam_models.tasks.detection import fasterrcnn_fpn, maskrcnn_fpn, retinanet_fpn
+from bam_models.train.checkpointer import (
+    Checkpointer, RunFolderLock, config_changes, prepare_run_folder, read_run_checkpoint)
 
 __all__ = ['DetectionTrainConfig', 'coco_dataset', 'train_detector', 'evaluate_coco']
 
 BUILDERS = {'fasterrcnn': fasterrcnn_fpn, 'maskrcnn': maskrcnn_fpn, 'retinanet': retinanet_fpn}
+CHECKPOINT_KEYS = ('model', 'optimizer', 'scheduler', 'scaler', 'epoch', 'config')
+# arguments that say where data and files are, not what is trained: not reported as changes on resume
+LOCATION_ARGS = ('images', 'annotations', 'out', 'resume', 'overwrite', 'workers', 'device', 'val_images',
+                 'val_annotations')
 
 
 @dataclass
@@ -46,6 +57,7 @@ class DetectionTrainConfig:
     val_images: Optional[str] = None
     val_annotations: Optional[str] = None
     resume: Optional[str] = None
+    overwrite: bool = False
     seed: int = 0
 
 
@@ -102,23 +114,26 @@ def evaluate_coco(
     return {'ap': float(evaluator.stats[0]), 'ap50': float(evaluator.stats[1])}
 
 
-def train_detector(config: DetectionTrainConfig) -> Dict[str, float]:
-    """Fine-tune a detector; returns the last epoch's mean loss (and validation AP when a val set is given)."""
+def _check_inputs(config: DetectionTrainConfig) -> None:
     if config.detector not in BUILDERS:
-        raise ValueError(f"detector must be one of {tuple(BUILDERS)}, got {config.detector!r}")
-    torch.manual_seed(config.seed)
-    device = torch.device(config.device)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
+        raise UsageError(f"detector must be one of {', '.join(BUILDERS)}, got {config.detector!r}")
+    for what, path, is_file in (('--images', config.images, False), ('--annotations', config.annotations, True),
+                                ('--val-images', config.val_images, False),
+                                ('--val-annotations', config.val_annotations, True)):
+        if path and not (os.path.isfile(path) if is_file else os.path.isdir(path)):
+            expected = 'COCO instances JSON' if is_file else 'image folder'
+            raise UsageError(f"{what} {path} does not exist; pass the {expected}")
 
+
+def _build(config: DetectionTrainConfig, device: torch.device) -> Tuple[Any, DataLoader, int, Dict[str, Any]]:
+    """The data, the detector and its optimizer, cosine schedule and AMP scaler."""
     train_set = coco_dataset(config.images, config.annotations, train=True, masks=config.detector == 'maskrcnn')
     if len(train_set) == 0:
-        raise ValueError(f"{config.annotations} has no annotated images; a detector needs boxes to train on")
+        raise UsageError(f"{config.annotations} has no annotated images; a detector needs boxes to train on")
     num_classes = max(train_set.coco.getCatIds()) + 1  # category ids as labels, 0 is background
     loader = DataLoader(
         train_set, batch_size=config.batch_size, shuffle=True, num_workers=config.workers,
         collate_fn=_collate, drop_last=len(train_set) > config.batch_size)
-
     model = BUILDERS[config.detector](
         config.backbone, num_classes=num_classes, pretrained_backbone=config.pretrained_backbone,
         trainable_stages=config.trainable_stages, out_channels=config.fpn_channels,
@@ -130,43 +145,59 @@ def train_detector(config: DetectionTrainConfig) -> Dict[str, float]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == 'cuda')
+    return model, loader, num_classes, dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
 
-    start_epoch = 0
-    if config.resume:
-        state = torch.load(config.resume, map_location=device, weights_only=False)
-        model.load_state_dict(state['model'])
-        optimizer.load_state_dict(state['optimizer'])
-        scheduler.load_state_dict(state['scheduler'])
-        scaler.load_state_dict(state['scaler'])
-        start_epoch = state['epoch']
-        print(f"resumed from {config.resume} after epoch {start_epoch}")
 
+def _resume(config: DetectionTrainConfig, checkpointer: Checkpointer) -> int:
+    """Restores a checkpoint; returns the epochs it finished. Changed arguments apply and are printed."""
+    state = read_run_checkpoint(config.resume, CHECKPOINT_KEYS)
+    checkpointer.restore(state, config.resume, 'model', checkpointer.objects['model'])
+    changes = config_changes(state['config'], vars(config), LOCATION_ARGS)
+    print(f"resumed from {config.resume} after epoch {state['epoch']}"
+          + (f"; changed since: {'; '.join(changes)}" if changes else ''))
+    return state['epoch']
+
+
+def _train_epoch(config, objects, loader, device, epoch: int, checkpointer: Checkpointer) -> float:
+    model, optimizer, scheduler, scaler = (objects[k] for k in ('model', 'optimizer', 'scheduler', 'scaler'))
+    model.train()
+    losses = []
+    for images, targets in loader:
+        images = [image.to(device) for image in images]
+        targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
+        with _autocast(device, config.amp):
+            loss = sum(model(images, targets).values())
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at epoch {epoch + 1}; stopped without saving, {checkpointer.describe_last()}; "
+                f"lower --lr or check the annotations' boxes")
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        losses.append(loss.item())
+    return sum(losses) / len(losses)
+
+
+def train_detector(config: DetectionTrainConfig) -> Dict[str, float]:
+    """Fine-tune a detector; returns the last epoch's mean loss (and validation AP when a val set is given)."""
+    _check_inputs(config)
+    out = Path(config.out)
+    torch.manual_seed(config.seed)
+    device = torch.device(config.device)
     summary: Dict[str, float] = {}
-    for epoch in range(start_epoch, config.epochs):
-        model.train()
-        started, losses = time.perf_counter(), []
-        for images, targets in loader:
-            images = [image.to(device) for image in images]
-            targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-            with _autocast(device, config.amp):
-                loss = sum(model(images, targets).values())
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {loss.item()} at epoch {epoch + 1}; lower --lr or check the annotations' boxes")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            losses.append(loss.item())
-        summary = {'epoch': epoch + 1, 'loss': sum(losses) / len(losses)}
-        print(f"epoch {epoch + 1}/{config.epochs}: loss {summary['loss']:.4f}, lr {scheduler.get_last_lr()[0]:.5f}, "
-              f"{time.perf_counter() - started:.1f}s")
-        torch.save(dict(
-            model=model.state_dict(), optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-            scaler=scaler.state_dict(), epoch=epoch + 1, num_classes=num_classes, config=vars(config),
-        ), out / 'last.pth')
-
+    with RunFolderLock(out):
+        prepare_run_folder(out, resume=bool(config.resume), overwrite=config.overwrite)
+        model, loader, num_classes, objects = _build(config, device)
+        checkpointer = Checkpointer(out, objects)
+        start_epoch = _resume(config, checkpointer) if config.resume else 0
+        for epoch in range(start_epoch, config.epochs):
+            started = time.perf_counter()
+            summary = {'epoch': epoch + 1, 'loss': _train_epoch(config, objects, loader, device, epoch, checkpointer)}
+            print(f"epoch {epoch + 1}/{config.epochs}: loss {summary['loss']:.4f}, "
+                  f"lr {objects['scheduler'].get_last_lr()[0]:.5f}, {time.perf_counter() - started:.1f}s")
+            checkpointer.save_last(checkpointer.state(epoch=epoch + 1, num_classes=num_classes, config=vars(config)))
     if config.val_images and config.val_annotations:
         val_set = coco_dataset(config.val_images, config.val_annotations, train=False)
         summary.update(evaluate_coco(model, val_set, device, config.amp))

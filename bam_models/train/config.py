@@ -2,9 +2,11 @@
 that reject a bad configuration with one clear line before any work starts. """
 import dataclasses
 import difflib
+import math
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import yaml
 
@@ -53,7 +55,7 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     no_decay_bias_and_norm: bool = True  # False applies weight decay to every parameter, as the BAM/CBAM authors did
-    attention_lr_scale: float = 1.0  # lr multiplier for BAM/CBAM parameters (names containing .bam. or .se.)
+    attention_lr_scale: float = 1.0  # lr multiplier for the parameters of BAM/CBAM modules
     clip_grad: Optional[float] = None
     clip_mode: str = 'norm'  # norm | value | agc
 
@@ -98,17 +100,164 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-CHOICES = {
+# ---------------------------------------------------------------------------------------------- constraints
+
+class Range(NamedTuple):
+    """A number in [low, high]; `low_open` / `high_open` exclude that end; None: unbounded."""
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def violation(self, value: float) -> Optional[str]:
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        return None if not (too_low or too_high) and math.isfinite(value) else self.describe()
+
+    def describe(self) -> str:
+        if self.low is None and self.high is None:
+            return 'a finite number'
+        if self.high is None:
+            return f"{'above' if self.low_open else 'at least'} {self.low:g}"
+        if self.low is None:
+            return f"{'below' if self.high_open else 'at most'} {self.high:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+class Pair(NamedTuple):
+    """Two numbers [a, b] with a <= b, each within `each`."""
+    each: Range
+
+    def violation(self, value: List[float]) -> Optional[str]:
+        if len(value) == 2 and value[0] <= value[1] and not any(self.each.violation(v) for v in value):
+            return None
+        return f"two numbers [min, max], min <= max, each {self.each.describe()}"
+
+
+class PerChannel(NamedTuple):
+    """One number per image channel (3), each within `each`."""
+    each: Range
+
+    def violation(self, value: List[float]) -> Optional[str]:
+        if len(value) == 3 and not any(self.each.violation(v) for v in value):
+            return None
+        return f"three numbers (one per RGB channel), each {self.each.describe()}"
+
+
+class Pattern(NamedTuple):
+    """A string matching `regex`; `hint` names the accepted forms."""
+    regex: str
+    hint: str
+
+    def violation(self, value: str) -> Optional[str]:
+        return None if re.fullmatch(self.regex, value) else self.hint
+
+
+NON_NEGATIVE, POSITIVE, POSITIVE_INT = Range(0), Range(0, low_open=True), Range(1)
+FRACTION, FRACTION_BELOW_1 = Range(0, 1), Range(0, 1, high_open=True)
+NON_EMPTY = Pattern(r'.+', 'a non-empty string')
+INTERPOLATIONS = ('bilinear', 'bicubic', 'nearest', 'box', 'hamming', 'lanczos', 'random')
+
+# The range, choices or form of every key, next to the dataclasses above. A choice list is a tuple; a
+# callable returns the choices (timm's registries). `bool` keys need no more than their type.
+CONSTRAINTS: Dict[str, Any] = {
+    'model.name': NON_EMPTY,  # also checked against timm's registry by the loop's check_config
+    'model.num_classes': POSITIVE_INT,
+    'model.checkpoint': NON_EMPTY,
     'model.freeze': ('none', 'bn', 'trunk'),
-    'schedule.sched': ('cosine', 'step', 'none'),
-    'train.amp': ('none', 'bf16', 'fp16'),
+    'model.drop_rate': FRACTION_BELOW_1,
+    'model.drop_path_rate': FRACTION_BELOW_1,
+    'data.dataset': NON_EMPTY,
+    'data.train_split': NON_EMPTY,
+    'data.val_split': NON_EMPTY,
+    'data.input_size': POSITIVE_INT,
+    'data.batch_size': POSITIVE_INT,
+    'data.eval_batch_size': POSITIVE_INT,
+    'data.workers': NON_NEGATIVE,
+    'data.scale': Pair(Range(0, 1, low_open=True)),
+    'data.ratio': Pair(POSITIVE),
+    'data.hflip': FRACTION,
+    'data.color_jitter': NON_NEGATIVE,
+    'data.auto_augment': Pattern(r'(rand|augmix|original|v0|3a)[\w.\-]*', 'a timm policy string such as '
+                                 'rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original or v0'),
+    'data.re_prob': FRACTION,
+    'data.interpolation': INTERPOLATIONS,
+    'data.crop_pct': Range(0, 1, low_open=True),
+    'data.mean': PerChannel(Range()),
+    'data.std': PerChannel(POSITIVE),
+    'optim.opt': lambda: _timm_optimizers(),
+    'optim.lr': POSITIVE,
+    'optim.momentum': FRACTION_BELOW_1,
+    'optim.weight_decay': NON_NEGATIVE,
+    'optim.attention_lr_scale': NON_NEGATIVE,
+    'optim.clip_grad': POSITIVE,
     'optim.clip_mode': ('norm', 'value', 'agc'),
+    'schedule.sched': ('cosine', 'step', 'none'),
+    'schedule.epochs': POSITIVE_INT,
+    'schedule.warmup_epochs': NON_NEGATIVE,
+    'schedule.warmup_lr': NON_NEGATIVE,
+    'schedule.min_lr': NON_NEGATIVE,
+    'schedule.decay_epochs': POSITIVE,
+    'schedule.decay_rate': Range(0, 1, low_open=True),
+    'train.seed': NON_NEGATIVE,
+    'train.amp': ('none', 'bf16', 'fp16'),
+    'train.label_smoothing': FRACTION_BELOW_1,
+    'train.mixup': NON_NEGATIVE,
+    'train.cutmix': NON_NEGATIVE,
+    'train.mixup_prob': FRACTION,
+    'train.mixup_switch_prob': FRACTION,
+    'train.ema_decay': Range(0, 1, low_open=True, high_open=True),
+    'train.device': Pattern(r'auto|cpu|cuda(:\d+)?|mps', "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+    'train.output': NON_EMPTY,
 }
+
+
+def _timm_optimizers() -> Tuple[str, ...]:
+    from timm.optim import list_optimizers
+    return tuple(list_optimizers())
 
 
 def _did_you_mean(name: str, options: Sequence[str]) -> str:
     close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else f"; expected one of: {', '.join(options)}"
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    if len(options) > 12:
+        return f"; expected one of {len(options)} names such as {', '.join(list(options)[:6])}"
+    return f"; expected one of: {', '.join(options)}"
+
+
+def _sections() -> Dict[str, type]:
+    return {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}
+
+
+def _section_of(key: str) -> Optional[str]:
+    """The section that has a key of this name, if any (`epochs` -> 'schedule')."""
+    for section, cls in _sections().items():
+        if key in {f.name for f in dataclasses.fields(cls)}:
+            return section
+    return None
+
+
+def _check_constraint(key: str, value: Any) -> None:
+    rule = CONSTRAINTS.get(key)
+    if rule is None or value is None or isinstance(value, bool):
+        return
+    if callable(rule):
+        rule = rule()
+    if type(rule) is tuple:  # choices (Range and the other rules are NamedTuples)
+        if value not in rule:
+            raise ConfigError(f"config key '{key}' is {value!r}{_did_you_mean(str(value), rule)}")
+        return
+    problem = rule.violation(value)
+    if problem:
+        raise ConfigError(f"config key '{key}' is {value!r} but must be {problem}; fix it in the config or with "
+                          f"--set {key}=VALUE")
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+def _type_name(expected: Any) -> str:
+    return getattr(expected, '__name__', None) or str(expected).replace('typing.', '')
 
 
 def _coerce(key: str, value: Any, default: Any, hint: Any) -> Any:
@@ -116,7 +265,8 @@ def _coerce(key: str, value: Any, default: Any, hint: Any) -> Any:
     if value is None:
         return None
     expected = type(default) if default is not None else hint
-    if expected in (float, Optional[float]) and isinstance(value, (int, float)) and not isinstance(value, bool):
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected in (float, Optional[float]) and is_number:
         return float(value)
     if expected in (int, Optional[int]) and isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -124,51 +274,78 @@ def _coerce(key: str, value: Any, default: Any, hint: Any) -> Any:
         return value
     if expected in (str, Optional[str]) and isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
-    if expected in (list, Optional[List[float]], List[float]) and isinstance(value, (list, tuple)):
+    if expected in (list, Optional[List[float]], List[float]) and isinstance(value, (list, tuple)) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         return [float(v) for v in value]
-    type_name = getattr(expected, '__name__', None) or str(expected).replace('typing.', '')
-    raise ConfigError(f"config key '{key}' must be {type_name}, got {value!r}")
+    if expected in (list, Optional[List[float]], List[float]):
+        raise ConfigError(f"config key '{key}' must be a list of numbers such as [0.5, 1.0], got {value!r}")
+    raise ConfigError(f"config key '{key}' must be {_type_name(expected)}, got {value!r}")
 
 
-def _section_from_dict(section: str, cls, values: Dict[str, Any]):
+def _unknown_key(section: str, key: str, options: Sequence[str]) -> ConfigError:
+    home = _section_of(key)
+    if home is not None and home != section:
+        return ConfigError(f"unknown config key '{section}.{key}'; '{key}' belongs to section '{home}': "
+                           f"write {home}.{key}")
+    return ConfigError(f"unknown config key '{section}.{key}'{_did_you_mean(key, options)}")
+
+
+def _section_from_dict(section: str, cls, values: Any):
     if not isinstance(values, dict):
-        raise ConfigError(f"config section '{section}' must be a mapping of keys to values, got {values!r}")
+        example = 'model:\\n  name: resnet18_bam' if section == 'model' else f'{section}:\\n  KEY: VALUE'
+        raise ConfigError(f"config section '{section}' must be a mapping of keys to values, got {values!r}; a "
+                          f"config is sectioned, e.g. '{example}'")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     defaults = cls()
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            raise ConfigError(f"unknown config key '{section}.{key}'{_did_you_mean(key, list(fields))}")
+            raise _unknown_key(section, str(key), list(fields))
         kwargs[key] = _coerce(f'{section}.{key}', value, getattr(defaults, key), fields[key].type)
+        _check_constraint(f'{section}.{key}', kwargs[key])
     return cls(**kwargs)
 
 
 def config_from_dict(values: Dict[str, Any]) -> RunConfig:
+    """A RunConfig from nested sections; every key's type and range is checked (see CONSTRAINTS)."""
     values = values or {}
-    sections = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}
+    sections = _sections()
     kwargs = {}
     for section, content in values.items():
         if section not in sections:
-            raise ConfigError(f"unknown config section '{section}'{_did_you_mean(section, list(sections))}")
-        kwargs[section] = _section_from_dict(section, sections[section], content or {})
-    config = RunConfig(**kwargs)
-    for key, options in CHOICES.items():
-        section, name = key.split('.')
-        value = getattr(getattr(config, section), name)
-        if value not in options:
-            raise ConfigError(f"config key '{key}' is {value!r}{_did_you_mean(str(value), options)}")
-    return config
+            home = _section_of(str(section))
+            if home is not None:
+                raise ConfigError(f"'{section}' at the top level of the config is a key of section '{home}'; "
+                                  f"a config is sectioned: write it under '{home}:'")
+            raise ConfigError(f"unknown config section '{section}'{_did_you_mean(str(section), list(sections))}")
+        kwargs[section] = _section_from_dict(section, sections[section], {} if content is None else content)
+    return RunConfig(**kwargs)
+
+
+def _parse_yaml(text: str, where: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        at = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
+        problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
+        raise ConfigError(f"{where} is not valid YAML ({problem}{at}); fix the syntax (quote strings that "
+                          f"hold ':' or brackets)") from None
 
 
 def apply_overrides(values: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
     """Applies `section.key=value` strings; values are parsed as YAML (`0.1`, `true`, `[0.5, 1.0]`, `null`)."""
-    values = {section: dict(content or {}) for section, content in (values or {}).items()}
+    values = {section: dict(content) if isinstance(content, dict) else content
+              for section, content in (values or {}).items()}
     for item in overrides:
         key, sep, raw = item.partition('=')
         if not sep or key.count('.') != 1:
             raise ConfigError(f"--set expects section.key=value (e.g. optim.lr=0.05), got {item!r}")
         section, name = key.strip().split('.')
-        values.setdefault(section, {})[name] = yaml.safe_load(raw)
+        content = values.setdefault(section, {})
+        if not isinstance(content, dict):
+            content = values[section] = {}  # the section check reports a non-mapping section of the file
+        content[name] = _parse_yaml(raw, f'the value of --set {item}')
     return values
 
 
@@ -178,7 +355,15 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ru
         if not os.path.isfile(path):
             raise ConfigError(f"config file {path} does not exist; the bundled ones are in configs/")
         with open(path) as f:
-            values = yaml.safe_load(f) or {}
+            values = _parse_yaml(f.read(), f'config file {path}') or {}
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections (model, data, optim, ...)")
+        for section, content in values.items():  # before --set, which could otherwise mask a flat file
+            if section in _sections() and content is not None and not isinstance(content, dict):
+                _section_from_dict(section, _sections()[section], content)
     return config_from_dict(apply_overrides(values, overrides))
+
+
+def flat_items(config: Dict[str, Any]) -> Dict[str, Any]:
+    """{'optim.lr': 0.1, ...} of a RunConfig's to_dict()."""
+    return {f'{section}.{key}': value for section, content in config.items() for key, value in content.items()}

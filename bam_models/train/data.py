@@ -1,37 +1,45 @@
 """ Datasets and loaders for training: any folder dataset timm reads, and scikit-learn's bundled digits.
 
 The digits set (1,797 real 8x8 grey images of handwritten digits, 10 classes, shipped inside scikit-learn, so
-nothing is downloaded) is split once, stratified by class with `random_state=0`: 1,437 train and 360 test
-images. Images are served as RGB PIL images so that timm's transforms upsample them to the model input size.
+nothing is downloaded) is split once, stratified by class with `random_state=0`: 1,437 training and 360 test
+images; 300 of the training images are held out as the validation split that selects the best epoch, so
+the test images are scored only once, at the end (1,137 train / 300 val / 360 test). Images are served as
+RGB PIL images so that timm's transforms upsample them to the model input size.
 """
 import math
 import os
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_dataset, create_transform
 
+from bam_models.errors import ConfigError
+
 DIGITS = 'digits'
 DIGITS_TEST_SIZE = 360
+DIGITS_VAL_SIZE = 300
 DIGITS_SPLIT_SEED = 0
 
 
 class DigitsDataset(torch.utils.data.Dataset):
-    """scikit-learn's handwritten digits as 8x8 RGB PIL images; `split` is 'train' (1,437) or 'test' (360)."""
+    """scikit-learn's handwritten digits as 8x8 RGB PIL images; `split` is 'train' (1,137), 'val' (300, carved
+    from the training images) or 'test' (360)."""
 
     def __init__(self, split: str = 'train', transform=None):
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
 
-        if split not in ('train', 'test'):
-            raise ValueError(f"digits split must be 'train' or 'test', got {split!r}")
+        if split not in ('train', 'val', 'test'):
+            raise ValueError(f"digits split must be 'train', 'val' or 'test', got {split!r}")
         digits = load_digits()
         indices = np.arange(len(digits.target))
         train_idx, test_idx = train_test_split(
             indices, test_size=DIGITS_TEST_SIZE, stratify=digits.target, random_state=DIGITS_SPLIT_SEED)
-        chosen = np.sort(train_idx if split == 'train' else test_idx)
+        fit_idx, val_idx = train_test_split(
+            train_idx, test_size=DIGITS_VAL_SIZE, stratify=digits.target[train_idx], random_state=DIGITS_SPLIT_SEED)
+        chosen = np.sort(dict(train=fit_idx, val=val_idx, test=test_idx)[split])
         # pixel values are 0..16
         self.images = (digits.images[chosen] * (255.0 / 16.0)).round().astype(np.uint8)
         self.targets = digits.target[chosen].astype(np.int64)
@@ -48,24 +56,50 @@ class DigitsDataset(torch.utils.data.Dataset):
         return image, int(self.targets[index])
 
 
-def folder_classes(root: str, split: str) -> List[str]:
-    """Class names of an ImageFolder split without reading any image (sorted sub-folder names)."""
+def folder_class_to_idx(root: str, split: str) -> Dict[str, int]:
+    """The class -> index mapping timm's folder reader builds for a split: only folders that hold images, in
+    natural order ('1', '2', '10'). Reads file names only, no image."""
     from timm.data.dataset_factory import _search_split
+    from timm.data.readers.reader_image_folder import find_images_and_targets
     split_dir = _search_split(root, split)
-    if not os.path.isdir(split_dir):
-        raise FileNotFoundError(split_dir)
-    return sorted(d.name for d in os.scandir(split_dir) if d.is_dir())
+    if os.path.normpath(split_dir) == os.path.normpath(root) or not os.path.isdir(split_dir):
+        raise FileNotFoundError(os.path.join(root, split))
+    return find_images_and_targets(split_dir)[1]
 
 
-def build_dataset(dataset: str, split: str, train_split: str = 'train', val_split: str = 'validation'):
-    """`dataset` is 'digits' or a folder with train/val sub-folders in ImageFolder layout."""
+def shared_class_to_idx(root: str, train_split: str, val_split: str) -> Dict[str, int]:
+    """The training split's mapping, which the validation split must use too (it may lack classes, but a
+    validation class unknown to training has no output to be scored on). Each split is scanned once."""
+    maps = {}
+    for split in (train_split, val_split):
+        try:
+            maps[split] = folder_class_to_idx(root, split)
+        except FileNotFoundError:
+            maps[split] = {}
+        if not maps[split]:
+            raise ConfigError(f"data folder {root} has no '{split}' split with class sub-folders of images; "
+                              f"expected {root}/{split}/CLASS/IMAGE")
+    unknown = sorted(set(maps[val_split]) - set(maps[train_split]))
+    if unknown:
+        raise ConfigError(f"the {val_split} split of {root} has classes the {train_split} split lacks "
+                          f"({', '.join(unknown[:5])}); every validation class needs training images")
+    return maps[train_split]
+
+
+def build_dataset(dataset: str, split: str, train_split: str = 'train', val_split: str = 'validation',
+                  class_to_idx: Optional[Dict[str, int]] = None):
+    """`dataset` is 'digits' or a folder with train/val sub-folders in ImageFolder layout; `class_to_idx`
+    numbers a folder's classes (give the training split's to the validation split)."""
     if dataset == DIGITS:
-        return DigitsDataset('train' if split == 'train' else 'test')
+        if split == 'train':
+            return DigitsDataset('train')
+        return DigitsDataset('test' if val_split == 'test' else 'val')
     return create_dataset('', root=dataset, split=train_split if split == 'train' else val_split,
-                          is_training=split == 'train')
+                          is_training=split == 'train', class_map=class_to_idx)
 
 
 def dataset_classes(dataset) -> List[str]:
+    """Class names in index order, from the reader that labels the data."""
     if isinstance(dataset, DigitsDataset):
         return dataset.classes
     class_to_idx = dataset.reader.class_to_idx

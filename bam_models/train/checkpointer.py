@@ -1,0 +1,253 @@
+""" Run folders and run checkpoints, one safety story for `bam-models train` and `bam-models detect-train`.
+
+- A run folder holds one run: starting a run in a folder that already holds one is refused unless the run
+  resumes it or the caller asks to overwrite it (then the earlier run's files are removed first).
+- A lock file (`.lock`, created with O_EXCL, holding the pid) keeps a second run out of a folder in use; a
+  lock left by a process that no longer exists (a killed run) is taken over.
+- Every checkpoint is written atomically (a `.tmp` next to it, fsync, rename); a failed write (a full disk)
+  removes the `.tmp` and leaves the previous file as it was.
+- Run checkpoints are read with `weights_only=True` (no pickled code runs), and a file that is not a run
+  checkpoint of this job (a best.pth, a truncated file, another architecture or config) gives one clear line.
+- RNG states of every process are saved with the checkpoint, so a run resumed mid-epoch replays exactly.
+"""
+import errno
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from bam_models.checkpoint import describe_mismatch, key_mismatch
+from bam_models.errors import CheckpointError, UsageError
+
+__all__ = ['BEST', 'LAST', 'Checkpointer', 'RunFolderLock', 'atomic_save', 'config_changes', 'prepare_run_folder',
+           'read_run_checkpoint', 'rng_state', 'set_rng_state']
+
+LAST, BEST = 'last.pth', 'best.pth'
+LOCK = '.lock'
+RUN_FILES = (LAST, BEST, 'log.jsonl', 'summary.json', 'hub')  # what makes a folder hold a run
+PathLike = Union[str, Path]
+
+
+# ---------------------------------------------------------------------------------------------- folder
+
+def prepare_run_folder(output: PathLike, *, resume: bool, overwrite: bool) -> None:
+    """Refuses to start a new run over an earlier one unless `overwrite` (which removes the earlier files)."""
+    output = Path(output)
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; resume to continue the run in "
+                         f"{output}, or overwrite to replace it")
+    existing = [name for name in RUN_FILES if (output / name).exists()]
+    if not existing or resume:
+        return
+    if not overwrite:
+        raise UsageError(f"{output} already holds a run ({', '.join(existing)}); continue it with --resume auto, "
+                         f"replace it with --overwrite, or choose another output folder")
+    for name in existing:
+        path = output / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class RunFolderLock:
+    """An exclusive claim on a run folder: OUTPUT/.lock holds the pid of the run using it."""
+
+    def __init__(self, folder: PathLike):
+        self.path = Path(folder) / LOCK
+        self.held = False
+
+    def _holder(self) -> Optional[int]:
+        try:
+            return int(self.path.read_text().strip() or 0) or None
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def acquire(self) -> 'RunFolderLock':
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(3):  # a stale lock is removed, then created again; another run may win that race
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pid = self._holder()
+                if pid is not None and _pid_alive(pid):
+                    raise UsageError(f"{self.path.parent} is in use by another run (pid {pid}, lock file "
+                                     f"{self.path}); wait for it to end or choose another output folder") from None
+                self.path.unlink(missing_ok=True)  # left by a run that was killed: take it over
+                continue
+            with os.fdopen(fd, 'w') as f:
+                f.write(f'{os.getpid()}\n')
+            self.held = True
+            return self
+        raise UsageError(f"could not lock {self.path.parent}: other runs keep claiming it; choose another output "
+                         f"folder")
+
+    def release(self) -> None:
+        if self.held and self._holder() == os.getpid():
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def __enter__(self) -> 'RunFolderLock':
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+def atomic_save(obj: Any, path: PathLike) -> None:
+    """torch.save through a `.tmp` and a rename: `path` holds either the old or the new file, never a part."""
+    path = Path(path)
+    tmp = path.with_name(path.name + '.tmp')
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            reason = 'the disk is full' if e.errno == errno.ENOSPC else (e.strerror or str(e))
+            kept = f'{path} still holds the previous checkpoint' if path.exists() else f'{path} was not written'
+            raise CheckpointError(f"could not write {path} ({reason}); {kept}; free space or fix the folder, "
+                                  f"then continue with --resume") from None
+        raise
+
+
+def read_run_checkpoint(path: PathLike, required: Sequence[str], what: str = '--resume') -> Dict[str, Any]:
+    """A run checkpoint (last.pth) read with weights_only=True; a file that is not one raises CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} {path} does not exist; pass a last.pth written by an earlier run")
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        first = (str(e).splitlines() or [''])[0][:160]
+        raise CheckpointError(f"{what} {path} could not be read ({type(e).__name__}: {first}): it is truncated "
+                              f"(an interrupted or disk-full write) or not a torch file; resume from an intact "
+                              f"last.pth or start again with --overwrite") from None
+    missing = [key for key in required if not (isinstance(state, dict) and key in state)]
+    if missing and isinstance(state, dict) and 'metrics' in state and 'state_dict' in state:
+        raise CheckpointError(f"{what} {path} is a best-model file (weights only, no optimizer state); resume "
+                              f"from the run's last.pth, or start a new run from these weights with "
+                              f"model.checkpoint={path}")
+    if missing:
+        raise CheckpointError(f"{what} {path} is not a run checkpoint (it lacks {', '.join(missing)}); pass a "
+                              f"last.pth written by an earlier run")
+    return state
+
+
+def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any], ignore: Sequence[str] = ()) -> List[str]:
+    """'key: saved -> current' for every flat config key whose value differs (keys in `ignore` excepted)."""
+    keys = [k for k in dict.fromkeys([*saved, *current]) if k not in ignore]
+    return [f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in keys if saved.get(k) != current.get(k)]
+
+
+def check_model_fits(state_dict: Dict[str, torch.Tensor], model: nn.Module, path: PathLike) -> None:
+    mismatch = key_mismatch(state_dict, model)
+    if mismatch:
+        arch = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
+        raise CheckpointError(f"--resume {path} was written for another model than {arch}: "
+                              f"{describe_mismatch(mismatch)}; resume with the config of that run")
+
+
+# ---------------------------------------------------------------------------------------------- RNG
+
+def rng_state() -> Dict[str, Any]:
+    np_state = np.random.get_state(legacy=False)
+    return dict(
+        torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        numpy=dict(key=torch.from_numpy(np_state['state']['key'].astype(np.int64)), pos=np_state['state']['pos'],
+                   has_gauss=np_state['has_gauss'], gauss=np_state['gauss']),
+        python=random.getstate())
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state['torch'])
+    if state['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+    np_state = state['numpy']
+    np.random.set_state(dict(bit_generator='MT19937', state=dict(key=np_state['key'].numpy().astype(np.uint32),
+                                                                   pos=np_state['pos']),
+                             has_gauss=np_state['has_gauss'], gauss=np_state['gauss']))
+    random.setstate(state['python'])
+
+
+# ---------------------------------------------------------------------------------------------- saver
+
+class Checkpointer:
+    """Saves and restores everything a run needs to continue exactly: the objects with a state_dict (model,
+    optimizer, scheduler, EMA, scaler), counters, the RNG state of every process and the config.
+
+    `objects` maps checkpoint keys to those objects (None entries are saved as None). Only the main process
+    writes; with `distributed`, `state()` gathers every process's RNG state (a collective call).
+    """
+
+    def __init__(self, output: PathLike, objects: Mapping[str, Any], *, is_main: bool = True,
+                 distributed: bool = False, world: int = 1):
+        self.output = Path(output)
+        self.objects = dict(objects)
+        self.is_main, self.distributed, self.world = is_main, distributed, world
+        self.saved_epoch: Optional[int] = None  # finished epochs in OUTPUT/last.pth, None: none written
+
+    @property
+    def last(self) -> Path:
+        return self.output / LAST
+
+    def state(self, **meta: Any) -> Dict[str, Any]:
+        rngs = [rng_state()]
+        if self.distributed:
+            rngs = [None] * self.world
+            dist.all_gather_object(rngs, rng_state())
+        objects = {key: obj.state_dict() if obj is not None else None for key, obj in self.objects.items()}
+        return dict(objects, rng=rngs, **meta)
+
+    def save_last(self, state: Dict[str, Any]) -> None:
+        if self.is_main:
+            atomic_save(state, self.last)
+            self.saved_epoch = state.get('epoch')
+
+    def save_file(self, obj: Dict[str, Any], name: str) -> None:
+        if self.is_main:
+            atomic_save(obj, self.output / name)
+
+    def save_interrupted(self, state: Dict[str, Any], epoch: int, step: int) -> None:
+        """The Ctrl-C save: the run continues from this very step with --resume."""
+        self.save_last(state)
+        if self.is_main:
+            print(f"interrupted at epoch {epoch + 1}, step {step}: saved {self.last}; continue with --resume "
+                  f"{self.last}")
+
+    def describe_last(self) -> str:
+        """What OUTPUT/last.pth holds, for messages after a failure (never names a file that does not exist)."""
+        if self.saved_epoch is None or not self.last.exists():
+            return 'no checkpoint was written yet (the first epoch did not finish)'
+        return f'{self.last} still holds the state after epoch {self.saved_epoch}'
+
+    def restore(self, state: Dict[str, Any], path: PathLike, model_key: str, model: nn.Module) -> None:
+        """Loads every saved object; a checkpoint of another architecture fails before anything changes."""
+        check_model_fits(state[model_key], model, path)
+        for key, obj in self.objects.items():
+            if obj is None or state.get(key) is None:
+                continue
+            try:
+                obj.load_state_dict(state[key])
+            except (KeyError, ValueError, RuntimeError) as e:
+                raise CheckpointError(f"--resume {path}: its {key} state does not fit this run ({type(e).__name__}: "
+                                      f"{str(e).splitlines()[0][:160]}); resume with the config of that run") from None
+        self.saved_epoch = state.get('epoch')
