@@ -369,8 +369,17 @@ def model_card(
         license: str = 'mit',
         description: str = '',
         num_params: Optional[int] = None,
+        *,
+        base_weights: Optional[str] = None,
+        local_dir: Optional[Union[str, Path]] = None,
 ) -> str:
-    """A Hub model card (README.md) in timm's style: metadata, metrics with their source, usage, citations."""
+    """A Hub model card (README.md) in timm's style: metadata, metrics with their source, usage, citations.
+
+    The usage loads these weights: `hf-hub:REPO` when `repo_id` is given, else `local-dir:LOCAL_DIR` (the
+    folder the card is written into), else the registry name `arch_tag`. `base_weights` is what training started
+    from (a pretrained tag or a checkpoint): only then is the model called fine-tuned; None means either trained
+    from scratch or not trained here (converted or published weights).
+    """
     architecture = arch_tag.split('.')[0]
     datasets = sorted({m['dataset'] for m in metrics})
     lines = ['---', 'tags:', '- image-classification', '- timm', '- bam_models',
@@ -379,9 +388,14 @@ def model_card(
     if datasets:
         lines += ['datasets:'] + [f'- {d}' for d in datasets]
     lines += ['---', f'# Model card for {arch_tag}', '']
-    lines += [description or f'{architecture} image classification weights.', '']
+    if not description:
+        description = (f'{architecture} image classification weights, fine-tuned from `{base_weights}`.'
+                       if base_weights else f'{architecture} image classification weights.')
+    lines += [description, '']
     if num_params:
         lines += [f'- **Parameters:** {num_params:,}']
+    if base_weights:
+        lines += [f'- **Fine-tuned from:** `{base_weights}`']
     lines += [f'- **Architecture:** `{architecture}` from [bam_models](https://pypi.org/project/bam-models/)',
               f'- **License:** {license}', '', '## Metrics', '']
     if metrics:
@@ -393,7 +407,10 @@ def model_card(
                          f"{m.get('input_size', '-')} | {m['measured_by']} | {m['reference']} |")
     else:
         lines.append('No evaluation has been recorded for these weights.')
-    name = f'hf-hub:{repo_id}' if repo_id else arch_tag
+    if repo_id:
+        name = f'hf-hub:{repo_id}'
+    else:
+        name = f'local-dir:{Path(local_dir).as_posix()}' if local_dir is not None else arch_tag
     lines += ['', '## Usage', '', '```python', 'import timm', 'import torch',
               'import bam_models  # registers the BAM/CBAM architectures with timm', '',
               f"model = timm.create_model('{name}', pretrained=True).eval()",
@@ -435,14 +452,17 @@ def save_pretrained(
         state_dict: Optional[Dict[str, torch.Tensor]] = None,
         data_config: Optional[Dict[str, Any]] = None,
         model_config: Optional[Dict[str, Any]] = None,
+        base_weights: Optional[str] = None,
 ) -> Dict[str, Any]:
     """Write a Hub repo folder: model.safetensors, config.json (timm's format, so `hf-hub:` and `local-dir:`
     names work) and a model card README.md.
 
     `state_dict` replaces `model.state_dict()` in the weights file (a trunk-only conversion writes only what
     it converted); config.json always describes `model`, with `data_config` (the preprocessing the weights were
-    trained and evaluated with) and `model_config` (e.g. label_names) as in timm's `save_for_hf`.
-    Returns sha256, size, num_params and the paths.
+    trained and evaluated with) and `model_config` (e.g. label_names) as in timm's `save_for_hf`. The model card
+    shows how to load the folder (`hf-hub:REPO_ID`, else `local-dir:OUT_DIR`) and, with `base_weights` (what a
+    training run started from), that the model was fine-tuned from it.
+    Returns sha256, size, num_params, the paths and `files`, the names of every file written.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -460,8 +480,9 @@ def save_pretrained(
     num_params = sum(p.numel() for p in model.parameters())
     (out_dir / 'README.md').write_text(model_card(
         arch_tag, repo_id=repo_id, metrics=metrics, license=license, description=description,
-        num_params=num_params), encoding='utf-8')
+        num_params=num_params, base_weights=base_weights, local_dir=out_dir), encoding='utf-8')
     return {
+        'files': [HUB_FILENAME, 'config.json', 'README.md'],
         'sha256': file_sha256(weights),
         'size': weights.stat().st_size,
         'num_params': num_params,
