@@ -141,8 +141,9 @@ def _hub_download(source: _WeightSource, repo_id: str, filename: str, revision: 
         raise source.error(
             f"{repo_id} has no file {filename} at this revision (404)",
             "publish it with `bam-models publish ... --push`, or fix the manifest entry") from None
-    except PretrainedWeightsError as e:  # the download budget ran out
-        raise source.error(str(e).split('; ')[0], str(e).split('; ', 1)[-1]) from None
+    except PretrainedWeightsError as e:  # the download budget ran out, or its setting is invalid
+        problem, _, advice = str(e).partition('; ')
+        raise source.error(problem, advice) from None
     except HfHubHTTPError as e:
         raise source.error(f"the Hub answered {str(e).splitlines()[0]}", "retry later or check HF_ENDPOINT") from None
     except TRANSPORT_ERRORS as e:
