@@ -5,7 +5,7 @@ import json
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import bam_models  # noqa: F401
 import bam_models.hub.publish as publishing
@@ -13,6 +13,8 @@ from bam_models.cli import main as cli_main
 from bam_models.errors import CheckpointError, UsageError
 from bam_models.hub import model_card, save_pretrained
 from bam_models.hub.manifest import PACKAGED_MANIFEST, load_manifest
+
+from test_hub import hub  # noqa: F401  the local Hub fixture
 
 ENTRY = 'resnet18_bam.tv_in1k'  # a trunk entry, refused; the tests publish a full entry added to a copy
 FULL = 'resnet18_bam.test_in1k'
@@ -56,27 +58,6 @@ def test_publish_refuses_a_non_empty_folder(tmp_path, manifest, checkpoint, caps
         publishing.publish(FULL, cbam, tmp_path / 'fresh', manifest=manifest)
 
 
-def test_publish_writes_and_pushes_exactly_its_files(tmp_path, manifest, checkpoint, monkeypatch):
-    pushed = []
-
-    def record_push(repo_id, folder, files, message):  # the network boundary: what would be uploaded
-        pushed.append((repo_id, sorted(p.name for p in folder.iterdir()), list(files)))
-        return 'c' * 40
-
-    monkeypatch.setattr(publishing, 'push_files', record_push)
-    out = tmp_path / 'out'
-    info = publishing.publish(FULL, checkpoint, out, push=True, manifest=manifest)
-    assert sorted(info['files']) == sorted(p.name for p in out.iterdir()) == ['README.md', 'config.json',
-                                                                              'model.safetensors']
-    assert pushed == [('bam-models/resnet18_bam.test_in1k', sorted(info['files']), info['files'])]
-    entry = load_manifest(manifest)['weights'][FULL]
-    assert entry['revision'] == 'c' * 40 and entry['published'] and entry['sha256'] == info['sha256']
-    # --push alone: a temporary folder, which holds only what publish wrote
-    pushed.clear()
-    publishing.publish(FULL, checkpoint, push=True, manifest=manifest)
-    assert pushed[0][1] == sorted(pushed[0][2])
-
-
 def test_model_card_usage_loads_the_folder_and_fine_tuned_only_when_it_was(tmp_path):
     model = timm.create_model('resnet18_bam', num_classes=4)
     scratch = tmp_path / 'scratch'
@@ -94,3 +75,26 @@ def test_model_card_usage_loads_the_folder_and_fine_tuned_only_when_it_was(tmp_p
     assert 'fine-tuned from `resnet18_bam.tv_in1k`' in card and '**Fine-tuned from:** `resnet18_bam.tv_in1k`' in card
     hub_card = model_card('resnet18_bam', repo_id='me/mine', base_weights='runs/a/best.pth')
     assert "timm.create_model('hf-hub:me/mine', pretrained=True)" in hub_card and 'runs/a/best.pth' in hub_card
+
+
+def test_push_uploads_exactly_the_written_files_and_pins_the_commit(hub, tmp_path, checkpoint, capsys):  # noqa: F811
+    data = json.loads(hub.manifest.read_text())
+    data['weights'][FULL] = dict(data['weights']['resnet50_bam.official_in1k'], architecture='resnet18_bam',
+                                 tag='test_in1k', hf_hub_id='bam-models/resnet18_bam.test_in1k', default=False)
+    hub.manifest.write_text(json.dumps(data))
+    repo = 'bam-models/resnet18_bam.test_in1k'
+    out = tmp_path / 'out'
+    assert cli_main(['publish', FULL, '--checkpoint', str(checkpoint), '--out', str(out), '--push',
+                     '--manifest', str(hub.manifest)]) == 0
+    # without --out: a temporary folder, which also holds only what publish wrote
+    assert cli_main(['publish', FULL, '--checkpoint', str(checkpoint), '--push', '--manifest', str(hub.manifest)]) == 0
+    printed = capsys.readouterr().out
+    assert hub.pushed[repo] == [['model.safetensors', 'config.json', 'README.md']] * 2
+    assert sorted(p.name for p in out.iterdir()) == sorted(hub.pushed[repo][0])
+    assert all(f'wrote {out}/{name}' in printed for name in hub.pushed[repo][0])
+    entry = load_manifest(hub.manifest)['weights'][FULL]
+    assert entry['published'] and entry['revision'] == hub.commits[repo] and f"revision {entry['revision']}" in printed
+    # what was pushed loads, pinned and verified against the sha256 publish recorded
+    loaded = timm.create_model(f'hf-hub:{repo}', pretrained=True)
+    assert torch.equal(loaded.fc.weight, load_file(checkpoint)['fc.weight'])
+    assert any(f'resolve/{entry["revision"]}/model.safetensors' in r for r in hub.requests)
