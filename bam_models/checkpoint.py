@@ -66,8 +66,9 @@ def read_state_dict(
     try:
         state_dict = load_state_dict(str(path), use_ema=False, weights_only=True)
     except Exception as e:
+        reason = (str(e).splitlines() or [''])[0][:200]
         raise error(
-            f"{what} {path} could not be read as weights ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            f"{what} {path} could not be read as weights ({type(e).__name__}: {reason}); "
             f"pass a .safetensors file or a torch state dict (read with weights_only=True, so pickled objects "
             f"are refused)") from None
     return check_state_dict(state_dict, f'{what} {path}', error)

@@ -24,7 +24,7 @@ try:
 except ImportError:  # pragma: no cover - huggingface_hub 1.x
     import httpx as _httpx
 
-__all__ = ['BUDGET_ENV', 'TIMEOUT_ENV', 'TRANSPORT_ERRORS', 'bounded_downloads', 'download_limits']
+__all__ = ['BUDGET_ENV', 'TIMEOUT_ENV', 'TRANSPORT_ERRORS', 'bounded_downloads', 'describe_failure', 'download_limits']
 
 TIMEOUT_ENV = 'BAM_MODELS_DOWNLOAD_TIMEOUT'
 BUDGET_ENV = 'BAM_MODELS_DOWNLOAD_BUDGET'
@@ -33,6 +33,12 @@ DEFAULT_BUDGET = 100.0  # seconds for everything one model load downloads, retri
 
 # what a failed transfer raises out of huggingface_hub once its own retries give up
 TRANSPORT_ERRORS = (OSError, _httpx.HTTPError, _httpx.StreamError)
+
+
+def describe_failure(error: BaseException) -> str:
+    """'Type: first line of the message', short enough for a one-line error."""
+    lines = str(error).splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
 
 
 def _seconds(env: str, default: float) -> float:

@@ -17,7 +17,7 @@ from huggingface_hub.errors import (
 from timm.models import parse_model_name, split_model_name_tag
 
 from bam_models.errors import BamModelsError, PretrainedWeightsError, UsageError
-from bam_models.hub.download import TRANSPORT_ERRORS, bounded_downloads
+from bam_models.hub.download import TRANSPORT_ERRORS, bounded_downloads, describe_failure
 from bam_models.hub.pretrained import model_from_checkpoint
 
 __all__ = ['create_model_from_name']
@@ -59,7 +59,7 @@ def _check_name(name: str) -> None:
 
 def _without_weights(name: str, error: Exception) -> PretrainedWeightsError:
     return PretrainedWeightsError(
-        f"{name} has no pretrained weights ({str(error).splitlines()[0]}); pass a checkpoint file, a "
+        f"{name} has no pretrained weights ({describe_failure(error)}); pass a checkpoint file, a "
         f"local-dir:/hf-hub: name that holds weights, or pretrained=False for random weights")
 
 
@@ -98,7 +98,7 @@ def create_model_from_name(
                                      f"repo; pass the architecture name with a checkpoint file instead") from None
     except (HfHubHTTPError,) + TRANSPORT_ERRORS as e:
         raise PretrainedWeightsError(
-            f"{name}: fetching it failed ({type(e).__name__}: {str(e).splitlines()[0][:200]}); check the network, "
+            f"{name}: fetching it failed ({describe_failure(e)}); check the network, "
             f"HF_ENDPOINT and HF_HUB_OFFLINE, or retry later") from None
     except RuntimeError as e:
         message = str(e)

@@ -52,7 +52,7 @@ from bam_models.checkpoint import (
     check_state_dict, describe_mismatch, head_classes, key_mismatch, load_strict, read_state_dict)
 from bam_models.errors import PretrainedWeightsError
 from bam_models.layers import BAM, CBAM
-from bam_models.hub.download import TRANSPORT_ERRORS, bounded_downloads
+from bam_models.hub.download import TRANSPORT_ERRORS, bounded_downloads, describe_failure
 from bam_models.hub.manifest import load_manifest, manifest_entry, manifest_entry_for_repo
 
 __all__ = [
@@ -83,7 +83,8 @@ class _WeightSource:
     trunk_of: Optional[str] = None
 
     def error(self, problem: str, advice: str) -> PretrainedWeightsError:
-        return PretrainedWeightsError(f"cannot load pretrained weights for {self.model} ({self.where}): {problem}; {advice}")
+        return PretrainedWeightsError(
+            f"cannot load pretrained weights for {self.model} ({self.where}): {problem}; {advice}")
 
     @property
     def what(self) -> str:
@@ -145,10 +146,10 @@ def _hub_download(source: _WeightSource, repo_id: str, filename: str, revision: 
         problem, _, advice = str(e).partition('; ')
         raise source.error(problem, advice) from None
     except HfHubHTTPError as e:
-        raise source.error(f"the Hub answered {str(e).splitlines()[0]}", "retry later or check HF_ENDPOINT") from None
+        raise source.error(f"the Hub answered {describe_failure(e)}", "retry later or check HF_ENDPOINT") from None
     except TRANSPORT_ERRORS as e:
         raise source.error(
-            f"the download failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})",
+            f"the download failed ({describe_failure(e)})",
             "retry later, check the network and HF_ENDPOINT; nothing partial was kept in the cache") from None
 
 
@@ -294,12 +295,14 @@ def _key_check(source: _WeightSource, classifier: Sequence[str], first_conv: Seq
     def check(state_dict: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
         mismatch = key_mismatch(state_dict, model, ignore=adapted, ignore_shape=stem)
         attention = attention_keys(model)
+        # a trunk lacks all and only the attention tensors; a manifest 'full' entry that lacks them is broken
         is_trunk = bool(mismatch.missing) and set(mismatch.missing) == set(attention) and not (
-            mismatch.unexpected or mismatch.mismatched) and source.kind != 'full'  # a 'full' entry lacking them is broken
+            mismatch.unexpected or mismatch.mismatched) and source.kind != 'full'
         if is_trunk:
             mismatch = mismatch._replace(missing=[])
         elif source.kind == 'trunk' and not mismatch:
-            mismatch = mismatch._replace(unexpected=['(a trunk entry whose file holds BAM/CBAM weights: fix its kind in the manifest)'])
+            mismatch = mismatch._replace(
+                unexpected=['(a trunk entry whose file holds BAM/CBAM weights: fix its kind in the manifest)'])
         if mismatch:
             raise source.error(
                 f"the checkpoint does not fit {type(model).__name__} '{model.pretrained_cfg.get('architecture')}': "
