@@ -4,8 +4,8 @@ calls of an upload (`create_repo`, then `create_commit` with every file sent inl
 `HEAD|GET /{org}/{name}/resolve/{revision}/{path}` for repos committed with `commit(repo_id, folder)`. A commit
 freezes the repo's commit hash, not its bytes: editing a served file afterwards simulates a tampered mirror.
 `POST /api/repos/create`, `/api/validate-yaml`, `/api/models/{org}/{name}/preupload/{rev}` (every file
-"regular", i.e. inline) and `/api/models/{org}/{name}/commit/{rev}` (ndjson, base64 contents) write the files into the repo and commit it;
-`pushed[repo_id]` lists the paths of each upload.
+"regular", i.e. inline) and `/api/models/{org}/{name}/commit/{rev}` (ndjson, base64 contents) write the files
+into the repo and commit it; `pushed[repo_id]` lists the paths of each upload.
 """
 import base64
 import hashlib
