@@ -10,15 +10,18 @@ export, detection).
 - `load_strict`: all of the above, then `model.load_state_dict`.
 """
 from pathlib import Path
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Union
+from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Type, Union
 
 import torch
 import torch.nn as nn
 from timm.models import load_state_dict
 
-from bam_models.errors import CheckpointError
+from bam_models.errors import BamModelsError, CheckpointError
 
-__all__ = ['KeyMismatch', 'describe_mismatch', 'head_classes', 'key_mismatch', 'load_strict', 'read_state_dict']
+__all__ = [
+    'KeyMismatch', 'check_state_dict', 'describe_mismatch', 'head_classes', 'key_mismatch', 'load_strict',
+    'read_state_dict',
+]
 
 PathLike = Union[str, Path]
 _EXAMPLES = 3  # keys named per kind of problem; the counts say how many there are in all
@@ -35,23 +38,40 @@ def _bad_values(state_dict: Dict[str, torch.Tensor]) -> List[str]:
     return bad
 
 
-def read_state_dict(path: PathLike, what: str = 'checkpoint') -> Dict[str, torch.Tensor]:
-    """The tensors of the weight file at `path`, read safely and checked for impossible values."""
+def check_state_dict(
+        state_dict: Dict[str, object],
+        what: str,
+        error: Type[BamModelsError] = CheckpointError,
+) -> Dict[str, torch.Tensor]:
+    """The tensors of `state_dict` (other entries dropped), refused with `error` if any holds impossible values."""
+    tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    bad = _bad_values(tensors)
+    if bad:
+        raise error(f"{what} holds values no trained network has in {len(bad)} tensors: "
+                    f"{_examples(bad)}; the file is damaged or was saved mid-divergence")
+    return tensors
+
+
+def read_state_dict(
+        path: PathLike,
+        what: str = 'checkpoint',
+        error: Type[BamModelsError] = CheckpointError,
+) -> Dict[str, torch.Tensor]:
+    """The tensors of the weight file at `path`, read safely and checked for impossible values.
+
+    `what` names the file in messages ('checkpoint', 'weights of resnet18_bam'); `error` is the class raised.
+    """
     if not Path(path).is_file():
-        raise CheckpointError(f"{what} {path} does not exist; pass the path of a .safetensors or .pth file")
+        raise error(f"{what} {path} does not exist; pass the path of a .safetensors or .pth file")
     try:
         state_dict = load_state_dict(str(path), use_ema=False, weights_only=True)
     except Exception as e:
-        raise CheckpointError(
-            f"{what} {path} could not be read as weights ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+        reason = (str(e).splitlines() or [''])[0][:200]
+        raise error(
+            f"{what} {path} could not be read as weights ({type(e).__name__}: {reason}); "
             f"pass a .safetensors file or a torch state dict (read with weights_only=True, so pickled objects "
             f"are refused)") from None
-    state_dict = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-    bad = _bad_values(state_dict)
-    if bad:
-        raise CheckpointError(f"{what} {path} holds values no trained network has in {len(bad)} tensors: "
-                              f"{', '.join(bad[:_EXAMPLES])}; the file is damaged or was saved mid-divergence")
-    return state_dict
+    return check_state_dict(state_dict, f'{what} {path}', error)
 
 
 def head_classes(state_dict: Dict[str, torch.Tensor], classifier: Union[str, Sequence[str], None]) -> Optional[int]:
@@ -73,9 +93,18 @@ class KeyMismatch(NamedTuple):
         return bool(self.missing or self.unexpected or self.mismatched)
 
 
-def key_mismatch(state_dict: Dict[str, torch.Tensor], model: nn.Module, ignore: Iterable[str] = ()) -> KeyMismatch:
-    """How `state_dict` differs from `model.state_dict()`; keys in `ignore` are adapted by the caller."""
-    ignore = set(ignore)
+def key_mismatch(
+        state_dict: Dict[str, torch.Tensor],
+        model: nn.Module,
+        ignore: Iterable[str] = (),
+        ignore_shape: Iterable[str] = (),
+) -> KeyMismatch:
+    """How `state_dict` differs from `model.state_dict()`.
+
+    Keys in `ignore` are adapted by the caller (may be absent, any shape); keys in `ignore_shape` must be present
+    and of a float type where the model's is, but their shape is adapted (timm's input-conv adaptation).
+    """
+    ignore, ignore_shape = set(ignore), set(ignore_shape)
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict and k not in ignore]
     unexpected = sorted(k for k in state_dict if k not in expected and k not in ignore)
@@ -84,7 +113,7 @@ def key_mismatch(state_dict: Dict[str, torch.Tensor], model: nn.Module, ignore: 
         if key in ignore or key not in expected:
             continue
         want = expected[key]
-        if value.shape != want.shape:
+        if value.shape != want.shape and key not in ignore_shape:
             mismatched.append(f'{key}: checkpoint {tuple(value.shape)}, model {tuple(want.shape)}')
         elif want.is_floating_point() and not value.is_floating_point():
             mismatched.append(f'{key}: checkpoint {value.dtype}, model {want.dtype}')

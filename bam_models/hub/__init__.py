@@ -1,5 +1,7 @@
-""" Weights and the Hugging Face Hub: verified pretrained loading (`pretrained`), the weights manifest
-(`manifest`), checkpoint conversion (`convert`) and the Hub folder writer (`save_pretrained`). """
+""" Weights and the Hugging Face Hub: verified pretrained loading (`pretrained`), bounded downloads
+(`download`), one model-by-name entry point for every command (`load.create_model_from_name`), the weights
+manifest (`manifest`), checkpoint conversion (`convert`), the Hub folder writer (`save_pretrained`) and
+publishing (`publish`). """
 from bam_models.hub.pretrained import (
     PretrainedWeightsError,
     TrunkOnlyWeightsWarning,
@@ -11,9 +13,10 @@ from bam_models.hub.pretrained import (
     model_from_checkpoint,
     save_pretrained,
 )
+from bam_models.hub.load import create_model_from_name
 
 __all__ = [
     'PretrainedWeightsError', 'TrunkOnlyWeightsWarning', 'UnverifiedWeightsWarning',
     'build_model_with_weights', 'attention_keys', 'file_sha256', 'model_from_checkpoint', 'save_pretrained',
-    'model_card',
+    'model_card', 'create_model_from_name',
 ]
