@@ -48,10 +48,12 @@ def validate(model_name: str, data: str, checkpoint: Optional[str] = None, split
         _check_split(data, split)
     model = create_model_from_name(model_name, checkpoint)
     data_config = resolve_data_config({'input_size': (3, img_size, img_size)} if img_size else {}, model=model)
-    dataset = build_dataset(data, 'val', val_split=split)
+    try:
+        dataset = build_dataset(data, 'val', val_split=split)
+    except RuntimeError as error:  # timm's folder reader: "Found 0 images in subfolders of ..."
+        raise UsageError(f"the {split} split of {data} holds no images ({error}); put the images in "
+                         f"{split}/<class>/ folders") from None
     classes = dataset_classes(dataset)
-    if len(dataset) == 0:
-        raise UsageError(f"the {split} split of {data} holds no images; put images in <split>/<class>/ folders")
     if len(classes) > model.num_classes:
         raise UsageError(f"{data} has {len(classes)} classes but {model_name} predicts {model.num_classes}; "
                          f"pass the checkpoint trained on this data")
