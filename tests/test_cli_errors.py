@@ -179,9 +179,8 @@ def test_export_takes_local_dir_names(capsys, tmp_path):
     timm.models.save_for_hf(model, str(tmp_path / 'hub'))
     out = tmp_path / 'model.pt'
     assert main(['export', f'local-dir:{tmp_path / "hub"}', str(out), '--format', 'torchscript',
-                 '--input-size', '64', '64']) == 0
-    printed = capsys.readouterr().out
-    assert f'wrote {out}' in printed and 'max abs diff vs PyTorch' in printed
+                 '--input-size', '64', '64', '--no-check']) == 0
+    assert f'wrote {out}' in capsys.readouterr().out
     x = torch.randn(2, 3, 64, 80)
     with torch.no_grad():
         torch.testing.assert_close(load_exported(out, 'torchscript')(x), model(x), atol=1e-4, rtol=0)
@@ -208,8 +207,11 @@ def test_checkpoint_preprocessing_reaches_every_command(capsys, files, tmp_path)
     assert main(['visualize', '--model', ARCH, '--checkpoint', str(best), '--image', str(files / 'image.png'),
                  '--out', str(tmp_path / 'maps.png')]) == 0
     assert 'layer1: 1 BAM, 8x8' in capsys.readouterr().out  # 32 px / 4, not 224 px / 4 = 56
-    assert main(['validate', '--model', ARCH, '--checkpoint', str(last), '--data', 'digits']) == 0
-    assert '(360 images at 32px)' in capsys.readouterr().out
+    for name in ('a', 'b'):
+        (tmp_path / 'data' / 'val' / name).mkdir(parents=True)
+        Image.open(files / 'image.png').save(tmp_path / 'data' / 'val' / name / 'image.png')
+    assert main(['validate', '--model', ARCH, '--checkpoint', str(last), '--data', str(tmp_path / 'data')]) == 0
+    assert '(2 images at 32px)' in capsys.readouterr().out
 
 
 def test_unreachable_pretrained_weights_of_a_timm_model(tmp_path, monkeypatch):
