@@ -206,7 +206,7 @@ def load_images(model: nn.Module, paths: Sequence[str], img_size: Optional[int] 
     images = []
     for path in paths:
         if not Path(path).is_file():
-            raise UsageError(f"image {path} does not exist; pass the path of an image file")
+            raise UsageError(f"image {path} is not an existing file; pass the path of an image file")
         try:
             with Image.open(path) as image:
                 images.append(transform(image.convert('RGB')))
@@ -236,7 +236,8 @@ def _cam_layer(model: nn.Module, target_layer: Optional[str]) -> Tuple[str, nn.M
     names = [name for name, _ in model.named_modules() if name]
     if target_layer not in names:
         close = difflib.get_close_matches(target_layer, names, n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else f"top-level modules: {', '.join(n for n, _ in model.named_children())}"
+        children = ', '.join(name for name, _ in model.named_children())
+        hint = f"did you mean {', '.join(close)}?" if close else f"top-level modules: {children}"
         raise UsageError(f"{type(model).__name__} has no module '{target_layer}' ({hint}); pass a module name "
                          f"of model.named_modules(), e.g. the last stage")
     return target_layer, model.get_submodule(target_layer)

@@ -96,10 +96,16 @@ def test_model_name_typos(capsys, files, tmp_path, command):
     _one_error(capsys, argv, r"no pretrained tag 'in1k' \(tags: resnet18_bam\.tv_in1k\)")
     argv[argv.index('resnet18_bam.in1k')] = f'local-dir:{tmp_path / "nothing"}'
     _one_error(capsys, argv, r'is not a folder with a config\.json')
+    for text, pattern in (('not json', r'config\.json is not valid JSON'),
+                          ('{}', r'config\.json names no architecture'),
+                          ('{"architecture": "resnet18_bamm"}', r"unknown model 'resnet18_bamm' in .*config\.json")):
+        (tmp_path / 'nothing').mkdir(exist_ok=True)
+        (tmp_path / 'nothing' / 'config.json').write_text(text)
+        _one_error(capsys, argv, pattern)
 
 
 @pytest.mark.parametrize('argv,pattern', [
-    (['--image', 'missing.png'], r'image .*missing\.png does not exist'),
+    (['--image', 'missing.png'], r'image .*missing\.png is not an existing file'),
     (['--image', 'text.png'], r'text\.png could not be read as an image'),
     (['--out', 'no_folder/maps.png'], r'the folder of .*no_folder/maps\.png does not exist'),
     (['--out', 'maps.figure'], r'no image suffix matplotlib writes'),
@@ -140,14 +146,16 @@ def test_validate_folders(capsys, files, tmp_path):
     # a folder with only a train split: timm's reader would silently score the whole folder, train/ as a class
     (tmp_path / 'train' / 'a').mkdir(parents=True)
     Image.new('RGB', (8, 8)).save(tmp_path / 'train' / 'a' / '0.png')
-    _one_error(capsys, ['validate', *checkpoint, '--data', tmp_path], r'has no validation split \(looked for validation/, val/')
+    _one_error(capsys, ['validate', *checkpoint, '--data', tmp_path],
+               r'has no validation split \(looked for validation/, val/')
     (tmp_path / 'val').mkdir()
     _one_error(capsys, ['validate', *checkpoint, '--data', tmp_path], r'holds no images')
 
 
 def test_validate_more_classes_than_outputs(capsys, files, tmp_path):
     save_file(timm.create_model(ARCH, num_classes=3).state_dict(), str(tmp_path / 'three.safetensors'))
-    _one_error(capsys, ['validate', '--model', ARCH, '--checkpoint', tmp_path / 'three.safetensors', '--data', 'digits'],
+    _one_error(capsys, ['validate', '--model', ARCH, '--checkpoint', tmp_path / 'three.safetensors',
+                        '--data', 'digits'],
                r'digits has 10 classes but resnet18_bam predicts 3')
 
 

@@ -144,8 +144,8 @@ def test_cbam_maps_are_the_applied_gates():
     capture = capture_attention(model, images)
     for name, (x, out) in _module_io(model, CBAM, images).items():
         cbam = model.get_submodule(name)
-        mlp = lambda v: F.conv2d(F.relu(F.conv2d(v, cbam.channel_gate.fc1.weight, cbam.channel_gate.fc1.bias)),
-                                 cbam.channel_gate.fc2.weight, cbam.channel_gate.fc2.bias)
+        def mlp(v, gate=cbam.channel_gate):
+            return F.conv2d(F.relu(F.conv2d(v, gate.fc1.weight, gate.fc1.bias)), gate.fc2.weight, gate.fc2.bias)
         channel = torch.sigmoid(mlp(x.mean((2, 3), keepdim=True)) + mlp(x.amax((2, 3), keepdim=True)))
         refined = x * channel
         pooled = torch.cat([refined.amax(1, keepdim=True), refined.mean(1, keepdim=True)], 1)

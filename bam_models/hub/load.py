@@ -9,6 +9,7 @@ config.json of a `local-dir:` folder does, so `timm.data.resolve_data_config(mod
 training. Every expected failure is a `BamModelsError` whose message says what to do.
 """
 import difflib
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -32,20 +33,34 @@ def _close_matches(word: str, choices) -> str:
     return f" (did you mean {', '.join(matches)}?)" if matches else ''
 
 
+def _check_architecture(arch: str, where: str = '') -> None:
+    if not timm.is_model(arch):
+        raise UsageError(f"unknown model '{arch}'{where}{_close_matches(arch, timm.list_models())}; "
+                         f"see `bam-models list` or timm.list_models()")
+
+
+def _check_local_dir(name: str) -> None:
+    folder = Path(name[len(_LOCAL_DIR):])
+    written_by = "pass a folder written by `bam-models train` (OUT/hub), `convert` or `publish`, or timm's save_for_hf"
+    if not (folder / 'config.json').is_file():
+        raise UsageError(f"{name}: {folder} is not a folder with a config.json; {written_by}")
+    try:
+        config = json.loads((folder / 'config.json').read_text(encoding='utf-8'))
+    except (ValueError, UnicodeDecodeError) as error:
+        raise UsageError(f"{name}: {folder / 'config.json'} is not valid JSON ({error}); {written_by}") from None
+    if not isinstance(config, dict) or not isinstance(config.get('architecture'), str):
+        raise UsageError(f"{name}: {folder / 'config.json'} names no architecture; {written_by}")
+    _check_architecture(config['architecture'], f" in {folder / 'config.json'}")
+
+
 def _check_name(name: str) -> None:
     """Refuse a name no loader can resolve, before any work (or download) starts."""
     if name.startswith(_LOCAL_DIR):
-        folder = Path(name[len(_LOCAL_DIR):])
-        if not (folder / 'config.json').is_file():
-            raise UsageError(f"{name}: {folder} is not a folder with a config.json; pass a folder written by "
-                             f"`bam-models train` (OUT/hub), `convert` or `publish`, or timm's save_for_hf")
-        return
+        return _check_local_dir(name)
     if name.startswith(_HF_HUB):
-        return
+        return None
     arch, tag = split_model_name_tag(name)
-    if not timm.is_model(arch):
-        raise UsageError(f"unknown model '{arch}'{_close_matches(arch, timm.list_models())}; "
-                         f"see `bam-models list` or timm.list_models()")
+    _check_architecture(arch)
     tags = timm.list_pretrained(f'{arch}.*')
     if tag and name not in tags:
         raise UsageError(f"{arch} has no pretrained tag '{tag}' (tags: {', '.join(tags) or 'none'}); "
