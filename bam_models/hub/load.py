@@ -87,7 +87,7 @@ def create_model_from_name(name: str, checkpoint: Optional[str] = None, pretrain
         model = model_from_checkpoint(name, checkpoint, **kwargs)
         data_config = read_data_config(checkpoint)
         if data_config:
-            model.pretrained_cfg = dict(model.pretrained_cfg, **data_config)
+            model.pretrained_cfg = model.default_cfg = dict(model.pretrained_cfg, **data_config)
         return model
     if not pretrained:
         return timm.create_model(name, pretrained=False, **kwargs)
