@@ -8,9 +8,10 @@ export, detection).
 - `key_mismatch`: missing / unexpected / mis-shaped / wrongly-typed keys of a state dict against a model,
   and `describe_mismatch` the one message format for them.
 - `load_strict`: all of the above, then `model.load_state_dict`.
+- `read_data_config`: the preprocessing a `bam-models train` checkpoint was trained with.
 """
 from pathlib import Path
-from typing import Dict, Iterable, List, NamedTuple, Optional, Sequence, Type, Union
+from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Type, Union
 
 import torch
 import torch.nn as nn
@@ -20,7 +21,7 @@ from bam_models.errors import BamModelsError, CheckpointError
 
 __all__ = [
     'KeyMismatch', 'check_state_dict', 'describe_mismatch', 'head_classes', 'key_mismatch', 'load_strict',
-    'read_state_dict',
+    'read_data_config', 'read_state_dict',
 ]
 
 PathLike = Union[str, Path]
@@ -141,3 +142,28 @@ def load_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: s
         raise CheckpointError(f"{source} does not fit {arch}: {describe_mismatch(mismatch)}; {advice}")
     model.load_state_dict(state_dict)
     return model
+
+
+def read_data_config(path: PathLike) -> Optional[Dict[str, Any]]:
+    """The preprocessing stored in a torch checkpoint of `bam-models train`, as timm data-config keys.
+
+    best.pth holds the resolved `data_config`; last.pth only the run's config, whose `data` section gives
+    what was set explicitly. None for a safetensors file or a plain state dict (no preprocessing stored).
+    """
+    if str(path).endswith('.safetensors'):
+        return None
+    try:
+        raw = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception:  # read_state_dict already reported an unreadable file; this one holds no config
+        return None
+    if not isinstance(raw, dict):
+        return None
+    if isinstance(raw.get('data_config'), dict):
+        return dict(raw['data_config'])
+    data = (raw.get('config') or {}).get('data') if isinstance(raw.get('config'), dict) else None
+    if not isinstance(data, dict):
+        return None
+    size = data.get('input_size')
+    stored = dict(input_size=(3, size, size) if size else None, interpolation=data.get('interpolation'),
+                  crop_pct=data.get('crop_pct'), mean=data.get('mean'), std=data.get('std'))
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if v is not None}

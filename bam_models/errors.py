@@ -7,8 +7,8 @@ subclass also keeps the builtin base that callers caught before (as huggingface_
 """
 
 __all__ = [
-    'BamModelsError', 'CheckpointError', 'ConfigError', 'ConversionError', 'NonFiniteLossError', 'PretrainedWeightsError',
-    'UsageError',
+    'BamModelsError', 'CheckpointError', 'ConfigError', 'ConversionError', 'ExportError', 'NonFiniteLossError',
+    'PretrainedWeightsError', 'UsageError',
 ]
 
 
@@ -31,6 +31,10 @@ class ConfigError(BamModelsError, ValueError):
 
 class ConversionError(BamModelsError, ValueError):
     """A checkpoint could not be converted to a zoo model's layout; nothing was written."""
+
+
+class ExportError(BamModelsError, RuntimeError):
+    """An exported file does not compute what the PyTorch model computes."""
 
 
 class PretrainedWeightsError(BamModelsError, RuntimeError):

@@ -2,21 +2,22 @@
 
 Every exported file is checked against the PyTorch model it came from by `compare_with_pytorch`, which runs
 the file in its own runtime (onnxruntime, torch.jit.load, torch.export.load) at the given input sizes.
+`export_model` returns every file it wrote: the ONNX exporter may put the weights into a `.onnx.data` file
+next to the graph, which must travel with it.
 """
 import warnings
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-import timm
 import torch
 import torch.nn as nn
-from timm.models import get_pretrained_cfg
 
-from bam_models.hub import model_from_checkpoint
+from bam_models.errors import UsageError
+from bam_models.hub.load import create_model_from_name
 
 __all__ = [
-    'FORMATS', 'create_model_for_export', 'export_model', 'export_onnx', 'export_torchscript', 'export_program',
-    'load_exported', 'compare_with_pytorch',
+    'FORMATS', 'ExportResult', 'check_shapes', 'create_model_for_export', 'export_model', 'export_onnx',
+    'export_torchscript', 'export_program', 'load_exported', 'compare_with_pytorch',
 ]
 
 FORMATS = ('onnx', 'torchscript', 'exported')
@@ -31,20 +32,13 @@ def create_model_for_export(
         random_init: bool = False,
         **model_kwargs,
 ) -> nn.Module:
-    """An eval-mode model with the weights to export.
+    """An eval-mode model with the weights to export (`bam_models.hub.load.create_model_from_name`).
 
-    `model_name` may carry a pretrained tag ('resnet50_bam.tag'). A `checkpoint` (read by
-    `bam_models.hub.model_from_checkpoint`) wins over pretrained weights; its classifier size sets num_classes.
+    `model_name` is any name timm takes (`ARCH[.TAG]`, `local-dir:PATH`, `hf-hub:ORG/NAME`). A `checkpoint`
+    wins over pretrained weights; its classifier size sets num_classes. Random weights only on request
+    (`random_init`): a model without pretrained weights raises PretrainedWeightsError.
     """
-    if checkpoint is not None:
-        return model_from_checkpoint(model_name, checkpoint, **model_kwargs).eval()
-    cfg = get_pretrained_cfg(model_name, allow_unregistered=False)
-    has_weights = cfg is not None and any(getattr(cfg, key, None) for key in ('url', 'hf_hub_id', 'file', 'state_dict'))
-    if not has_weights and not random_init:
-        raise ValueError(
-            f"{model_name} has no pretrained weights to export; pass --checkpoint FILE with your weights, "
-            f"or --random-init to export randomly initialised weights (e.g. to test a deployment pipeline)")
-    return timm.create_model(model_name, pretrained=has_weights and not random_init, **model_kwargs).eval()
+    return create_model_from_name(model_name, checkpoint, pretrained=not random_init, **model_kwargs).eval()
 
 
 def _total_stride(model: nn.Module) -> int:
@@ -65,11 +59,31 @@ def _dynamic_shapes(model: nn.Module) -> Dict[str, Dict[int, torch.export.Dim]]:
     }}
 
 
+def trace_size(model: nn.Module, input_size: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+    """(H, W) of the example input: `input_size`, checked, or the model's own input size (which a checkpoint
+    of `bam-models train` sets to its training size), raised to the smallest side the export supports."""
+    min_side = _total_stride(model) + 1
+    if input_size is not None:
+        if min(input_size) < min_side:
+            name = model.pretrained_cfg.get('architecture') or type(model).__name__
+            raise UsageError(f"--input-size {input_size[0]} {input_size[1]} is too small for {name}: H and W "
+                             f"must be at least {min_side} (its total stride {min_side - 1}, plus one); "
+                             f"pass e.g. --input-size 224 224")
+        return tuple(input_size)
+    height, width = model.pretrained_cfg.get('input_size', (3, 224, 224))[-2:]
+    return max(height, min_side), max(width, min_side)
+
+
+def check_shapes(model: nn.Module, input_size: Optional[Tuple[int, int]] = None) -> List[Tuple[int, int, int, int]]:
+    """Two batch sizes and two non-square sizes, neither of them the traced one: what `bam-models export`
+    compares with PyTorch."""
+    height, width = trace_size(model, input_size)
+    return [(1, 3, height + 32, width), (3, 3, height, width + 64)]
+
+
 def _sample(model: nn.Module, input_size: Optional[Tuple[int, int]]) -> torch.Tensor:
-    if input_size is None:
-        input_size = tuple(model.pretrained_cfg.get('input_size', (3, 224, 224))[-2:])
     # batch 2: a sample of batch 1 would let the tracers specialise the batch dimension to 1
-    return torch.randn(2, getattr(model, 'in_chans', 3), *input_size)
+    return torch.randn(2, getattr(model, 'in_chans', 3), *trace_size(model, input_size))
 
 
 def export_onnx(model: nn.Module, path: Path, sample: torch.Tensor, opset: Optional[int] = None) -> str:
@@ -103,28 +117,44 @@ def export_program(model: nn.Module, path: Path, sample: torch.Tensor) -> None:
     torch.export.save(torch.export.export(model, (sample,), dynamic_shapes=_dynamic_shapes(model)), str(path))
 
 
+class ExportResult(NamedTuple):
+    exporter: str  # e.g. 'onnx (dynamo exporter)'
+    files: List[Path]  # every file written: the graph/program first, then e.g. its .onnx.data weights
+
+
+def _stamps(path: Path) -> Dict[Path, int]:
+    """Modification times of `path` and of the files named after it (an ONNX graph's `.data` weights)."""
+    return {p: p.stat().st_mtime_ns for p in path.parent.glob(f'{path.name}*') if p.is_file()}
+
+
 def export_model(
         model: nn.Module,
         path: Path,
         fmt: str,
         input_size: Optional[Tuple[int, int]] = None,
         opset: Optional[int] = None,
-) -> str:
-    """Export `model` (put in eval mode) to `path` in `fmt`; returns a one-word description of the exporter."""
+) -> ExportResult:
+    """Export `model` (put in eval mode) to `path` in `fmt`; returns the exporter used and the files written."""
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+        raise UsageError(f"format must be one of {FORMATS}, got {fmt!r}; pick one of them")
     model = model.eval()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; pass the path of the file to write, e.g. {path / 'model.onnx'}")
     sample = _sample(model, input_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    before = _stamps(path)
     with torch.no_grad():
         if fmt == 'onnx':
-            return f'onnx ({export_onnx(model, path, sample, opset)} exporter)'
-        if fmt == 'torchscript':
+            exporter = f'onnx ({export_onnx(model, path, sample, opset)} exporter)'
+        elif fmt == 'torchscript':
             export_torchscript(model, path)
-            return 'torchscript (scripted)'
-        export_program(model, path, sample)
-        return 'torch.export'
+            exporter = 'torchscript (scripted)'
+        else:
+            export_program(model, path, sample)
+            exporter = 'torch.export'
+    written = sorted((p for p, stamp in _stamps(path).items() if before.get(p) != stamp), key=lambda p: p != path)
+    return ExportResult(exporter, written)
 
 
 def load_exported(path: Path, fmt: str) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -141,7 +171,7 @@ def load_exported(path: Path, fmt: str) -> Callable[[torch.Tensor], torch.Tensor
             return torch.jit.load(str(path)).eval()
     if fmt == 'exported':
         return torch.export.load(str(path)).module()
-    raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    raise UsageError(f"format must be one of {FORMATS}, got {fmt!r}; pick one of them")
 
 
 def compare_with_pytorch(

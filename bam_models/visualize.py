@@ -19,9 +19,12 @@ Value definitions, all in [0, 1]:
   blocks of their spatial maps and of their channel weights; the per-block maps stay in `modules`.
 
 `save_attention_figure(model, images, out_path)` draws the input, every stage's spatial attention upsampled
-onto it, and a Grad-CAM (the `grad-cam` package) of the top class at the last stage.
+onto it, and a Grad-CAM (the `grad-cam` package) of the top class at the last stage. `load_images` reads image
+files with the model's preprocessing and `class_names` gives the label names for the titles.
 """
+import difflib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -29,11 +32,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bam_models.errors import UsageError
 from bam_models.layers import BAM, CBAM
 
 __all__ = [
-    'AttentionMap', 'AttentionCapture', 'capture_attention', 'grad_cam', 'default_cam_layer',
-    'save_attention_figure',
+    'AttentionMap', 'AttentionCapture', 'capture_attention', 'class_names', 'grad_cam', 'default_cam_layer',
+    'load_images', 'save_attention_figure',
 ]
 
 
@@ -135,9 +139,9 @@ def capture_attention(model: nn.Module, images: torch.Tensor) -> AttentionCaptur
     """
     attention_modules = [(name, m) for name, m in model.named_modules() if isinstance(m, (BAM, CBAM))]
     if not attention_modules:
-        raise ValueError(
+        raise UsageError(
             f"capture_attention found no BAM or CBAM module in {type(model).__name__}; pass a zoo model "
-            f"(bam_models.list_zoo_models()) or one prepared with bam_models.insert_bam / insert_cbam.")
+            f"(bam_models.list_zoo_models()) or one prepared with bam_models.insert_bam / insert_cbam")
 
     gate_outputs: Dict[str, Dict[str, torch.Tensor]] = {}
     order: List[str] = []
@@ -187,6 +191,71 @@ def capture_attention(model: nn.Module, images: torch.Tensor) -> AttentionCaptur
     return AttentionCapture(output=output, modules=maps, stages=_group_by_stage(model, maps))
 
 
+def load_images(model: nn.Module, paths: Sequence[str], img_size: Optional[int] = None) -> torch.Tensor:
+    """Image files as one batch, preprocessed as the model's pretrained_cfg says (resize, center crop,
+    normalise); `img_size` overrides its input size."""
+    from PIL import Image, UnidentifiedImageError
+    from timm.data import create_transform, resolve_data_config
+
+    if not paths:
+        raise UsageError("no images given; pass one or more image files")
+    if img_size is not None and img_size < 1:
+        raise UsageError(f"--img-size must be a positive number, got {img_size}; pass e.g. --img-size 224")
+    transform = create_transform(**resolve_data_config(
+        {'input_size': (3, img_size, img_size)} if img_size else {}, model=model))
+    images = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise UsageError(f"image {path} is not an existing file; pass the path of an image file")
+        try:
+            with Image.open(path) as image:
+                images.append(transform(image.convert('RGB')))
+        except (UnidentifiedImageError, OSError) as error:
+            raise UsageError(f"image {path} could not be read as an image ({type(error).__name__}); "
+                             f"pass a PNG, JPEG or another format Pillow reads") from None
+    return torch.stack(images)
+
+
+def class_names(model: nn.Module) -> Optional[List[str]]:
+    """Label names from the pretrained cfg, else ImageNet's for 1000-class models, else None."""
+    import timm.data
+
+    names = model.pretrained_cfg.get('label_names')
+    if names:
+        return list(names)
+    subset = timm.data.infer_imagenet_subset(model)
+    if subset:
+        info = timm.data.ImageNetInfo(subset)
+        return [info.index_to_description(i) for i in range(model.num_classes)]
+    return None
+
+
+def _cam_layer(model: nn.Module, target_layer: Optional[str]) -> Tuple[str, nn.Module]:
+    if target_layer is None:
+        return default_cam_layer(model)
+    names = [name for name, _ in model.named_modules() if name]
+    if target_layer not in names:
+        close = difflib.get_close_matches(target_layer, names, n=3)
+        children = ', '.join(name for name, _ in model.named_children())
+        hint = f"did you mean {', '.join(close)}?" if close else f"top-level modules: {children}"
+        raise UsageError(f"{type(model).__name__} has no module '{target_layer}' ({hint}); pass a module name "
+                         f"of model.named_modules(), e.g. the last stage")
+    return target_layer, model.get_submodule(target_layer)
+
+
+def _check_out_path(out_path: str) -> None:
+    """Refuse before the forward passes: matplotlib would fail only at the very end."""
+    from matplotlib.figure import Figure
+
+    path = Path(out_path)
+    if not path.parent.is_dir():
+        raise UsageError(f"the folder of {out_path} does not exist; create {path.parent} first or pass another path")
+    supported = Figure().canvas.get_supported_filetypes()
+    if path.suffix.lstrip('.').lower() not in supported:
+        raise UsageError(f"{out_path} has no image suffix matplotlib writes ({', '.join(sorted(supported))}); "
+                         f"pass e.g. maps.png")
+
+
 def default_cam_layer(model: nn.Module) -> Tuple[str, nn.Module]:
     """The module whose output Grad-CAM explains by default: the last feature stage (`layer4`, `blocks.4`)."""
     feature_info = getattr(model, 'feature_info', None)
@@ -195,7 +264,7 @@ def default_cam_layer(model: nn.Module) -> Tuple[str, nn.Module]:
         return name, model.get_submodule(name)
     if hasattr(model, 'layer4'):
         return 'layer4', model.layer4
-    raise ValueError(
+    raise UsageError(
         f"cannot tell the last feature stage of {type(model).__name__} (no timm feature_info, no layer4); "
         f"pass target_layer= the module whose activations Grad-CAM should use.")
 
@@ -242,7 +311,7 @@ def grad_cam(
 def _class_probabilities(model: nn.Module, logits: torch.Tensor) -> torch.Tensor:
     # a timm model created with num_classes=0 returns pooled features, also of shape (B, N)
     if logits.dim() != 2 or getattr(model, 'num_classes', None) == 0:
-        raise ValueError(
+        raise UsageError(
             f"Grad-CAM needs classifier logits of shape (B, num_classes), the model returned "
             f"{'features' if logits.dim() == 2 else 'a tensor'} of shape {list(logits.shape)}; create it with "
             f"num_classes > 0.")
@@ -276,7 +345,7 @@ def _display_images(
     if shown.shape[-1] == 1:
         shown = np.repeat(shown, 3, axis=-1)
     if shown.shape[0] != images.shape[0]:
-        raise ValueError(
+        raise UsageError(
             f"display_images holds {shown.shape[0]} images but images holds {images.shape[0]}; pass one "
             f"display image per input image.")
     return np.clip(shown, 0., 1.)
@@ -322,10 +391,10 @@ def save_attention_figure(
     """
     from matplotlib.figure import Figure  # no pyplot: no global backend or figure state is touched
 
-    if target_layer is None:
-        cam_layer_name, cam_layer = default_cam_layer(model)
-    else:
-        cam_layer_name, cam_layer = target_layer, model.get_submodule(target_layer)
+    _check_out_path(out_path)
+    if images.shape[0] == 0:
+        raise UsageError("the image batch is empty; pass at least one image")
+    cam_layer_name, cam_layer = _cam_layer(model, target_layer)
     cam_sizes = []
     size_hook = cam_layer.register_forward_hook(lambda module, args, output: cam_sizes.append(output.shape[-2:]))
     was_training = model.training

@@ -1,4 +1,6 @@
 """ Export to ONNX (onnxruntime), TorchScript and torch.export: outputs match PyTorch at other input sizes. """
+from pathlib import Path
+
 import onnx
 import pytest
 import timm
@@ -39,10 +41,19 @@ def test_cli_exports_a_checkpoint_in_every_format(tmp_path, capsys):
     checkpoint = tmp_path / 'finetuned.pth'
     torch.save(model.state_dict(), checkpoint)
     for fmt in ('onnx', 'torchscript', 'exported'):
-        out = tmp_path / f'resnet18_bam{SUFFIX[fmt]}'
+        out = tmp_path / fmt / f'resnet18_bam{SUFFIX[fmt]}'
         assert main(['export', 'resnet18_bam', '--format', fmt, '--checkpoint', str(checkpoint),
                      '--input-size', '64', '96', str(out)]) == 0
-        assert 'max abs diff vs PyTorch' in capsys.readouterr().out
+        printed = capsys.readouterr().out
+        assert 'max abs diff vs PyTorch' in printed
+        # every file written is named (the ONNX exporter puts the weights into a .onnx.data file), no other
+        named = {Path(line.split()[1]) for line in printed.splitlines() if line.startswith('wrote ')}
+        assert named == set(out.parent.iterdir()), (printed, list(out.parent.iterdir()))
+        if fmt == 'onnx':  # the files named besides the graph are exactly those its initializers point to
+            graph = onnx.load(str(out), load_external_data=False).graph
+            locations = {entry.value for init in graph.initializer for entry in init.external_data
+                         if entry.key == 'location'}
+            assert {p.name for p in named if p != out} == locations
         # checked again here against the model the checkpoint came from, not the one the command rebuilt
         diffs = compare_with_pytorch(model, out, fmt, SHAPES)
         assert max(diffs) <= TOLERANCE, (fmt, diffs)
@@ -50,9 +61,11 @@ def test_cli_exports_a_checkpoint_in_every_format(tmp_path, capsys):
             assert _onnx_dynamic_axes(out) == [0, 2, 3]
 
 
-def test_cli_refuses_to_export_random_weights_silently(tmp_path):
-    with pytest.raises(SystemExit, match='--random-init'):
-        main(['export', 'resnet18_bam', str(tmp_path / 'x.onnx')])
+def test_cli_refuses_to_export_random_weights_silently(tmp_path, capsys):
+    assert main(['export', 'resnet18_bam', str(tmp_path / 'x.onnx')]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith('error: resnet18_bam has no pretrained weights') and '--random-init' in error
+    assert '\n' not in error and not (tmp_path / 'x.onnx').exists()
 
 
 def test_checkpoint_sets_num_classes_and_must_fit(tmp_path):

@@ -1,5 +1,6 @@
 """ Attention capture, Grad-CAM and the attention figure (bam_models.visualize, `bam-models visualize`). """
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -143,8 +144,8 @@ def test_cbam_maps_are_the_applied_gates():
     capture = capture_attention(model, images)
     for name, (x, out) in _module_io(model, CBAM, images).items():
         cbam = model.get_submodule(name)
-        mlp = lambda v: F.conv2d(F.relu(F.conv2d(v, cbam.channel_gate.fc1.weight, cbam.channel_gate.fc1.bias)),
-                                 cbam.channel_gate.fc2.weight, cbam.channel_gate.fc2.bias)
+        def mlp(v, gate=cbam.channel_gate):
+            return F.conv2d(F.relu(F.conv2d(v, gate.fc1.weight, gate.fc1.bias)), gate.fc2.weight, gate.fc2.bias)
         channel = torch.sigmoid(mlp(x.mean((2, 3), keepdim=True)) + mlp(x.amax((2, 3), keepdim=True)))
         refined = x * channel
         pooled = torch.cat([refined.amax(1, keepdim=True), refined.mean(1, keepdim=True)], 1)
@@ -311,15 +312,19 @@ def test_cli_visualize_local_dir_model(tmp_path, image_files, capsys):
     _assert_distinct_panels(_panels(out, 2 + 4)[1])
 
 
-def test_cli_visualize_explains_missing_or_mismatched_weights(tmp_path, image_files):
+def test_cli_visualize_explains_missing_or_mismatched_weights(tmp_path, image_files, capsys):
     from safetensors.torch import save_file
     out = str(tmp_path / 'maps.png')
-    with pytest.raises(SystemExit, match='no pretrained weights.*--checkpoint'):
-        cli_main(['visualize', '--model', 'resnet18_bam', '--image', image_files[0], '--out', out])
+    assert cli_main(['visualize', '--model', 'resnet18_bam', '--image', image_files[0], '--out', out]) == 2
+    error = capsys.readouterr().err.strip()
+    assert re.fullmatch(r'error: resnet18_bam has no pretrained weights.*; .*--checkpoint.*--random-init.*', error)
     save_file(timm.create_model('resnet18_cbam', num_classes=7).state_dict(), str(tmp_path / 'cbam.safetensors'))
-    with pytest.raises(SystemExit, match='does not fit resnet18_bam.*missing keys'):
-        cli_main(['visualize', '--model', 'resnet18_bam', '--checkpoint', str(tmp_path / 'cbam.safetensors'),
-                  '--image', image_files[0], '--out', out])
+    assert cli_main(['visualize', '--model', 'resnet18_bam', '--checkpoint', str(tmp_path / 'cbam.safetensors'),
+                     '--image', image_files[0], '--out', out]) == 2
+    error = capsys.readouterr().err.strip()
+    assert re.fullmatch(r'error: checkpoint .*cbam.safetensors does not fit resnet18_bam: 96 missing keys .*; '
+                        r'80 unexpected keys .*', error)
+    assert not (tmp_path / 'maps.png').exists()
 
 
 def test_capture_refuses_a_bam_that_bypasses_its_gate_modules():

@@ -1,11 +1,29 @@
 """ `bam-models detect-train`: fine-tune a Faster R-CNN / Mask R-CNN / RetinaNet with a zoo backbone on COCO data. """
 import argparse
 import dataclasses
+import os
 
+from bam_models.errors import UsageError
 from bam_models.tasks.detection_train import BUILDERS, DetectionTrainConfig, train_detector
 
 
+def _check_paths(args: argparse.Namespace) -> None:
+    """Refuse missing inputs before the model is built (the COCO reader would fail with a traceback)."""
+    folder, file = ('folder', os.path.isdir), ('file', os.path.isfile)
+    for option, path, (kind, exists), what in (
+            ('--images', args.images, folder, 'the training image folder'),
+            ('--annotations', args.annotations, file, 'the COCO instances JSON of the training images'),
+            ('--val-images', args.val_images, folder, 'the validation image folder'),
+            ('--val-annotations', args.val_annotations, file, 'the COCO instances JSON of the validation images'),
+            ('--resume', args.resume, file, 'a last.pth written by an earlier run')):
+        if path is not None and not exists(path):
+            raise UsageError(f"{option} {path} is not an existing {kind}; pass {what}")
+    if (args.val_images is None) != (args.val_annotations is None):
+        raise UsageError("--val-images and --val-annotations go together; pass both or neither")
+
+
 def run(args: argparse.Namespace) -> int:
+    _check_paths(args)
     fields = {field.name for field in dataclasses.fields(DetectionTrainConfig)}
     train_detector(DetectionTrainConfig(**{k: v for k, v in vars(args).items() if k in fields}))
     return 0

@@ -1,8 +1,9 @@
-""" `bam-models export ARCH[.TAG] --format {onnx,torchscript,exported} [--checkpoint F] OUT` """
+""" `bam-models export MODEL OUT [--format {onnx,torchscript,exported}] [--checkpoint F]` """
 import argparse
 from pathlib import Path
 
-from bam_models.export import FORMATS, compare_with_pytorch, create_model_for_export, export_model
+from bam_models.errors import ExportError, PretrainedWeightsError
+from bam_models.export import FORMATS, check_shapes, compare_with_pytorch, create_model_for_export, export_model
 
 # the outputs must agree with PyTorch to this max abs difference, or the command fails
 TOLERANCE = 1e-4
@@ -11,36 +12,38 @@ TOLERANCE = 1e-4
 def run(args: argparse.Namespace) -> int:
     try:
         model = create_model_for_export(args.model, checkpoint=args.checkpoint, random_init=args.random_init)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}")
+    except PretrainedWeightsError as error:
+        raise PretrainedWeightsError(
+            f"{error}, or --random-init to export random weights (e.g. to test a deployment pipeline)") from error
     size = tuple(args.input_size) if args.input_size else None
-    exporter = export_model(model, args.out, args.format, input_size=size, opset=args.opset)
-    print(f"wrote {args.out}: {args.model} as {exporter}, dynamic batch, height and width")
+    shapes = check_shapes(model, size)  # checks --input-size before any work
+    result = export_model(model, args.out, args.format, input_size=size, opset=args.opset)
+    print(f"{args.model} as {result.exporter}, dynamic batch, height and width")
+    for path in result.files:
+        print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     if args.no_check:
         return 0
-    height, width = size or model.pretrained_cfg['input_size'][-2:]
-    # two batch sizes and two non-square sizes, neither of them the traced one
-    shapes = [(1, 3, height + 32, width), (3, 3, height, width + 64)]
     diffs = compare_with_pytorch(model, args.out, args.format, shapes)
     for shape, diff in zip(shapes, diffs):
         print(f"  max abs diff vs PyTorch at {'x'.join(map(str, shape))}: {diff:.2e}")
     if max(diffs) > TOLERANCE:
-        print(f"error: the exported model differs from PyTorch by more than {TOLERANCE}")
-        return 1
+        raise ExportError(f"the exported model differs from PyTorch by {max(diffs):.2e}, more than {TOLERANCE}; "
+                          f"try the other --format or another --opset, and report the model name")
     return 0
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         'export', help='export a model to ONNX, TorchScript or a torch.export program',
-        description='Export a zoo (or timm) model with dynamic batch, height and width, then run the file in its '
-                    f'own runtime at two other input sizes and fail if it differs from PyTorch by more than '
-                    f'{TOLERANCE}.')
-    parser.add_argument('model', metavar='ARCH[.TAG]', help='model name, optionally with a pretrained tag')
+        description='Export a zoo (or timm) model with dynamic batch, height and width, print every file written, '
+                    f'then run the file in its own runtime at two other input sizes and fail if it differs from '
+                    f'PyTorch by more than {TOLERANCE}.')
+    parser.add_argument('model', metavar='MODEL',
+                        help='ARCH[.TAG], local-dir:PATH or hf-hub:ORG/NAME, as for validate and visualize')
     parser.add_argument('out', type=Path, metavar='OUT', help='output file (.onnx, .pt, .pt2)')
     parser.add_argument('--format', choices=FORMATS, default='onnx',
                         help='onnx; torchscript (torch.jit.script); exported (torch.export, .pt2)')
-    parser.add_argument('--checkpoint', help='state dict to export instead of the pretrained weights')
+    parser.add_argument('--checkpoint', help='weights file (best.pth/last.pth from training, or a state dict)')
     parser.add_argument('--random-init', action='store_true',
                         help='export random weights when neither pretrained weights nor --checkpoint exist')
     parser.add_argument('--input-size', type=int, nargs=2, metavar=('H', 'W'),
