@@ -29,7 +29,8 @@ from bam_models.hub.pretrained import model_from_checkpoint
 __all__ = ['create_model_from_name']
 
 _NAME_FORMS = 'ARCH[.TAG], local-dir:PATH or hf-hub:ORG/NAME'
-_OWN_WEIGHTS = 'pass your weights with --checkpoint FILE or name a local-dir:PATH / hf-hub:ORG/NAME model'
+_OWN_WEIGHTS = ('pass your weights with --checkpoint FILE, name a local-dir:PATH / hf-hub:ORG/NAME model, or use '
+                'random weights (pretrained=False, --random-init)')
 _WRITTEN_BY = "pass a folder written by `bam-models train` (OUT/hub), `convert`, `insert` or `publish`, or timm's save_for_hf"
 
 
@@ -42,8 +43,10 @@ def _check_architecture(arch: str, where: str) -> None:
 
 def _check_local_dir(name: str, folder: Path) -> None:
     config_file = folder / 'config.json'
+    if not folder.is_dir():
+        raise UsageError(f"{name}: no such folder; {_WRITTEN_BY}")
     if not config_file.is_file():
-        raise UsageError(f"{name}: {folder} is not a folder with a config.json; {_WRITTEN_BY}")
+        raise UsageError(f"{name}: the folder has no config.json; {_WRITTEN_BY}")
     try:
         config = json.loads(config_file.read_text(encoding='utf-8'))
     except (ValueError, UnicodeDecodeError) as error:
