@@ -315,9 +315,10 @@ def test_forward_backward_train_batch_one_and_non_square(name):
 @pytest.mark.parametrize('name', FAMILIES)
 def test_in_chans_and_input_errors(name):
     model = timm.create_model(name, in_chans=1, num_classes=3).eval()
-    assert model(torch.randn(2, 1, 64, 64)).shape == (2, 3)
+    size = _small(name)[-1]
+    assert model(torch.randn(2, 1, size, size)).shape == (2, 3)
     with pytest.raises(ValueError, match=r'\(B, 1, H, W\)'):
-        model(torch.randn(2, 3, 64, 64))
+        model(torch.randn(2, 3, size, size))
     # the total stride: 32 for the ImageNet networks, 8 (4 stages) or 4 (3 stages) for the CIFAR ones
     stride = model.feature_info[-1]['reduction']
     assert stride == ((4 if name.startswith(('resnext29', 'preresnet', 'wrn')) else 8) if '_cifar' in name else 32)
@@ -447,7 +448,7 @@ def test_every_zoo_name_is_unique_to_us():
 @pytest.mark.parametrize('indices', [2, [1, 3]])
 def test_mobilenetv1_prune_with_extra_blocks_keeps_bam(indices):
     model = timm.create_model('mobilenetv1_100_bam').eval()
-    x = torch.randn(*_small(name))
+    x = torch.randn(*SMALL)
     reference = model.forward_intermediates(x, indices=indices, extra_blocks=True, intermediates_only=True)
     kept = model.prune_intermediate_layers(indices, extra_blocks=True)
     assert all(hasattr(stage, 'bam') for stage in model.blocks[:4])
