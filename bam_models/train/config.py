@@ -27,7 +27,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = 'digits'  # 'digits' (scikit-learn's bundled handwritten digits) or a folder timm can read
+    # 'digits' (scikit-learn's bundled handwritten digits), an extracted CIFAR folder (cifar-100-python,
+    # cifar-10-batches-py, or the folder holding one) or a folder timm can read
+    dataset: str = 'digits'
     train_split: str = 'train'
     val_split: str = 'validation'  # timm also finds val/, valid/, eval/ for this name
     input_size: Optional[int] = None  # square side in pixels; None: the model's pretrained_cfg
@@ -37,6 +39,7 @@ class DataConfig:
     scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
     ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     hflip: float = 0.5
+    pad_crop: int = 0  # >0: random crop from the image zero-padded by this many pixels (CIFAR: 4), not scale/ratio
     color_jitter: float = 0.0
     auto_augment: Optional[str] = None  # timm policy string, e.g. rand-m9-mstd0.5-inc1
     re_prob: float = 0.0  # random erasing

@@ -36,7 +36,7 @@ from bam_models.errors import NonFiniteLossError
 from bam_models.hub import save_pretrained
 from bam_models.train.config import ConfigError, RunConfig
 from bam_models.train.data import (
-    DIGITS, build_dataset, create_train_eval_loaders, dataset_classes, folder_classes)
+    DIGITS, build_dataset, cifar_classes, cifar_folder, create_train_eval_loaders, dataset_classes, folder_classes)
 
 ATTENTION_MARKERS = ('.bam.', '.se.')
 LAST, BEST = 'last.pth', 'best.pth'
@@ -65,6 +65,8 @@ def check_config(cfg: RunConfig) -> List[str]:
     data = cfg.data
     if data.dataset == DIGITS:
         classes = [str(c) for c in range(10)]
+    elif cifar_folder(data.dataset):
+        classes = cifar_classes(data.dataset)
     else:
         if not os.path.isdir(data.dataset):
             raise ConfigError(f"data folder {data.dataset} does not exist; set data.dataset to a folder with "
