@@ -63,13 +63,14 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    sched: str = 'cosine'  # cosine | step | none
+    sched: str = 'cosine'  # cosine | step | multistep | none
     epochs: int = 90
     warmup_epochs: int = 0
     warmup_lr: float = 1e-5
     min_lr: float = 0.0
     decay_epochs: float = 30  # step schedule: lr x decay_rate every decay_epochs
     decay_rate: float = 0.1
+    decay_milestones: List[float] = field(default_factory=lambda: [30, 60, 90])  # multistep: lr x decay_rate here
 
 
 @dataclass
@@ -103,7 +104,7 @@ class RunConfig:
 
 CHOICES = {
     'model.freeze': ('none', 'bn', 'trunk'),
-    'schedule.sched': ('cosine', 'step', 'none'),
+    'schedule.sched': ('cosine', 'step', 'multistep', 'none'),
     'train.amp': ('none', 'bf16', 'fp16'),
     'optim.clip_mode': ('norm', 'value', 'agc'),
 }

@@ -323,6 +323,7 @@ def train(cfg: RunConfig, resume: Optional[str] = None) -> Dict[str, Any]:
         scheduler, _ = create_scheduler_v2(
             optimizer, sched=cfg.schedule.sched, num_epochs=cfg.schedule.epochs,
             decay_epochs=cfg.schedule.decay_epochs, decay_rate=cfg.schedule.decay_rate, min_lr=cfg.schedule.min_lr,
+            decay_milestones=[int(m) for m in cfg.schedule.decay_milestones],
             warmup_lr=cfg.schedule.warmup_lr, warmup_epochs=cfg.schedule.warmup_epochs,
             step_on_epochs=False, updates_per_epoch=steps_per_epoch)
     scaler = NativeScaler(device=device.type) if cfg.train.amp == 'fp16' else None
