@@ -456,3 +456,18 @@ def test_mobilenetv1_prune_with_extra_blocks_keeps_bam(indices):
     assert len(pruned) == len(reference)
     for a, b in zip(pruned, reference):
         torch.testing.assert_close(a, b)
+
+
+def test_docs_model_table_lists_every_model():
+    """docs/models.md holds the generated table (scripts/update_readme_table.py): every zoo model, once, with
+    its parameter count, and the papers' figure where they give one."""
+    import pathlib
+    import re
+    text = (pathlib.Path(__file__).resolve().parents[1] / 'docs' / 'models.md').read_text()
+    block = re.search(r'<!-- model-table:start -->\n(.*?)\n<!-- model-table:end -->', text, re.S)
+    assert block, 'docs/models.md lost its model-table markers'
+    rows = {m[1]: m for m in re.finditer(r'^\| `([\w.]+)` \| ([\d,]+) \|.*\| ([\d.]*M?) \|$', block.group(1), re.M)}
+    assert sorted(rows) == sorted(ZOO), 'run `python scripts/update_readme_table.py`'
+    for name in ('wide_resnet18_150', 'wrn28_10_cifar_bam', 'mobilenetv1_100_cbam'):
+        assert int(rows[name][2].replace(',', '')) == _count(timm.create_model(name, device='meta'))
+    assert rows['wide_resnet18_150'][3] == '25.88M' and rows['wrn28_10_cifar'][3] == '36.54M'

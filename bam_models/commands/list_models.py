@@ -41,8 +41,9 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         'list', help='list zoo models with parameters and FLOPs',
         description='Every registered zoo model with its parameter count and the FLOPs of one forward pass at '
-                    'its native input size (224x224, CIFAR networks 32x32), counted by torch.utils.flop_counter on the meta device (GMACs = GFLOPs / 2, the '
-                    'unit the BAM/CBAM papers call GFLOPs).')
+                    'its native input size (224x224, CIFAR networks 32x32), counted by torch.utils.flop_counter '
+                    'on the meta device (GMACs = GFLOPs / 2, the unit the BAM/CBAM papers call GFLOPs), and the '
+                    "papers' parameter count where they give one.")
     parser.add_argument('pattern', nargs='?', default='', help="wildcard filter, e.g. '*_cbam'")
     parser.add_argument('--json', action='store_true', help='print JSON instead of a Markdown table')
     parser.set_defaults(func=run)
