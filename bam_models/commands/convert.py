@@ -1,14 +1,12 @@
 """ `bam-models convert`: turn an official / pytorchcv / torchvision checkpoint into a bam_models Hub folder. """
 import argparse
 
-from bam_models.hub.convert import SOURCES, ConversionError, convert_checkpoint
+from bam_models.hub.convert import SOURCES, convert_checkpoint
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        info = convert_checkpoint(args.source, args.arch, args.input, args.output, tag=args.tag)
-    except ConversionError as e:
-        raise SystemExit(f"bam-models convert: {e}")
+    # a ConversionError is a BamModelsError: the CLI prints it as one line and exits with status 2
+    info = convert_checkpoint(args.source, args.arch, args.input, args.output, tag=args.tag)
     print(f"wrote {info['weights']} ({info['size']:,} bytes, sha256 {info['sha256']}), {info['config']}, "
           f"{info['readme']}")
     return 0
@@ -18,8 +16,9 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         'convert', help='convert an official / pytorchcv / torchvision checkpoint',
         description='Convert a checkpoint into model.safetensors + config.json (timm format) + README.md. Input is '
-                    'read with weights_only=True; unknown or missing keys abort with their list. torchvision '
-                    'checkpoints give the trunk only (the attention stays freshly initialised).')
+                    'read with weights_only=True; unknown, missing or mis-shaped keys abort with their counts and '
+                    'examples. torchvision checkpoints give the trunk only (the attention stays freshly '
+                    "initialised). The classifier keeps the checkpoint's number of classes.")
     parser.add_argument('--from', dest='source', choices=SOURCES, required=True, help='layout of the input')
     parser.add_argument('--arch', required=True, help='target zoo model, e.g. resnet50_bam')
     parser.add_argument('--tag', default=None, help='pretrained tag whose data config goes into config.json')

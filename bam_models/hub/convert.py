@@ -3,14 +3,19 @@
 Sources:
 - `official`: the authors' releases (github.com/Jongchan/attention-module), e.g.
   `RESNET50_IMAGENET_BAM_best.pth.tar` / `RESNET50_CBAM_new_name_wrap.pth`: a dict with `state_dict`, keys
-  prefixed `module.`, BAM at `bam{1,2,3}`, CBAM at `layer{L}.{i}.cbam`, FC weights 2-D. With or without
+  prefixed `module.`, BAM at `bam{1,2,3}`, CBAM at `layer{L}.{i}.cbam`, FC weights 2-D. Their CIFAR networks
+  (`ResidualNet('CIFAR100', ...)`) use the same keys and convert into `resnet*_cifar_bam` / `_cbam`. With or without
   `num_batches_tracked` (absent ones are written as 0, which no eval or momentum-based update reads).
-- `pytorchcv`: pytorchcv's `bam_resnet*` / `cbam_resnet*` state dicts (`features.stage{s}.unit{u}...`).
+- `pytorchcv`: pytorchcv's `bam_resnet*` / `cbam_resnet*` state dicts (`features.stage{s}.unit{u}...`), and its
+  CIFAR trunks `resnext29_*_cifar*` (-> `resnext29_*_cifar`), `preresnet110_cifar*` and `wrn28_*_cifar*`
+  (-> the pre-activation `preresnet110_cifar` / `wrn28_*_cifar`, whose blocks name their BNs norm1/norm2).
 - `torchvision`: torchvision ResNet / Wide ResNet / ResNeXt state dicts; only the trunk, the attention stays
   freshly initialised (the output loads with a TrunkOnlyWeightsWarning).
 
 Every source key must map to a key of the target model and every model key must be provided (attention keys
-excepted for trunk sources), or conversion aborts with the lists. Untrusted input is read with
+excepted for trunk sources), or conversion aborts naming the counts, a few examples and, where the keys fit
+another zoo model exactly, that model. The classifier is sized from the checkpoint (a 10-class head converts
+into a 10-class model). Untrusted input is read with
 `weights_only=True`.
 """
 import re
@@ -19,9 +24,10 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import timm
 import torch
-from timm.models import load_state_dict
+import torch.nn as nn
 
-from bam_models.errors import ConversionError
+from bam_models.checkpoint import KeyMismatch, describe_mismatch, head_classes, read_state_dict
+from bam_models.errors import CheckpointError, ConversionError
 from bam_models.hub import attention_keys, save_pretrained
 
 __all__ = ['SOURCES', 'ConversionError', 'read_checkpoint', 'convert_state_dict', 'to_official_state_dict',
@@ -85,8 +91,8 @@ def _pytorchcv_rules():
     block = lambda m: f"layer{m['s']}.{int(m['u']) - 1}"  # noqa: E731
     bam = lambda m: f"layer{int(m['s']) - 1}.bam"  # noqa: E731
     return [
-        sub(r'features\.init_block\.conv\.conv\.weight', lambda m: 'conv1.weight'),
-        sub(r'features\.init_block\.conv\.bn\.(?P<p>\w+)', lambda m: f"bn1.{m['p']}"),
+        sub(r'features\.init_block\.conv\.(?:conv\.)?weight', lambda m: 'conv1.weight'),
+        sub(r'features\.init_block\.(?:conv\.)?bn\.(?P<p>\w+)', lambda m: f"bn1.{m['p']}"),
         sub(unit + r'(?:res_unit\.)?body\.conv(?P<n>\d)\.conv\.weight', lambda m: f"{block(m)}.conv{m['n']}.weight"),
         sub(unit + r'(?:res_unit\.)?body\.conv(?P<n>\d)\.bn\.(?P<p>\w+)', lambda m: f"{block(m)}.bn{m['n']}.{m['p']}"),
         sub(unit + r'(?:res_unit\.)?identity_conv\.conv\.weight', lambda m: f"{block(m)}.downsample.0.weight"),
@@ -110,25 +116,39 @@ def _pytorchcv_rules():
     ]
 
 
+def _pytorchcv_preact_rules():
+    """pytorchcv's CIFAR PreResNet / WRN -> CifarPreActResNet: pre-activation BNs become norm1/norm2."""
+    def sub(pattern: str, fn: Callable[[re.Match], str]):
+        return re.compile(pattern + '$'), fn
+
+    unit = r'features\.stage(?P<s>\d)\.unit(?P<u>\d+)\.'
+    block = lambda m: f"stages.{int(m['s']) - 1}.blocks.{int(m['u']) - 1}"  # noqa: E731
+    return [
+        sub(r'features\.init_block\.weight', lambda m: 'stem.conv.weight'),
+        sub(unit + r'body\.conv(?P<n>[12])\.conv\.weight', lambda m: f"{block(m)}.conv{m['n']}.weight"),
+        sub(unit + r'body\.conv(?P<n>[12])\.bn\.(?P<p>\w+)', lambda m: f"{block(m)}.norm{m['n']}.{m['p']}"),
+        sub(unit + r'identity_conv\.weight', lambda m: f"{block(m)}.downsample.conv.weight"),
+        sub(r'features\.post_activ\.bn\.(?P<p>\w+)', lambda m: f"norm.{m['p']}"),
+        sub(r'output\.(?P<p>weight|bias)', lambda m: f"head.fc.{m['p']}"),
+    ]
+
+
 def _torchvision_rules():
     return [(_template_regex('{trunk}.{p}'), '{trunk}.{p}')]
 
 
 def read_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
-    """Tensors of a checkpoint file, read without unpickling code: `.safetensors`, or torch.load with
-    weights_only=True; a `state_dict` / `model` wrapper and `module.` prefixes are removed (timm's helper)."""
+    """The tensors of a checkpoint file, read by `bam_models.checkpoint.read_state_dict` (weights_only=True,
+    wrappers and `module.` prefixes removed, impossible values refused); failures are ConversionErrors."""
     try:
-        state_dict = load_state_dict(str(path), use_ema=False, weights_only=True)
-    except FileNotFoundError:
-        raise ConversionError(f"Checkpoint {path} does not exist.") from None
-    except Exception as e:
-        raise ConversionError(
-            f"Checkpoint {path} could not be read with weights_only=True ({type(e).__name__}: {e}); only plain "
-            f"tensor checkpoints are accepted.") from None
-    return {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+        return read_state_dict(path)
+    except CheckpointError as e:
+        raise ConversionError(str(e)) from None
 
 
-def _fit_shapes(state_dict, expected, source: str, arch: str) -> Dict[str, torch.Tensor]:
+def _fit_shapes(state_dict, expected) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """Tensors reshaped where only the layout differs (2-D FC weights for 1x1 convs); the keys that still do
+    not fit, in `describe_mismatch`'s format."""
     out, mismatched = {}, []
     for key, value in state_dict.items():
         shape = expected[key].shape
@@ -137,13 +157,66 @@ def _fit_shapes(state_dict, expected, source: str, arch: str) -> Dict[str, torch
             if value.dim() == 2 and tuple(shape) == (*value.shape, 1, 1):
                 value = value.reshape(shape)
             else:
-                mismatched.append(f'{key}: {tuple(value.shape)} vs {tuple(shape)}')
+                mismatched.append(f'{key}: checkpoint {tuple(value.shape)}, model {tuple(shape)}')
         out[key] = value
-    if mismatched:
-        raise ConversionError(
-            f"{source} checkpoint does not fit {arch} (wrong depth/width?). Shape mismatches: "
-            + '; '.join(mismatched))
-    return out
+    return out, mismatched
+
+
+def _source_rules(source: str, model: nn.Module):
+    if source == 'pytorchcv' and 'stem.conv.weight' in model.state_dict():
+        return _pytorchcv_preact_rules()  # the pre-activation CIFAR layout
+    return {'official': _official_rules, 'pytorchcv': _pytorchcv_rules, 'torchvision': _torchvision_rules}[source]()
+
+
+def _convert(state_dict: Dict[str, torch.Tensor], source: str, arch: str):
+    """(converted tensors in model order, KeyMismatch) of `state_dict` against `arch`."""
+    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    model = timm.create_model(arch, device='meta')
+    converted, unknown = _rename(state_dict, _source_rules(source, model))
+    # the classifier is sized from the checkpoint, as `validate` sizes it
+    classes = head_classes(converted, model.pretrained_cfg.get('classifier'))
+    if classes is not None and classes != model.num_classes:
+        model = timm.create_model(arch, device='meta', num_classes=classes)
+    expected = model.state_dict()
+    unknown += [k for k in converted if k not in expected]
+    converted = {k: v for k, v in converted.items() if k in expected}
+    if source == 'official':
+        for key in expected:
+            if key.endswith('num_batches_tracked') and key not in converted:
+                converted[key] = torch.zeros((), dtype=torch.long)
+    allowed_missing = set(attention_keys(model)) if source == 'torchvision' else set()
+    missing = [k for k in expected if k not in converted and k not in allowed_missing]
+    converted, mismatched = _fit_shapes(converted, expected)
+    return {k: converted[k] for k in expected if k in converted}, KeyMismatch(missing, sorted(unknown), mismatched)
+
+
+_STEM_KEYS = ('conv1.weight', 'features.init_block.conv.conv.weight', 'features.init_block.conv.weight',
+              'features.init_block.weight')
+
+
+def _candidates(state_dict: Dict[str, torch.Tensor], arch: str) -> List[str]:
+    """Zoo models worth trying for a checkpoint that did not fit `arch`: those with its attention kind, and the
+    CIFAR networks only for a 3x3 stem conv."""
+    from bam_models.models import list_zoo_models
+
+    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    keys = ' '.join(state_dict)
+    kind = '_cbam' if 'cbam' in keys else '_bam' if 'bam' in keys else ''
+    stem = next((state_dict[k] for k in _STEM_KEYS if k in state_dict), None)
+    cifar = stem is not None and stem.dim() == 4 and stem.shape[-1] == 3
+    return [name for name in list_zoo_models() if name != arch and ('_cifar' in name) == cifar
+            and (name.endswith(kind) if kind else not name.endswith(('_bam', '_cbam')))]
+
+
+def _matching_zoo_model(state_dict: Dict[str, torch.Tensor], source: str, arch: str) -> Optional[str]:
+    """The zoo model the checkpoint converts into without a single mismatch, if there is one."""
+    for name in _candidates(state_dict, arch):
+        try:
+            if not _convert(state_dict, source, name)[1]:
+                return name
+        except (RuntimeError, ValueError, KeyError):  # a layout this source's rules cannot build
+            continue
+    return None
 
 
 def convert_state_dict(
@@ -151,30 +224,17 @@ def convert_state_dict(
         source: str,
         arch: str,
 ) -> Dict[str, torch.Tensor]:
-    """`state_dict` of layout `source` -> bam_models keys of `arch`, checked against the model's keys/shapes."""
+    """`state_dict` of layout `source` -> bam_models keys of `arch`, checked against the model's keys/shapes; the
+    classifier keeps the checkpoint's number of classes."""
     if source not in SOURCES:
-        raise ConversionError(f"Unknown source {source!r}; expected one of {SOURCES}.")
-    model = timm.create_model(arch, device='meta')
-    expected = model.state_dict()
-    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
-    rules = {'official': _official_rules, 'pytorchcv': _pytorchcv_rules, 'torchvision': _torchvision_rules}[source]()
-    converted, unknown = _rename(state_dict, rules)
-    unknown += [k for k in converted if k not in expected]
-    if unknown:
-        raise ConversionError(
-            f"{source} checkpoint has keys that {arch} does not have ({len(unknown)}): {', '.join(unknown)}. "
-            f"Is it a {source} checkpoint of {arch}'s architecture?")
-    if source == 'official':
-        for key in expected:
-            if key.endswith('num_batches_tracked') and key not in converted:
-                converted[key] = torch.zeros((), dtype=torch.long)
-    allowed_missing = set(attention_keys(model)) if source == 'torchvision' else set()
-    missing = [k for k in expected if k not in converted and k not in allowed_missing]
-    if missing:
-        raise ConversionError(
-            f"{source} checkpoint lacks keys that {arch} needs ({len(missing)}): {', '.join(missing)}.")
-    converted = _fit_shapes(converted, expected, source, arch)
-    return {k: converted[k] for k in expected if k in converted}  # model order
+        raise ConversionError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
+    converted, mismatch = _convert(state_dict, source, arch)
+    if mismatch:
+        guess = _matching_zoo_model(state_dict, source, arch)
+        advice = (f"the keys fit {guess}: pass --arch {guess}" if guess else
+                  f"pass the zoo model whose architecture the {source} checkpoint has (`bam-models list`)")
+        raise ConversionError(f"{source} checkpoint does not fit {arch}: {describe_mismatch(mismatch)}; {advice}")
+    return converted
 
 
 def to_official_state_dict(
@@ -207,8 +267,8 @@ def convert_checkpoint(
     summary (sha256, size, ...)."""
     converted = convert_state_dict(read_checkpoint(in_path), source, arch)
     model_name = f'{arch}.{tag}' if tag else arch
-    num_classes = converted['fc.weight'].shape[0] if 'fc.weight' in converted else 0
-    model = timm.create_model(model_name, num_classes=num_classes)
+    classes = head_classes(converted, timm.create_model(arch, device='meta').pretrained_cfg.get('classifier'))
+    model = timm.create_model(model_name, num_classes=classes or 0)
     trunk_only = source == 'torchvision'
     # convert_state_dict admitted exactly the attention keys as missing for a trunk: they keep their fresh init
     fresh = {k: v for k, v in model.state_dict().items() if k in set(attention_keys(model))} if trunk_only else {}

@@ -9,6 +9,10 @@ output unchanged and keeps one full-size tensor fewer for backward.
 
 CBAM (Woo et al. 2018) sits in every residual block after the last BN and before the residual add, which is
 timm's block attention slot (`layer1.0.se`).
+
+`wide_resnet18_150` / `wide_resnet18_200` are both papers' "WideResNet18 (widen=1.5 / 2.0)": ResNet-18 with
+every stage 1.5x / 2x wider (96-192-384-768 / 128-256-512-1024 channels) and the stem unchanged. They are
+registered with their BAM and CBAM twins, as the papers compare them.
 """
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -176,15 +180,27 @@ default_cfgs = generate_default_cfgs(manifest_default_cfgs((
     'resnext50_32x4d_bam',
     'resnext101_32x4d_bam',
     'resnext101_32x8d_bam',
+    'wide_resnet18_150',
+    'wide_resnet18_200',
+    'wide_resnet18_150_bam',
+    'wide_resnet18_200_bam',
     'resnet18_cbam',
     'resnet34_cbam',
     'resnet50_cbam',
     'resnet101_cbam',
     'resnet152_cbam',
     'wide_resnet50_2_cbam',
+    'wide_resnet101_2_cbam',
+    'wide_resnet18_150_cbam',
+    'wide_resnet18_200_cbam',
     'resnext50_32x4d_cbam',
+    'resnext101_32x4d_cbam',
     'resnext101_32x8d_cbam',
 ), _cfg))
+
+# the papers' WideResNet18: ResNet-18 stage widths x1.5 / x2
+WIDE18_150_CHANNELS = (96, 192, 384, 768)
+WIDE18_200_CHANNELS = (128, 256, 512, 1024)
 
 
 @register_model
@@ -306,3 +322,64 @@ def resnext101_32x8d_cbam(pretrained: bool = False, **kwargs) -> AttentionResNet
     return _create_resnet_attn(
         'resnext101_32x8d_cbam', pretrained,
         **_cbam_args(Bottleneck, (3, 4, 23, 3), cardinality=32, base_width=8, **kwargs))
+
+
+@register_model
+def wide_resnet101_2_cbam(pretrained: bool = False, **kwargs) -> AttentionResNet:
+    """Wide ResNet-101-2 with CBAM in every block."""
+    return _create_resnet_attn(
+        'wide_resnet101_2_cbam', pretrained, **_cbam_args(Bottleneck, (3, 4, 23, 3), base_width=128, **kwargs))
+
+
+@register_model
+def resnext101_32x4d_cbam(pretrained: bool = False, **kwargs) -> AttentionResNet:
+    """ResNeXt-101 32x4d with CBAM in every block."""
+    return _create_resnet_attn(
+        'resnext101_32x4d_cbam', pretrained,
+        **_cbam_args(Bottleneck, (3, 4, 23, 3), cardinality=32, base_width=4, **kwargs))
+
+
+@register_model
+def wide_resnet18_150(pretrained: bool = False, **kwargs) -> AttentionResNet:
+    """WideResNet-18 (widen 1.5) of the BAM and CBAM papers, without attention (their baseline)."""
+    return _create_resnet_attn(
+        'wide_resnet18_150', pretrained, block=BasicBlock, layers=(2, 2, 2, 2), channels=WIDE18_150_CHANNELS, **kwargs)
+
+
+@register_model
+def wide_resnet18_200(pretrained: bool = False, **kwargs) -> AttentionResNet:
+    """WideResNet-18 (widen 2.0) of the BAM and CBAM papers, without attention (their baseline)."""
+    return _create_resnet_attn(
+        'wide_resnet18_200', pretrained, block=BasicBlock, layers=(2, 2, 2, 2), channels=WIDE18_200_CHANNELS, **kwargs)
+
+
+@register_model
+def wide_resnet18_150_bam(pretrained: bool = False, **kwargs) -> AttentionResNet:
+    """WideResNet-18 (widen 1.5) with BAM after layer1-3."""
+    return _create_resnet_attn(
+        'wide_resnet18_150_bam', pretrained,
+        **_bam_args(BasicBlock, (2, 2, 2, 2), channels=WIDE18_150_CHANNELS, **kwargs))
+
+
+@register_model
+def wide_resnet18_200_bam(pretrained: bool = False, **kwargs) -> AttentionResNet:
+    """WideResNet-18 (widen 2.0) with BAM after layer1-3."""
+    return _create_resnet_attn(
+        'wide_resnet18_200_bam', pretrained,
+        **_bam_args(BasicBlock, (2, 2, 2, 2), channels=WIDE18_200_CHANNELS, **kwargs))
+
+
+@register_model
+def wide_resnet18_150_cbam(pretrained: bool = False, **kwargs) -> AttentionResNet:
+    """WideResNet-18 (widen 1.5) with CBAM in every block."""
+    return _create_resnet_attn(
+        'wide_resnet18_150_cbam', pretrained,
+        **_cbam_args(BasicBlock, (2, 2, 2, 2), channels=WIDE18_150_CHANNELS, **kwargs))
+
+
+@register_model
+def wide_resnet18_200_cbam(pretrained: bool = False, **kwargs) -> AttentionResNet:
+    """WideResNet-18 (widen 2.0) with CBAM in every block."""
+    return _create_resnet_attn(
+        'wide_resnet18_200_cbam', pretrained,
+        **_cbam_args(BasicBlock, (2, 2, 2, 2), channels=WIDE18_200_CHANNELS, **kwargs))

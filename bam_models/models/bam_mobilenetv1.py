@@ -1,8 +1,12 @@
-""" BAM MobileNetV1 on timm's EfficientNet builder
+""" BAM and CBAM MobileNetV1 on timm's EfficientNet builder
 
-One BAM before each of MobileNetV1's four stride-2 stages, i.e. refining the outputs of blocks.0-3 (64, 128,
+BAM: one BAM before each of MobileNetV1's four stride-2 stages, i.e. refining the outputs of blocks.0-3 (64, 128,
 256 and 512 channels at width 1.0), which reproduces the paper's parameter count (4.32M vs 4.23M). Each BAM
 lives inside the stage it refines (`blocks.0.bam`), so trunk keys are timm's `mobilenetv1_*` keys.
+
+CBAM: one CBAM in each of the 13 depthwise-separable blocks, in timm's block attention slot (`blocks.1.0.se`,
+between the depthwise and the pointwise convolution, where timm's MobileNets put SE), with the CBAM paper's
+reduction ratio 16 and a ReLU MLP whatever the trunk's activation.
 """
 from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -17,7 +21,7 @@ from timm.models._registry import generate_default_cfgs
 from timm.models.efficientnet import EfficientNet
 
 from bam_models.hub import build_model_with_weights
-from bam_models.layers import BAM
+from bam_models.layers import BAM, CBAM
 from bam_models.hub.manifest import manifest_default_cfgs
 from ._checks import check_image_batch
 from .attention_resnet import _stage_bam_args
@@ -40,7 +44,8 @@ _MOBILENETV1_ARCH = [
 
 
 class BamMobileNetV1(EfficientNet):
-    """timm's EfficientNet (built as MobileNetV1) with BAM at the end of the stages in `bam_stages`."""
+    """timm's EfficientNet (built as MobileNetV1) with BAM at the end of the stages in `bam_stages`; with
+    `se_layer` (and `bam_stages=()`) it is the CBAM MobileNetV1."""
 
     def __init__(
             self,
@@ -120,10 +125,16 @@ class BamMobileNetV1(EfficientNet):
         return x
 
 
+def _cbam_in_block(channels: int, act_layer=None, **kwargs) -> CBAM:
+    """CBAM for a block's attention slot; the block's activation (ReLU6) is not CBAM's, whose MLP uses ReLU."""
+    return CBAM(channels, inplace=True, **kwargs)
+
+
 def _create_mobilenetv1_bam(
         variant: str,
         channel_multiplier: float = 1.0,
         pretrained: bool = False,
+        cbam: bool = False,
         **kwargs,
 ) -> BamMobileNetV1:
     """Same arguments as timm's `_gen_mobilenet_v1` (headless MobileNetV1, ReLU6), built as BamMobileNetV1.
@@ -131,8 +142,13 @@ def _create_mobilenetv1_bam(
     features_only goes through timm's feature wrappers (not EfficientNetFeatures, which would rebuild the
     trunk without BAM), so every `feature_cls` sees the refined maps.
     """
+    if cbam:
+        # an attention module (ratio 1/16 of the block's input channels) in every block, no BAM
+        arch = [[f'{block}_se{1 / 16}' for block in stage] for stage in _MOBILENETV1_ARCH]
+        kwargs.setdefault('bam_stages', ())
+        kwargs.setdefault('se_layer', partial(_cbam_in_block, **(kwargs.pop('cbam_args', None) or {})))
     model_kwargs = dict(
-        block_args=decode_arch_def(_MOBILENETV1_ARCH),
+        block_args=decode_arch_def(arch if cbam else _MOBILENETV1_ARCH),
         num_features=0,
         stem_size=32,
         round_chs_fn=partial(round_channels, multiplier=channel_multiplier),
@@ -164,6 +180,7 @@ def _cfg(**kwargs) -> Dict[str, Any]:
 default_cfgs = generate_default_cfgs(manifest_default_cfgs((
     'mobilenetv1_100_bam',
     'mobilenetv1_125_bam',
+    'mobilenetv1_100_cbam',
 ), _cfg))
 
 
@@ -177,3 +194,9 @@ def mobilenetv1_100_bam(pretrained: bool = False, **kwargs) -> BamMobileNetV1:
 def mobilenetv1_125_bam(pretrained: bool = False, **kwargs) -> BamMobileNetV1:
     """MobileNetV1 (width 1.25) with BAM before each stride-2 stage."""
     return _create_mobilenetv1_bam('mobilenetv1_125_bam', 1.25, pretrained=pretrained, **kwargs)
+
+
+@register_model
+def mobilenetv1_100_cbam(pretrained: bool = False, **kwargs) -> BamMobileNetV1:
+    """MobileNetV1 (width 1.0) with CBAM in every depthwise-separable block."""
+    return _create_mobilenetv1_bam('mobilenetv1_100_cbam', 1.0, pretrained=pretrained, cbam=True, **kwargs)

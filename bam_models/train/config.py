@@ -29,7 +29,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = 'digits'  # 'digits' (scikit-learn's bundled handwritten digits) or a folder timm can read
+    # 'digits' (scikit-learn's bundled handwritten digits), an extracted CIFAR folder (cifar-100-python,
+    # cifar-10-batches-py, or the folder holding one) or a folder timm can read
+    dataset: str = 'digits'
     train_split: str = 'train'
     val_split: str = 'validation'  # timm also finds val/, valid/, eval/ for this name
     input_size: Optional[int] = None  # square side in pixels; None: the model's pretrained_cfg
@@ -39,6 +41,7 @@ class DataConfig:
     scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
     ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
     hflip: float = 0.5
+    pad_crop: int = 0  # >0: random crop from the image zero-padded by this many pixels (CIFAR: 4), not scale/ratio
     color_jitter: float = 0.0
     auto_augment: Optional[str] = None  # timm policy string, e.g. rand-m9-mstd0.5-inc1
     re_prob: float = 0.0  # random erasing
@@ -62,13 +65,14 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    sched: str = 'cosine'  # cosine | step | none
+    sched: str = 'cosine'  # cosine | step | multistep | none
     epochs: int = 90
     warmup_epochs: int = 0
     warmup_lr: float = 1e-5
     min_lr: float = 0.0
     decay_epochs: float = 30  # step schedule: lr x decay_rate every decay_epochs
     decay_rate: float = 0.1
+    decay_milestones: List[float] = field(default_factory=lambda: [30, 60, 90])  # multistep: lr x decay_rate here
 
 
 @dataclass
@@ -144,6 +148,16 @@ class PerChannel(NamedTuple):
         return f"three numbers (one per RGB channel), each {self.each.describe()}"
 
 
+class Increasing(NamedTuple):
+    """A non-empty list of increasing numbers, each within `each` (e.g. lr milestones in epochs)."""
+    each: Range
+
+    def violation(self, value: List[float]) -> Optional[str]:
+        if value and all(a < b for a, b in zip(value, value[1:])) and not any(self.each.violation(v) for v in value):
+            return None
+        return f"a non-empty list of increasing numbers, each {self.each.describe()}"
+
+
 class Pattern(NamedTuple):
     """A string matching `regex`; `hint` names the accepted forms."""
     regex: str
@@ -177,6 +191,7 @@ CONSTRAINTS: Dict[str, Any] = {
     'data.scale': Pair(Range(0, 1, low_open=True)),
     'data.ratio': Pair(POSITIVE),
     'data.hflip': FRACTION,
+    'data.pad_crop': NON_NEGATIVE,
     'data.color_jitter': NON_NEGATIVE,
     'data.auto_augment': Pattern(r'(rand|augmix|original|v0|3a)[\w.\-]*', 'a timm policy string such as '
                                  'rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, original or v0'),
@@ -192,13 +207,14 @@ CONSTRAINTS: Dict[str, Any] = {
     'optim.attention_lr_scale': NON_NEGATIVE,
     'optim.clip_grad': POSITIVE,
     'optim.clip_mode': ('norm', 'value', 'agc'),
-    'schedule.sched': ('cosine', 'step', 'none'),
+    'schedule.sched': ('cosine', 'step', 'multistep', 'none'),
     'schedule.epochs': POSITIVE_INT,
     'schedule.warmup_epochs': NON_NEGATIVE,
     'schedule.warmup_lr': NON_NEGATIVE,
     'schedule.min_lr': NON_NEGATIVE,
     'schedule.decay_epochs': POSITIVE,
     'schedule.decay_rate': Range(0, 1, low_open=True),
+    'schedule.decay_milestones': Increasing(NON_NEGATIVE),
     'train.seed': NON_NEGATIVE,
     'train.amp': ('none', 'bf16', 'fp16'),
     'train.label_smoothing': FRACTION_BELOW_1,

@@ -1,4 +1,9 @@
-""" Datasets and loaders for training: any folder dataset timm reads, and scikit-learn's bundled digits.
+""" Datasets and loaders for training: any folder dataset timm reads, CIFAR-10/100 as distributed, and
+scikit-learn's bundled digits.
+
+CIFAR-10/100 are the extracted archives of https://www.cs.toronto.edu/~kriz/cifar.html (`cifar-10-batches-py` /
+`cifar-100-python`), read by torchvision's dataset classes with `download=False`; torchvision checks every
+file's md5 against the official release before unpickling it, so only those files are read.
 
 The digits set (1,797 real 8x8 grey images of handwritten digits, 10 classes, shipped inside scikit-learn, so
 nothing is downloaded) is split once, stratified by class with `random_state=0`: 1,437 training and 360 test
@@ -14,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_dataset, create_transform
+from torchvision import transforms
+from torchvision.datasets import CIFAR10, CIFAR100
 
 from bam_models.errors import ConfigError
 
@@ -86,14 +93,60 @@ def shared_class_to_idx(root: str, train_split: str, val_split: str) -> Dict[str
     return maps[train_split]
 
 
+# the folder each torchvision class reads, as the archives extract
+CIFAR_FOLDERS = {CIFAR100.base_folder: CIFAR100, CIFAR10.base_folder: CIFAR10}
+
+
+def cifar_folder(path: str) -> Optional[Tuple[str, type]]:
+    """(root, torchvision class) if `path` is an extracted CIFAR folder or the folder that holds one, else None."""
+    path = os.path.normpath(path)
+    if os.path.basename(path) in CIFAR_FOLDERS and os.path.isdir(path):
+        return os.path.dirname(path) or '.', CIFAR_FOLDERS[os.path.basename(path)]
+    for folder, cls in CIFAR_FOLDERS.items():
+        if os.path.isdir(os.path.join(path, folder)):
+            return path, cls
+    return None
+
+
+def cifar_dataset(path: str, split: str) -> CIFAR10:
+    """The 'train' (50,000 images) or test split of the CIFAR folder at `path`, as PIL images."""
+    root, cls = cifar_folder(path)
+    try:
+        return cls(root, train=split == 'train', download=False)
+    except RuntimeError as e:  # torchvision: a file is missing or its md5 is not the official one
+        raise ConfigError(
+            f"{os.path.join(root, cls.base_folder)} is not a complete, unmodified {cls.__name__} folder ({e}); "
+            f"extract the official archive from https://www.cs.toronto.edu/~kriz/cifar.html there") from None
+
+
+def cifar_classes(path: str) -> List[str]:
+    """Class names of the CIFAR folder at `path`, in label order (from the smaller test split)."""
+    return list(cifar_dataset(path, 'test').classes)
+
+
+def pad_crop_transform(data_config: dict, padding: int, hflip: float) -> transforms.Compose:
+    """CIFAR's standard training augmentation: a random crop of the input size from the image zero-padded by
+    `padding` pixels, a horizontal flip with probability `hflip`, normalisation."""
+    size = data_config['input_size'][-1]
+    return transforms.Compose([
+        transforms.Resize(size),  # a no-op at the native 32 px
+        transforms.RandomCrop(size, padding=padding),
+        transforms.RandomHorizontalFlip(hflip),
+        transforms.ToTensor(),
+        transforms.Normalize(data_config['mean'], data_config['std']),
+    ])
+
+
 def build_dataset(dataset: str, split: str, train_split: str = 'train', val_split: str = 'validation',
                   class_to_idx: Optional[Dict[str, int]] = None):
-    """`dataset` is 'digits' or a folder with train/val sub-folders in ImageFolder layout; `class_to_idx`
-    numbers a folder's classes (give the training split's to the validation split)."""
+    """`dataset` is 'digits', a CIFAR folder, or a folder with train/val sub-folders in ImageFolder layout;
+    `class_to_idx` numbers a folder's classes (give the training split's to the validation split)."""
     if dataset == DIGITS:
         if split == 'train':
             return DigitsDataset('train')
         return DigitsDataset('test' if val_split == 'test' else 'val')
+    if cifar_folder(dataset):  # the official splits: 'train' and test, whatever the split names say
+        return cifar_dataset(dataset, 'train' if split == 'train' else 'test')
     return create_dataset('', root=dataset, split=train_split if split == 'train' else val_split,
                           is_training=split == 'train', class_map=class_to_idx)
 
@@ -147,12 +200,16 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
 def create_train_eval_loaders(
         train_set, val_set, data_config: dict, cfg_data, *, num_replicas: int, rank: int, seed: int,
         pin_memory: bool) -> Tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
-    """Loaders with timm's transforms; the train loader's sampler is an EpochShuffleSampler."""
-    train_set.transform = create_transform(
-        data_config['input_size'], is_training=True, scale=tuple(cfg_data.scale), ratio=tuple(cfg_data.ratio),
-        hflip=cfg_data.hflip, color_jitter=cfg_data.color_jitter, auto_augment=cfg_data.auto_augment,
-        re_prob=cfg_data.re_prob, interpolation=data_config['interpolation'], mean=data_config['mean'],
-        std=data_config['std'])
+    """Loaders with timm's transforms (a padded random crop for `cfg_data.pad_crop` > 0); the train loader's
+    sampler is an EpochShuffleSampler."""
+    if cfg_data.pad_crop:
+        train_set.transform = pad_crop_transform(data_config, cfg_data.pad_crop, cfg_data.hflip)
+    else:
+        train_set.transform = create_transform(
+            data_config['input_size'], is_training=True, scale=tuple(cfg_data.scale), ratio=tuple(cfg_data.ratio),
+            hflip=cfg_data.hflip, color_jitter=cfg_data.color_jitter, auto_augment=cfg_data.auto_augment,
+            re_prob=cfg_data.re_prob, interpolation=data_config['interpolation'], mean=data_config['mean'],
+            std=data_config['std'])
     val_set.transform = create_transform(
         data_config['input_size'], is_training=False, interpolation=data_config['interpolation'],
         mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct'],

@@ -43,7 +43,8 @@ from bam_models.train.checkpointer import (
     BEST, LAST, Checkpointer, RunFolderLock, config_changes, prepare_run_folder, read_run_checkpoint, set_rng_state)
 from bam_models.train.config import ConfigError, RunConfig, flat_items
 from bam_models.train.data import (
-    DIGITS, build_dataset, create_train_eval_loaders, dataset_classes, shared_class_to_idx)
+    DIGITS, build_dataset, cifar_classes, cifar_folder, create_train_eval_loaders, dataset_classes,
+    shared_class_to_idx)
 
 # config keys that may differ on resume: they change where and how visibly a run runs, not what it computes
 RESUME_FREE_KEYS = ('train.output', 'train.device', 'train.progress', 'train.export', 'data.workers',
@@ -79,6 +80,8 @@ def data_classes(cfg: RunConfig) -> List[str]:
     data = cfg.data
     if data.dataset == DIGITS:
         return [str(c) for c in range(10)]
+    if cifar_folder(data.dataset):
+        return cifar_classes(data.dataset)
     if not os.path.isdir(data.dataset):
         raise ConfigError(f"data folder {data.dataset} does not exist; set data.dataset to a folder with "
                           f"train/ and val/ sub-folders of class folders, or to 'digits'")
@@ -260,6 +263,7 @@ def _build_optimization(cfg: RunConfig, model: nn.Module, steps_per_epoch: int):
         scheduler, _ = create_scheduler_v2(
             optimizer, sched=cfg.schedule.sched, num_epochs=cfg.schedule.epochs,
             decay_epochs=cfg.schedule.decay_epochs, decay_rate=cfg.schedule.decay_rate, min_lr=cfg.schedule.min_lr,
+            decay_milestones=[int(m) for m in cfg.schedule.decay_milestones],
             warmup_lr=cfg.schedule.warmup_lr, warmup_epochs=cfg.schedule.warmup_epochs,
             step_on_epochs=False, updates_per_epoch=steps_per_epoch)
     return optimizer, scheduler
