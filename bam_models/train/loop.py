@@ -480,6 +480,7 @@ def export_best(model: nn.Module, out_dir: str, metrics: Dict[str, Any], data_co
         description=f"{arch} {how} with `bam-models train`.",
         data_config=data_config,
         model_config=dict(label_names=list(label_names)) if label_names else None,
+        base_weights=base,
     )
     return Path(out_dir)
 
