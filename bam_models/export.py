@@ -99,7 +99,7 @@ def export_onnx(model: nn.Module, path: Path, sample: torch.Tensor, opset: Optio
         return 'dynamo'
     except Exception as error:  # the exporters raise many types; the fallback's own error reports a real failure
         warnings.warn(f"torch.export-based ONNX export failed ({type(error).__name__}: {error}); "
-                      f"falling back to the TorchScript-based exporter")
+                      f"falling back to the TorchScript-based exporter", stacklevel=2)
     axes = {0: 'batch', 2: 'height', 3: 'width'}
     torch.onnx.export(
         model, (sample,), str(path), dynamo=False,

@@ -98,7 +98,8 @@ def test_model_name_typos(capsys, files, tmp_path, command):
     _one_error(capsys, argv, r'nothing: no such folder')
     for text, pattern in (('not json', r'config\.json is not valid JSON'),
                           ('{}', r'config\.json names no architecture'),
-                          ('{"architecture": "resnet18_bamm"}', r"unknown model 'resnet18_bamm' .*named in .*config\.json")):
+                          ('{"architecture": "resnet18_bamm"}',
+                           r"unknown model 'resnet18_bamm' .*named in .*config\.json")):
         (tmp_path / 'nothing').mkdir(exist_ok=True)
         (tmp_path / 'nothing' / 'config.json').write_text(text)
         _one_error(capsys, argv, pattern)

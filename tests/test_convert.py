@@ -110,10 +110,12 @@ _AUTHORS_FROM_PYTORCHCV = (
 _AUTHORS_PATTERNS = [re.compile(p + '$') for p in (
     r'(conv1|fc)\.(weight|bias)', r'bn1\.\w+', r'layer\d\.\d+\.conv\d\.weight', r'layer\d\.\d+\.bn\d\.\w+',
     r'layer\d\.0\.downsample\.0\.weight', r'layer\d\.0\.downsample\.1\.\w+',
-    r'bam[123]\.channel_att\.gate_c\.gate_c_fc_(0|final)\.(weight|bias)', r'bam[123]\.channel_att\.gate_c\.gate_c_bn_1\.\w+',
+    r'bam[123]\.channel_att\.gate_c\.gate_c_fc_(0|final)\.(weight|bias)',
+    r'bam[123]\.channel_att\.gate_c\.gate_c_bn_1\.\w+',
     r'bam[123]\.spatial_att\.gate_s\.gate_s_(conv_reduce0|conv_di_[01]|conv_final)\.(weight|bias)',
     r'bam[123]\.spatial_att\.gate_s\.gate_s_(bn_reduce0|bn_di_[01])\.\w+',
-    r'layer\d\.\d+\.cbam\.ChannelGate\.mlp\.[13]\.(weight|bias)', r'layer\d\.\d+\.cbam\.SpatialGate\.spatial\.conv\.weight',
+    r'layer\d\.\d+\.cbam\.ChannelGate\.mlp\.[13]\.(weight|bias)',
+    r'layer\d\.\d+\.cbam\.SpatialGate\.spatial\.conv\.weight',
     r'layer\d\.\d+\.cbam\.SpatialGate\.spatial\.bn\.\w+',
 )]
 

@@ -41,7 +41,8 @@ def hub(tmp_path, monkeypatch):
         yield server
 
 
-def publish_fake_timm_trunk(hub: LocalHub, tmp_path: Path, plain: str = 'resnet18', repo: str = 'timm/resnet18.tv_in1k'):
+def publish_fake_timm_trunk(hub: LocalHub, tmp_path: Path, plain: str = 'resnet18',
+                            repo: str = 'timm/resnet18.tv_in1k'):
     """A timm-style repo of a random plain model, as timm's own ImageNet repos are laid out."""
     model = randomize_(timm.create_model(plain))
     folder = tmp_path / 'trunk_src'
@@ -91,7 +92,8 @@ def test_default_tag_end_to_end_with_publish(hub, tmp_path, caplog, capsys):
     with caplog.at_level(logging.INFO):
         model10 = timm.create_model('resnet50_bam', pretrained=True, num_classes=10)
     assert model10.fc.out_features == 10 and 'fc.weight' in caplog.text
-    assert torch.equal(model10.layer2.bam.spatial_gate.conv_dil1.weight, source.layer2.bam.spatial_gate.conv_dil1.weight)
+    assert torch.equal(model10.layer2.bam.spatial_gate.conv_dil1.weight,
+                       source.layer2.bam.spatial_gate.conv_dil1.weight)
 
     # hf-hub: names resolve config.json and the verified weights through the same server
     via_hub = timm.create_model(f'hf-hub:{repo}', pretrained=True).eval()
@@ -173,7 +175,8 @@ def test_failures_are_single_actionable_errors(hub, tmp_path):
     hub.commit('someone/resnet34', tmp_path / 'r34')
     update_manifest_entry(TRUNK, hub.manifest, hf_hub_id='someone/resnet34', sha256=None, size=None,
                           unverified_reason='a test repo outside the manifest')
-    with pytest.warns(UnverifiedWeightsWarning), pytest.raises(PretrainedWeightsError, match=r'96 unexpected keys \(e\.g\. layer1\.2\.bn1\.bias, layer1\.2\.bn1\.num_batches_tracked, .*\(93 more\)\)'):
+    expected = r'96 unexpected keys \(e\.g\. layer1\.2\.bn1\.bias, layer1\.2\.bn1\.num_batches_tracked, .*\(93 more\)\)'
+    with pytest.warns(UnverifiedWeightsWarning), pytest.raises(PretrainedWeightsError, match=expected):
         load()
 
 
@@ -187,7 +190,8 @@ def test_local_files_with_other_class_counts(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
     # a wrong architecture from disk is refused with its lists too
-    with pytest.raises(PretrainedWeightsError, match=r'80 missing keys \(e\.g\. layer1\.0\.se\..*96 unexpected keys \(e\.g\. layer1\.bam\.'):
+    expected = r'80 missing keys \(e\.g\. layer1\.0\.se\..*96 unexpected keys \(e\.g\. layer1\.bam\.'
+    with pytest.raises(PretrainedWeightsError, match=expected):
         timm.create_model('resnet18_cbam', pretrained=True,
                           pretrained_cfg_overlay=dict(file=str(tmp_path / 'ten.safetensors')))
 

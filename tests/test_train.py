@@ -86,7 +86,8 @@ def test_authors_recipes_follow_the_papers():
         cfg = load_config(str(ROOT / f'configs/{arch}_imagenet_authors.yaml'))
         assert (cfg.model.name, cfg.schedule.epochs, cfg.schedule.sched) == (arch, epochs, 'step')
         assert (cfg.optim.opt, cfg.optim.lr, cfg.optim.momentum, cfg.optim.weight_decay) == ('momentum', 0.1, 0.9, 1e-4)
-        assert (cfg.schedule.decay_epochs, cfg.schedule.decay_rate, cfg.optim.no_decay_bias_and_norm) == (30, 0.1, False)
+        assert (cfg.schedule.decay_epochs, cfg.schedule.decay_rate,
+                cfg.optim.no_decay_bias_and_norm) == (30, 0.1, False)
         assert (cfg.data.input_size, cfg.data.crop_pct) == (224, 0.875)
 
 
@@ -254,10 +255,12 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoin
 
     monkeypatch.setattr(train_module, 'LabelSmoothingCrossEntropy', ExplodingLoss)
     cfg = load_config(None, [*TINY_SETTINGS, f'data.dataset={tiny_data}', f'train.output={tmp_path}'])
-    with pytest.raises(NonFiniteLossError, match=r'at epoch 2, step 2 of 5; .*last.pth still holds the state after epoch 1'):
+    expected = r'at epoch 2, step 2 of 5; .*last.pth still holds the state after epoch 1'
+    with pytest.raises(NonFiniteLossError, match=expected):
         train(cfg)
     last = torch.load(tmp_path / 'last.pth', weights_only=True)
-    assert last['epoch'] == 1 and all(torch.isfinite(v).all() for v in last['state_dict'].values() if v.is_floating_point())
+    assert last['epoch'] == 1
+    assert all(torch.isfinite(v).all() for v in last['state_dict'].values() if v.is_floating_point())
 
 
 def test_two_gloo_processes_match_one_process(tiny_data, tmp_path):

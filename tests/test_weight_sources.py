@@ -138,4 +138,5 @@ def test_stem_conv_is_adapted_to_other_input_channels_but_checked_for_dtype(tmp_
     save_file(state, path)
     with pytest.raises(PretrainedWeightsError, match=r'1 mismatched tensors \(e\.g\. conv1\.weight: checkpoint '
                                                      r'torch\.int32, model torch\.float32\)'):
-        timm.create_model(ARCH, pretrained=True, num_classes=10, in_chans=1, pretrained_cfg_overlay=dict(file=str(path)))
+        timm.create_model(ARCH, pretrained=True, num_classes=10, in_chans=1,
+                          pretrained_cfg_overlay=dict(file=str(path)))

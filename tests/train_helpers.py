@@ -17,7 +17,8 @@ TINY_SETTINGS = [
 
 
 def make_digits_folder(root: Path) -> Path:
-    """root/train/<digit>/*.png and root/val/<digit>/*.png from scikit-learn's digits (the first images of each class)."""
+    """root/train/<digit>/*.png and root/val/<digit>/*.png from scikit-learn's digits (the first images of each
+    class)."""
     from bam_models.train.data import DigitsDataset
     dataset = DigitsDataset('train')
     counts = {}

@@ -31,7 +31,8 @@ __all__ = ['create_model_from_name']
 _NAME_FORMS = 'ARCH[.TAG], local-dir:PATH or hf-hub:ORG/NAME'
 _OWN_WEIGHTS = ('pass your weights with --checkpoint FILE, name a local-dir:PATH / hf-hub:ORG/NAME model, or use '
                 'random weights (pretrained=False, --random-init)')
-_WRITTEN_BY = "pass a folder written by `bam-models train` (OUT/hub), `convert`, `insert` or `publish`, or timm's save_for_hf"
+_WRITTEN_BY = ("pass a folder written by `bam-models train` (OUT/hub), `convert`, `insert` or `publish`, or timm's "
+               "save_for_hf")
 
 
 def _check_architecture(arch: str, where: str) -> None:

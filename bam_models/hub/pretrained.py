@@ -275,7 +275,8 @@ def _registry_weights(architecture: str, tag: Optional[str], model: str, cache_d
     if not entry['published']:
         trunks = [f"{architecture}.{e['tag']}" for e in manifest['weights'].values()
                   if e['architecture'] == architecture and e['kind'] == 'trunk' and e['published']]
-        trunk_hint = f"the trunk tag {' / '.join(trunks)} (attention freshly initialised, fine-tune it)" if trunks else 'no trunk tag'
+        trunk_hint = (f"the trunk tag {' / '.join(trunks)} (attention freshly initialised, fine-tune it)" if trunks
+                      else 'no trunk tag')
         raise source.error(
             "these weights are not published yet (manifest: published=false)",
             f"use pretrained=False, {trunk_hint}, or convert the original checkpoint yourself "

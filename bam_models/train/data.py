@@ -11,9 +11,8 @@ images; 300 of the training images are held out as the validation split that sel
 the test images are scored only once, at the end (1,137 train / 300 val / 360 test). Images are served as
 RGB PIL images so that timm's transforms upsample them to the model input size.
 """
-import math
 import os
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
