@@ -1,5 +1,6 @@
-"""Regenerate the generated model tables (README.md and docs/models.md) from `bam-models list`; run after adding
-or changing a model. `python scripts/update_readme_table.py [FILE ...]` writes only the files named."""
+"""Regenerate the generated model tables from `bam-models list`: README.md lists the ImageNet models, docs/models.md
+every model (CIFAR networks included); run after adding or changing a model.
+`python scripts/update_readme_table.py [FILE ...]` writes only the files named."""
 import pathlib
 import re
 import sys
@@ -15,8 +16,17 @@ START, END = '<!-- model-table:start -->', '<!-- model-table:end -->'
 BLOCK = re.compile(re.escape(START) + '.*?' + re.escape(END), re.S)
 
 
-def render() -> str:
-    return model_table([model_stats(name) for name in list_zoo_models()])
+def render(names=None) -> str:
+    return model_table([model_stats(name) for name in (list_zoo_models() if names is None else names)])
+
+
+def readme_models() -> list:
+    """The README keeps to the ImageNet networks; the CIFAR family is in docs/models.md."""
+    return [name for name in list_zoo_models() if '_cifar' not in name]
+
+
+def table_for(path: pathlib.Path) -> str:
+    return render(readme_models() if pathlib.Path(path).resolve() == README else None)
 
 
 def write_table(path: pathlib.Path, table: str) -> None:
@@ -27,9 +37,8 @@ def write_table(path: pathlib.Path, table: str) -> None:
 
 
 def main(paths=None) -> None:
-    table = render()
     for path in paths or [README, DOCS]:
-        write_table(pathlib.Path(path), table)
+        write_table(pathlib.Path(path), table_for(path))
 
 
 if __name__ == '__main__':

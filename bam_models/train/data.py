@@ -152,8 +152,8 @@ def build_dataset(dataset: str, split: str, train_split: str = 'train', val_spli
 
 def dataset_classes(dataset) -> List[str]:
     """Class names in index order, from the reader that labels the data."""
-    if isinstance(dataset, DigitsDataset):
-        return dataset.classes
+    if isinstance(dataset, (DigitsDataset, CIFAR10)):  # CIFAR100 subclasses CIFAR10; `classes` in label order
+        return list(dataset.classes)
     class_to_idx = dataset.reader.class_to_idx
     return sorted(class_to_idx, key=class_to_idx.get)
 
