@@ -1,5 +1,6 @@
 """ The memory-lean BAM/CBAM gating equals the plain formulation and keeps no extra full-size tensor. """
 import copy
+import dataclasses
 
 import pytest
 import timm
@@ -8,7 +9,11 @@ import torch.nn.functional as F
 
 import bam_models  # noqa: F401  registers the zoo models
 from bam_models.layers import BAM, CBAM, DilatedConv2d, space_to_batch_conv2d
-from bam_models.layers import fused_gates
+from bam_models.layers import fused_gates, gating_tuning
+
+
+def _cpu_tuning(monkeypatch, **changes):
+    monkeypatch.setitem(gating_tuning.TUNING, 'cpu', dataclasses.replace(gating_tuning.TUNING['cpu'], **changes))
 
 BAM_CONFIGS = [
     dict(fusion='product'),
@@ -36,7 +41,7 @@ def _gradcheck_module_and_params(module, x):
 ])
 def test_bam_gradcheck(fusion, input_relu, reduction, monkeypatch):
     if reduction == 'matmul':  # the 1x1 reduction as a matrix product, which inputs of 32 MiB or more take
-        monkeypatch.setattr(fused_gates, '_MATMUL_MIN_BYTES', 0)
+        _cpu_tuning(monkeypatch, matmul_min_bytes=0)
     module = BAM(6, rd_channels=3, dilation=1, fusion=fusion, input_relu=input_relu).double().train()
     for p in module.parameters():
         torch.nn.init.normal_(p, std=0.5)
@@ -195,7 +200,7 @@ def _compare(module, plain_fn, x, train):
 
 
 def test_bam_with_matmul_reduction_equals_plain_formulation(monkeypatch):
-    monkeypatch.setattr(fused_gates, '_MATMUL_MIN_BYTES', 0)
+    _cpu_tuning(monkeypatch, matmul_min_bytes=0)
     test_bam_equals_plain_formulation(BAM_CONFIGS[0], train=True)
 
 
