@@ -450,7 +450,8 @@ def markdown_table(result: Dict) -> str:
         f"{s['img_size']}×{s['img_size']} input, {s['rounds']} rounds (median, models interleaved), "
         f"{s['allocator'].split(' (')[0]} allocator for timings. "
         f"(×) = cost relative to the plain trunk measured in the same run (the family's first model; for "
-        f"pytorchcv's attention ResNets pytorchcv's own ResNet of the same architecture where it was measured): time per image "
+        f"pytorchcv's attention ResNets pytorchcv's own ResNet of the same architecture where it was measured): "
+        f"time per image "
         f"(also for throughput; median over rounds of the per-round ratio) or peak memory over one training "
         f"step (tensors: most bytes held at once; RSS: growth of the resident set).",
     ]

@@ -233,7 +233,8 @@ def markdown(result: Dict) -> str:
     s = result['settings']
     lines = [f"Fused vs reference gating on {result['machine']['device']}, torch {result['machine']['torch']}, "
              f"{result['machine']['date']}", '',
-             '| model | check | output rel. error | gradient rel. error | worst parameter (rel. error) | tolerance | ok |',
+             '| model | check | output rel. error | gradient rel. error | worst parameter (rel. error) '
+             '| tolerance | ok |',
              '|---|---|---:|---:|---|---:|---|']
     for r in result['checks']:
         lines.append(f"| `{r['model']}` | {r['mode']} | {r['output_rel_error']:.2e} | {r['grad_rel_error']:.2e} "
@@ -255,10 +256,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--device', default='cuda', help='torch device (default cuda)')
     parser.add_argument('--quick', action='store_true',
-                        help='tiny run of the same code: 64 px, batch 2, 1 step without warm-up, compile backend "eager"')
+                        help='tiny run of the same code: 64 px, batch 2, 1 step without warm-up, '
+                             'compile backend "eager"')
     parser.add_argument('--batch-size', type=int, help='training batch (default 256; quick 2)')
     parser.add_argument('--infer-batch-size', type=int, help='inference batch (default 512; quick 2)')
-    parser.add_argument('--check-batch-size', type=int, help='batch of the fused-vs-reference checks (default 8; quick 2)')
+    parser.add_argument('--check-batch-size', type=int,
+                        help='batch of the fused-vs-reference checks (default 8; quick 2)')
     parser.add_argument('--img-size', type=int, help='square input size (default 224; quick 64)')
     parser.add_argument('--steps', type=int, help='timed steps per measurement, median (default 10; quick 1)')
     parser.add_argument('--warmup', type=int, help='untimed steps first (default 3; quick 0)')
