@@ -475,7 +475,8 @@ def _side_by_side(rows: List[Dict]) -> List[str]:
     if not pairs:
         return []
     columns = [c for c in _SIDE_BY_SIDE if any(c[0] in r for pair in pairs for r in pair)]
-    lines = ['', '| ours vs pytorchcv, same run | ' + ' | '.join(c[1] for c in columns) + ' |',
+    header = '| same architecture, same run: ours vs pytorchcv (ratio) | ' + ' | '.join(c[1] for c in columns) + ' |'
+    lines = ['', header,
              '|---|' + '---:|' * len(columns)]
     for ours, theirs in pairs:
         cells = []
@@ -484,5 +485,5 @@ def _side_by_side(rows: List[Dict]) -> List[str]:
                 cells.append(f'{ours[key] * scale:.1f} vs {theirs[key] * scale:.1f} ({ours[key] / theirs[key]:.3f})')
             else:
                 cells.append('–')
-        lines.append(f"| `{ours['model']}` vs `{theirs['model']}` | " + ' | '.join(cells) + ' |')
+        lines.append(f"| ours `{ours['model']}` vs `{theirs['model']}` | " + ' | '.join(cells) + ' |')
     return lines

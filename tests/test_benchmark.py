@@ -171,6 +171,8 @@ def test_zoo_models_and_their_pytorchcv_twins_side_by_side(tiny_run):
     _, table, result = tiny_run
     rows = {row['model']: row for row in result['rows']}
     ours, theirs = rows['resnet18_bam'], rows['pytorchcv:bam_resnet18']
-    line = next(line for line in table.splitlines() if line.startswith('| `resnet18_bam` vs `pytorchcv:bam_resnet18`'))
-    expected = f"{ours['train_s'] * 1e3:.1f} vs {theirs['train_s'] * 1e3:.1f} ({ours['train_s'] / theirs['train_s']:.3f})"
+    prefix = '| ours `resnet18_bam` vs `pytorchcv:bam_resnet18`'
+    line = next(line for line in table.splitlines() if line.startswith(prefix))
+    ratio = ours['train_s'] / theirs['train_s']
+    expected = f"{ours['train_s'] * 1e3:.1f} vs {theirs['train_s'] * 1e3:.1f} ({ratio:.3f})"
     assert expected in line
