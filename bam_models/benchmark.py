@@ -42,7 +42,7 @@ import torch.nn as nn
 
 import timm
 
-from bam_models.profiling import count_flops, count_params
+from bam_models.profiling import count_flops, count_params, peak_cpu_tensor_bytes
 
 __all__ = [
     'ALLOCATORS', 'DEFAULT_FAMILIES', 'PAPER_REFERENCE', 'PEERS', 'BenchmarkSettings', 'markdown_table', 'paired_ratio',
@@ -57,13 +57,17 @@ DEFAULT_FAMILIES: Dict[str, List[str]] = {
 }
 
 # independent implementations of the same architectures (pytorchcv), added by `peers=True`, with their own
-# plain trunk: pytorchcv's ResNets differ from timm's in speed (resnet50: about 5 % faster here), so each
-# attention network is measured against the trunk of its own implementation
+# plain trunk of the same architecture: pytorchcv's ResNets differ from timm's in speed, so each attention network
+# is measured against the trunk of its own implementation. pytorchcv's bottleneck `resnet50` puts the stride in
+# the first 1x1 convolution (3.858 GMACs), while its bam_/cbam_resnet50, like the authors' code and timm, put it
+# in the 3x3 (4.171 / 4.096 GMACs); its `resnet50b` (4.089 GMACs, as timm's resnet50) is their trunk
 PEERS: Dict[str, List[str]] = {
-    'resnet50': ['pytorchcv:resnet50', 'pytorchcv:bam_resnet50', 'pytorchcv:cbam_resnet50'],
+    'resnet50': ['pytorchcv:resnet50b', 'pytorchcv:bam_resnet50', 'pytorchcv:cbam_resnet50'],
     'resnet18': ['pytorchcv:resnet18', 'pytorchcv:bam_resnet18', 'pytorchcv:cbam_resnet18'],
 }
-_PYTORCHCV_ATTENTION = re.compile(r'^pytorchcv:c?bam_(.+)$')
+_PYTORCHCV_ATTENTION = re.compile(r'^pytorchcv:c?bam_resnet(\d+)$')
+# the zoo model each pytorchcv attention network implements too, for the side-by-side table
+_PYTORCHCV_TWIN = re.compile(r'^pytorchcv:(c?bam)_(resnet\d+)$')
 
 # published figures: parameters and the papers' "GFLOPs", which are multiply-adds (GMACs here)
 PAPER_REFERENCE: Dict[str, Dict[str, float]] = {
@@ -174,19 +178,7 @@ class _Subject:
     def peak_train_tensors(self) -> Optional[int]:
         """Peak bytes of the tensors one training step allocates and holds at once (see module docstring)."""
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-            self.train_step()
-        try:
-            records = sorted(
-                (event.start_ns(), event.nbytes()) for event in prof.profiler.kineto_results.events()
-                if event.name() == '[memory]' and event.device_type() == torch.autograd.DeviceType.CPU)
-        except AttributeError:  # the profiler's result API moved
-            return None
-        live = peak = 0
-        for _, nbytes in records:  # allocations positive, frees negative
-            live += nbytes
-            peak = max(peak, live)
-        return peak
+        return peak_cpu_tensor_bytes(self.train_step)
 
     def peak_train_memory(self) -> Optional[int]:
         """Peak RSS growth over one training step, in bytes (see module docstring); None off Linux."""
@@ -251,11 +243,15 @@ def _reference_diff(value: float, reference: Optional[float]) -> Optional[float]
 
 
 def trunk_of(name: str, names: Sequence[str]) -> str:
-    """The plain trunk `name` is measured against among `names`: pytorchcv's own ResNet for its bam_/cbam_
-    ResNets where it is measured too, else the first model."""
+    """The plain trunk `name` is measured against among `names`: pytorchcv's own ResNet of the same architecture
+    (stride in the 3x3 convolution: `resnet50b` for bottleneck depths) for its bam_/cbam_ ResNets where it is
+    measured too, else the first model."""
     peer = _PYTORCHCV_ATTENTION.match(name)
-    if peer and f'pytorchcv:{peer.group(1)}' in names:
-        return f'pytorchcv:{peer.group(1)}'
+    if peer:
+        depth = int(peer.group(1))
+        trunk = f"pytorchcv:resnet{depth}{'b' if depth >= 50 else ''}"
+        if trunk in names:
+            return trunk
     return names[0]
 
 
@@ -454,8 +450,40 @@ def markdown_table(result: Dict) -> str:
         f"{s['img_size']}×{s['img_size']} input, {s['rounds']} rounds (median, models interleaved), "
         f"{s['allocator'].split(' (')[0]} allocator for timings. "
         f"(×) = cost relative to the plain trunk measured in the same run (the family's first model; for "
-        f"pytorchcv's attention ResNets pytorchcv's own ResNet where it was measured): time per image "
+        f"pytorchcv's attention ResNets pytorchcv's own ResNet of the same architecture where it was measured): "
+        f"time per image "
         f"(also for throughput; median over rounds of the per-round ratio) or peak memory over one training "
         f"step (tensors: most bytes held at once; RSS: growth of the resident set).",
     ]
-    return '\n'.join(lines)
+    return '\n'.join(lines + _side_by_side(result['rows']))
+
+
+_SIDE_BY_SIDE = (('latency_s', 'latency b1 ms', 1e3), ('throughput_img_s', 'throughput img/s', 1),
+                 ('train_s', 'train step ms', 1e3), ('train_tensor_peak_bytes', 'train peak tensors MiB', 2 ** -20))
+
+
+def _side_by_side(rows: List[Dict]) -> List[str]:
+    """Absolute figures of each zoo model next to pytorchcv's network of the same architecture, measured in the
+    same run: ours / theirs (below 1 is faster or leaner for time and memory, above 1 more images per second)."""
+    by_name = {row['model']: row for row in rows}
+    pairs = []
+    for name in by_name:
+        twin = _PYTORCHCV_TWIN.match(name)
+        ours = twin and f'{twin.group(2)}_{twin.group(1)}'
+        if ours in by_name:
+            pairs.append((by_name[ours], by_name[name]))
+    if not pairs:
+        return []
+    columns = [c for c in _SIDE_BY_SIDE if any(c[0] in r for pair in pairs for r in pair)]
+    header = '| same architecture, same run: ours vs pytorchcv (ratio) | ' + ' | '.join(c[1] for c in columns) + ' |'
+    lines = ['', header,
+             '|---|' + '---:|' * len(columns)]
+    for ours, theirs in pairs:
+        cells = []
+        for key, _, scale in columns:
+            if key in ours and key in theirs:
+                cells.append(f'{ours[key] * scale:.1f} vs {theirs[key] * scale:.1f} ({ours[key] / theirs[key]:.3f})')
+            else:
+                cells.append('–')
+        lines.append(f"| ours `{ours['model']}` vs `{theirs['model']}` | " + ' | '.join(cells) + ' |')
+    return lines

@@ -1,11 +1,12 @@
-""" Parameter and FLOP counts, measured on the meta device (no memory, no weights, no compute). """
-from typing import Dict, Optional, Tuple
+""" Parameter and FLOP counts, measured on the meta device (no memory, no weights, no compute), and the peak
+bytes of CPU tensors a call holds at once. """
+from typing import Callable, Dict, Optional, Tuple
 
 import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ['count_params', 'count_flops', 'model_stats']
+__all__ = ['count_params', 'count_flops', 'model_stats', 'peak_cpu_tensor_bytes']
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -36,3 +37,22 @@ def model_stats(name: str, input_size: Optional[Tuple[int, int, int]] = None, **
         'gmacs': flops / 2e9,
         'input_size': input_size[-1],
     }
+
+
+def peak_cpu_tensor_bytes(fn: Callable[[], object]) -> Optional[int]:
+    """The largest total of bytes that CPU tensors allocated by `fn()` hold at once, summed from the profiler's
+    allocation records: deterministic, the CPU counterpart of torch.cuda.max_memory_allocated. None where the
+    profiler's result API does not expose them."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    try:
+        records = sorted(
+            (event.start_ns(), event.nbytes()) for event in prof.profiler.kineto_results.events()
+            if event.name() == '[memory]' and event.device_type() == torch.autograd.DeviceType.CPU)
+    except AttributeError:  # the profiler's result API moved
+        return None
+    live = peak = 0
+    for _, nbytes in records:  # allocations positive, frees negative
+        live += nbytes
+        peak = max(peak, live)
+    return peak

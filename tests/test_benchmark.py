@@ -152,3 +152,27 @@ def test_caching_allocator_reuses_freed_memory_without_page_faults():
     # setting reuses the pages of the ones before (the first two may still be fresh: glibc's aligned allocation
     # finds a freed block of exactly the requested size too small)
     assert faults['caching'] < 1000 and faults['system'] > 10 * max(faults['caching'], 100), faults
+
+
+def test_pytorchcv_attention_resnets_get_a_trunk_of_the_same_architecture():
+    from bam_models.benchmark import PEERS, _create, trunk_of
+    from bam_models.profiling import count_flops
+    names = PEERS['resnet50']
+    assert [trunk_of(n, names) for n in names] == ['pytorchcv:resnet50b'] * 3
+    # the stride sits in the 3x3 convolution in all three: the attention adds only its own MACs
+    gmacs = {n: count_flops(_create(n, device='meta')) / 2e9 for n in names}
+    assert gmacs['pytorchcv:resnet50b'] == pytest.approx(4.089, abs=1e-3)
+    assert gmacs['pytorchcv:bam_resnet50'] == pytest.approx(4.171, abs=1e-3)
+    assert gmacs['pytorchcv:cbam_resnet50'] == pytest.approx(4.096, abs=1e-3)
+    assert count_flops(_create('pytorchcv:resnet50', device='meta')) / 2e9 == pytest.approx(3.858, abs=1e-3)
+
+
+def test_zoo_models_and_their_pytorchcv_twins_side_by_side(tiny_run):
+    _, table, result = tiny_run
+    rows = {row['model']: row for row in result['rows']}
+    ours, theirs = rows['resnet18_bam'], rows['pytorchcv:bam_resnet18']
+    prefix = '| ours `resnet18_bam` vs `pytorchcv:bam_resnet18`'
+    line = next(line for line in table.splitlines() if line.startswith(prefix))
+    ratio = ours['train_s'] / theirs['train_s']
+    expected = f"{ours['train_s'] * 1e3:.1f} vs {theirs['train_s'] * 1e3:.1f} ({ratio:.3f})"
+    assert expected in line

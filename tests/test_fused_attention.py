@@ -1,5 +1,6 @@
 """ The memory-lean BAM/CBAM gating equals the plain formulation and keeps no extra full-size tensor. """
 import copy
+import dataclasses
 
 import pytest
 import timm
@@ -8,7 +9,11 @@ import torch.nn.functional as F
 
 import bam_models  # noqa: F401  registers the zoo models
 from bam_models.layers import BAM, CBAM, DilatedConv2d, space_to_batch_conv2d
-from bam_models.layers import fused_gates
+from bam_models.layers import fused_gates, gating_tuning
+
+
+def _cpu_tuning(monkeypatch, **changes):
+    monkeypatch.setitem(gating_tuning.TUNING, 'cpu', dataclasses.replace(gating_tuning.TUNING['cpu'], **changes))
 
 BAM_CONFIGS = [
     dict(fusion='product'),
@@ -23,12 +28,13 @@ BAM_CONFIGS = [
 
 def _gradcheck_module_and_params(module, x):
     assert torch.autograd.gradcheck(module, (x,))
+    # fast mode (random projections of the Jacobian) keeps the check of every parameter affordable
     # and for every parameter, through the gates' own small networks
     names = [n for n, _ in module.named_parameters()]
 
     def with_params(x, *values):
         return torch.func.functional_call(module, dict(zip(names, values)), x)
-    assert torch.autograd.gradcheck(with_params, (x, *module.parameters()))
+    assert torch.autograd.gradcheck(with_params, (x, *module.parameters()), fast_mode=True)
 
 
 @pytest.mark.parametrize('fusion,input_relu,reduction', [
@@ -36,7 +42,7 @@ def _gradcheck_module_and_params(module, x):
 ])
 def test_bam_gradcheck(fusion, input_relu, reduction, monkeypatch):
     if reduction == 'matmul':  # the 1x1 reduction as a matrix product, which inputs of 32 MiB or more take
-        monkeypatch.setattr(fused_gates, '_MATMUL_MIN_BYTES', 0)
+        _cpu_tuning(monkeypatch, matmul_min_bytes=0)
     module = BAM(6, rd_channels=3, dilation=1, fusion=fusion, input_relu=input_relu).double().train()
     for p in module.parameters():
         torch.nn.init.normal_(p, std=0.5)
@@ -195,7 +201,7 @@ def _compare(module, plain_fn, x, train):
 
 
 def test_bam_with_matmul_reduction_equals_plain_formulation(monkeypatch):
-    monkeypatch.setattr(fused_gates, '_MATMUL_MIN_BYTES', 0)
+    _cpu_tuning(monkeypatch, matmul_min_bytes=0)
     test_bam_equals_plain_formulation(BAM_CONFIGS[0], train=True)
 
 
@@ -372,3 +378,104 @@ def test_fx_tracing_keeps_attention_modules_as_leaves(name):
     x = torch.randn(1, 64, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(extractor(x)['out'], stage(x))
+
+
+# fused vs reference (`forward_reference`, the plain formulas) on the same weights and inputs
+_PRECISIONS = {
+    'fp32': (None, 1e-5),
+    'bf16': (torch.bfloat16, 2e-2),
+    'fp16': (torch.float16, 2e-3),
+}
+_FUSED_VS_REFERENCE = [
+    pytest.param(lambda: BAM(16, rd_channels=4, dilation=2), id='bam-product'),
+    pytest.param(lambda: BAM(16, rd_channels=4, dilation=2, fusion='max', input_relu=True), id='bam-max-relu'),
+    pytest.param(lambda: BAM(16, rd_channels=4, gates='spatial', dilation=2), id='bam-spatial'),
+    pytest.param(lambda: CBAM(16, rd_channels=4), id='cbam'),
+]
+
+
+def _fused_and_reference_step(module, x, dtype, channels_last=False):
+    """Output, input gradient and parameter gradients of one training step, fused and by the reference."""
+    results = []
+    for fused in (True, False):
+        m = copy.deepcopy(module).train()
+        inputs = x.detach().clone()
+        if channels_last:
+            m, inputs = m.to(memory_format=torch.channels_last), inputs.to(memory_format=torch.channels_last)
+        inputs.requires_grad_()
+        with torch.autocast('cpu', dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            out = m(inputs) if fused else m.forward_reference(inputs)
+            one_node = fused and getattr(m, 'gates', 'both') == 'both'  # a single BAM branch is plain autograd
+            assert (type(out.grad_fn).__name__ in ('_BamBackward', '_CbamBackward')) == one_node
+            if channels_last:
+                assert out.is_contiguous(memory_format=torch.channels_last)
+        out.float().square().mean().backward()
+        results.append((out.float(), inputs.grad.float(), [p.grad.float() for p in m.parameters()]))
+    return results
+
+
+@pytest.mark.parametrize('precision', list(_PRECISIONS))
+@pytest.mark.parametrize('make', _FUSED_VS_REFERENCE)
+def test_fused_equals_reference_under_autocast(make, precision):
+    dtype, tol = _PRECISIONS[precision]
+    torch.manual_seed(0)
+    module = make()
+    conv = torch.nn.Conv2d(3, 16, 3, padding=1)  # autocast runs it in half precision: the gates see its output
+    with torch.autocast('cpu', dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        x = conv(torch.randn(3, 3, 7, 5)).detach()  # odd, non-square
+    (out, grad_x, grads), (out_ref, grad_x_ref, grads_ref) = _fused_and_reference_step(module, x, dtype)
+    assert out.dtype == out_ref.dtype
+    torch.testing.assert_close(out, out_ref, rtol=tol, atol=tol)
+    scale = grad_x_ref.abs().max()
+    torch.testing.assert_close(grad_x / scale, grad_x_ref / scale, rtol=tol, atol=tol)
+    # biases right before a train-mode BN have an exact gradient of 0: only rounding noise, so each parameter's
+    # scale is floored at a hundredth of the largest gradient
+    floor = 1e-2 * max(float(g.abs().max()) for g in grads_ref)
+    for got, expected in zip(grads, grads_ref):
+        scale = max(float(expected.abs().max()), floor)
+        torch.testing.assert_close(got / scale, expected / scale, rtol=20 * tol, atol=20 * tol)
+
+
+@pytest.mark.parametrize('batch', [1, 2])
+@pytest.mark.parametrize('make', _FUSED_VS_REFERENCE)
+def test_fused_equals_reference_channels_last_and_small_batches(make, batch):
+    module = make().double()
+    for p in module.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    x = torch.randn(batch, 16, 5, 9, dtype=torch.double)
+    for channels_last in (False, True):
+        (out, grad_x, grads), (out_ref, grad_x_ref, grads_ref) = _fused_and_reference_step(
+            module, x, None, channels_last)
+        torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(grad_x, grad_x_ref, rtol=1e-10, atol=1e-10)
+        for got, expected in zip(grads, grads_ref):
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_whole_batch_tuning_of_other_devices_equals_reference(monkeypatch):
+    # the row every device kind without a measurement gets (CUDA included), exercised here on CPU
+    assert gating_tuning.tuning_for(torch.device('cuda')) == gating_tuning.WHOLE_BATCH
+    assert gating_tuning.tuning_for(torch.device('meta')) == gating_tuning.WHOLE_BATCH
+    monkeypatch.setitem(gating_tuning.TUNING, 'cpu', gating_tuning.WHOLE_BATCH)
+    x = torch.randn(5, 32, 6, 7, dtype=torch.double)
+    assert fused_gates._batch_slices(x, gating_tuning.WHOLE_BATCH) == [slice(None)]
+    for make in (lambda: BAM(32, input_relu=True), lambda: CBAM(32)):
+        module = make().double()
+        for p in module.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+        (out, grad_x, grads), (out_ref, grad_x_ref, grads_ref) = _fused_and_reference_step(module, x, None)
+        torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(grad_x, grad_x_ref, rtol=1e-10, atol=1e-10)
+        for got, expected in zip(grads, grads_ref):
+            torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_cpu_heuristics_stay_off_on_unmeasured_devices():
+    conv = DilatedConv2d(4, 4, dilation=4)
+    assert conv._space_to_batch_pays(torch.empty(1, 4, 8, 8))
+    assert not conv._space_to_batch_pays(torch.empty(1, 4, 8, 8, device='meta'))
+    assert not DilatedConv2d(4, 4, dilation=4, fused=False)._space_to_batch_pays(torch.empty(1, 4, 8, 8))
+    x = torch.randn(2, 64, 7, 7)
+    assert torch.equal(fused_gates.channel_amax(x), x.amax(1, keepdim=True))
+    # the spatial branch's recomputation is a CPU choice: without it the fused node keeps the branch's graph
+    assert gating_tuning.TUNING['cpu'].recompute_spatial and not gating_tuning.WHOLE_BATCH.recompute_spatial

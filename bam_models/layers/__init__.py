@@ -1,2 +1,4 @@
 from .bam import BAM, BamChannelGate, BamSpatialGate, DilatedConv2d, GateBatchNorm2d, space_to_batch_conv2d
 from .cbam import CBAM, CbamChannelGate, CbamSpatialGate
+from .config import FusedGatingError, fused_gating, set_fused_gating, use_fused_gating
+from .gating_tuning import TUNING, GatingTuning, tuning_for

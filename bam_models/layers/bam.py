@@ -20,7 +20,10 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import make_divisible
 from timm.layers._fx import register_notrace_module
 
-from .fused_gates import bam_refine, fused_gating_supported
+from .config import use_fused_gating
+from .fused_gates import bam_refine, bam_single_branch
+from .gating_reference import bam_attention_logits, bam_refine_reference
+from .gating_tuning import tuning_for
 
 __all__ = ['BAM', 'BamChannelGate', 'BamSpatialGate', 'DilatedConv2d', 'GateBatchNorm2d', 'space_to_batch_conv2d']
 
@@ -85,16 +88,26 @@ class BamChannelGate(nn.Module):
         self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=True, **dd)
         self.bn_out = GateBatchNorm2d(channels, **dd) if out_norm else nn.Identity()
 
-    def forward(self, x: torch.Tensor, pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Channel logits of x; `pooled`, the (B, C) mean of x over H, W, if the caller has it already."""
-        batch = x.shape[0]
-        # pooled over both dims: any H != W, no size-derived kernel
-        x = x.mean((2, 3)) if pooled is None else pooled
+    def forward(self, x: Optional[torch.Tensor] = None, pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mc(F) for the feature map `x`, or from its (B, C) average `pooled` over H, W (`from_pooled`): exactly one
+        of the two. Both go through the module call, so forward hooks see the logits either way."""
+        if pooled is None:
+            assert x is not None, 'BamChannelGate needs the feature map x or its pooled (B, C) mean'
+            # pooled over both dims: any H != W, no size-derived kernel
+            pooled = x.mean((2, 3))
+        else:
+            assert x is None, 'BamChannelGate takes the feature map x or its pooled mean, not both'
+        batch, rd_channels = pooled.shape[0], self.fc1.out_channels
         # the 1x1 convs on pooled vectors run as plain matrix products (same weights, no convolution dispatch)
-        x = F.linear(x, self.fc1.weight.flatten(1), self.fc1.bias).view(batch, -1, 1, 1)
-        x = self.act(self.bn(x))
-        x = F.linear(x.flatten(1), self.fc2.weight.flatten(1), self.fc2.bias).view(batch, -1, 1, 1)
-        return self.bn_out(x)
+        hidden = F.linear(pooled, self.fc1.weight.flatten(1), self.fc1.bias).view(batch, rd_channels, 1, 1)
+        hidden = self.act(self.bn(hidden))
+        logits = F.linear(hidden.flatten(1), self.fc2.weight.flatten(1), self.fc2.bias)
+        return self.bn_out(logits.view(batch, self.fc2.out_channels, 1, 1))
+
+    @torch.jit.unused
+    def from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Mc from the (B, C) mean of the feature map over H, W, which the fused node computes itself."""
+        return self(pooled=pooled)
 
 
 def space_to_batch_conv2d(
@@ -122,30 +135,37 @@ def space_to_batch_conv2d(
     return y.reshape(batch, out_channels, sub_h * d, sub_w * d)[:, :, :height, :width]
 
 
-# ATen's CPU dispatch sends a batch-1 convolution with at most this many input elements to its native kernels
-# (oneDNN takes larger ones); for a dilated kernel that is the slow `slow_conv_dilated2d`
-_NATIVE_CONV_MAX_NUMEL = 20480
-
-
 @register_notrace_module  # the path depends on the input shape, which FX cannot trace
 class DilatedConv2d(nn.Conv2d):
     """The spatial gate's 3x3 convolution with dilation d and padding d, an nn.Conv2d with the same parameters.
 
-    Where ATen would run it through its slow native dilated kernel (small batch-1 inputs on CPU), it runs
-    as an undilated convolution over space-to-batch sub-images instead (`space_to_batch_conv2d`): the same
-    sums, several times faster. Scripting, tracing, export and compilation see the plain dilated convolution.
+    With the fused gating on, where ATen would run it through its slow native dilated kernel (small batch-1
+    inputs, on the device kinds where `gating_tuning.TUNING` says so), it runs as an undilated convolution over
+    space-to-batch sub-images instead (`space_to_batch_conv2d`): the same sums, several times faster. With it
+    off, and for scripting, tracing, export and compilation, it is the plain dilated convolution. `fused`
+    overrides the process-wide switch for this module (BAM passes its own).
     """
 
-    def __init__(self, in_channels: int, out_channels: int, dilation: int, bias: bool = True, device=None, dtype=None):
+    def __init__(
+            self,
+            in_channels: int,
+            out_channels: int,
+            dilation: int,
+            bias: bool = True,
+            fused: Optional[bool] = None,
+            device=None,
+            dtype=None,
+    ):
         # padding = dilation keeps H x W for a 3x3 kernel at any dilation
         super().__init__(
             in_channels, out_channels, 3, padding=dilation, dilation=dilation, bias=bias, device=device, dtype=dtype)
+        self.fused = fused
 
     @torch.jit.unused
     def _space_to_batch_pays(self, x: torch.Tensor) -> bool:
         # tracing and export must not see a shape-dependent branch, so that check comes first
-        return (fused_gating_supported() and x.device.type == 'cpu' and x.shape[0] == 1
-                and x.numel() <= _NATIVE_CONV_MAX_NUMEL)
+        return (use_fused_gating(self.fused) and x.shape[0] == 1
+                and x.numel() <= tuning_for(x.device).space_to_batch_max_numel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and self._space_to_batch_pays(x):
@@ -157,8 +177,9 @@ class DilatedConv2d(nn.Conv2d):
 class BamSpatialGate(nn.Sequential):
     """Spatial branch Ms: 1x1 reduce -> `num_dilated` dilated 3x3 convs -> 1x1 to one map, (B, 1, H, W).
 
-    In eager training its reduced-width activations after the first convolution are not kept for backward: they
-    are recomputed from that convolution's output during backward, with the BatchNorm running statistics restored
+    `from_reduced(reduced, recompute=True)` (the fused BAM node, on device kinds where recomputation was measured
+    to pay) keeps none of its reduced-width activations after the first convolution for backward: they are
+    recomputed from that convolution's output during backward, with the BatchNorm running statistics restored
     after the recomputation so that they are updated exactly once per forward, as without recomputation.
     """
 
@@ -170,6 +191,7 @@ class BamSpatialGate(nn.Sequential):
             num_dilated: int = 2,
             act_layer: Type[nn.Module] = nn.ReLU,
             out_norm: bool = False,
+            fused: Optional[bool] = None,
             device=None,
             dtype=None,
     ):
@@ -179,7 +201,7 @@ class BamSpatialGate(nn.Sequential):
         layers['bn_reduce'] = nn.BatchNorm2d(rd_channels, **dd)
         layers['act_reduce'] = act_layer(inplace=True)
         for i in range(num_dilated):
-            layers[f'conv_dil{i}'] = DilatedConv2d(rd_channels, rd_channels, dilation, bias=True, **dd)
+            layers[f'conv_dil{i}'] = DilatedConv2d(rd_channels, rd_channels, dilation, bias=True, fused=fused, **dd)
             layers[f'bn_dil{i}'] = nn.BatchNorm2d(rd_channels, **dd)
             layers[f'act_dil{i}'] = act_layer(inplace=True)
         layers['conv_out'] = nn.Conv2d(rd_channels, 1, 1, bias=True, **dd)
@@ -187,27 +209,30 @@ class BamSpatialGate(nn.Sequential):
             layers['bn_out'] = nn.BatchNorm2d(1, **dd)
         super().__init__(layers)
 
-    def forward(self, x: torch.Tensor, reduced: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Spatial logits of x; `reduced`, the output of `conv_reduce` on x, if the caller has it already."""
+    def forward(self, x: Optional[torch.Tensor] = None, reduced: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Ms(F) for the feature map `x`, or from `reduced`, the output of `conv_reduce` on it (`from_reduced`):
+        exactly one of the two. Both go through the module call, so forward hooks see the logits either way."""
         if reduced is None:
+            assert x is not None, 'BamSpatialGate needs the feature map x or its 1x1-reduced map'
             reduced = self.conv_reduce(x)
-        if not torch.jit.is_scripting() and self._recompute_in_backward():
-            return self._checkpointed(reduced)
-        return self._after_reduce(reduced)
-
-    def _after_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        else:
+            assert x is None, 'BamSpatialGate takes the feature map x or its 1x1-reduced map, not both'
         for i, module in enumerate(self):
             if i > 0:
-                x = module(x)
-        return x
+                reduced = module(reduced)
+        return reduced
 
     @torch.jit.unused
-    def _recompute_in_backward(self) -> bool:
-        return torch.is_grad_enabled() and fused_gating_supported()
+    def from_reduced(self, reduced: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+        """Ms from the output of `conv_reduce`, which the fused node computes itself; with `recompute`, the
+        activations after it are recomputed in backward instead of kept."""
+        if recompute and torch.is_grad_enabled():
+            return checkpoint(self._call_from_reduced, reduced, use_reentrant=False, context_fn=self._contexts)
+        return self(reduced=reduced)
 
     @torch.jit.unused
-    def _checkpointed(self, reduced: torch.Tensor) -> torch.Tensor:
-        return checkpoint(self._after_reduce, reduced, use_reentrant=False, context_fn=self._contexts)
+    def _call_from_reduced(self, reduced: torch.Tensor) -> torch.Tensor:
+        return self(reduced=reduced)
 
     @torch.jit.unused
     def _contexts(self):
@@ -268,6 +293,7 @@ class BAM(nn.Module):
             act_layer: Type[nn.Module] = nn.ReLU,
             inplace: bool = False,
             input_relu: bool = False,
+            fused: Optional[bool] = None,
             device=None,
             dtype=None,
     ):
@@ -289,6 +315,7 @@ class BAM(nn.Module):
         self.gates = gates
         self.inplace = inplace
         self.input_relu = input_relu
+        self.fused = fused
         # the paper closes each branch with BN before combining; the released product form does not
         out_norm = fusion != 'product'
         self.channel_gate = BamChannelGate(
@@ -296,7 +323,7 @@ class BAM(nn.Module):
         ) if gates in ('both', 'channel') else None
         self.spatial_gate = BamSpatialGate(
             channels, rd_channels, dilation=dilation, num_dilated=num_dilated, act_layer=act_layer,
-            out_norm=out_norm, **dd,
+            out_norm=out_norm, fused=fused, **dd,
         ) if gates in ('both', 'spatial') else None
         self.init_weights()
 
@@ -321,30 +348,33 @@ class BAM(nn.Module):
             x = F.relu(x)
         return self._logits(x)
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        if self.channel_gate is None:
-            assert self.spatial_gate is not None
-            return self.spatial_gate(x)
-        channel = self.channel_gate(x)
-        if self.spatial_gate is None:
-            return channel
-        spatial = self.spatial_gate(x)
-        if self.fusion == 'product':
-            return channel * spatial
-        if self.fusion == 'sum':
-            return channel + spatial
-        return torch.maximum(channel, spatial)
+    def _logits(self, features: torch.Tensor) -> torch.Tensor:
+        channel = None if self.channel_gate is None else self.channel_gate(features)
+        spatial = None if self.spatial_gate is None else self.spatial_gate(features)
+        return bam_attention_logits(channel, spatial, self.fusion)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain formulas (`gating_reference`), differentiated by autograd itself."""
+        features = F.relu(x) if self.input_relu else x
+        return bam_refine_reference(features, self._logits(features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (not torch.jit.is_scripting() and fused_gating_supported() and self.channel_gate is not None
-                and self.spatial_gate is not None):
+        if torch.jit.is_scripting() or not use_fused_gating(self.fused) or x.shape[0] == 0:
+            # an empty batch has nothing to save memory on
+            return self.forward_reference(x)
+        return self._forward_fused(x)
+
+    @torch.jit.unused
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        tuning = tuning_for(x.device)
+        if self.channel_gate is not None and self.spatial_gate is not None:
             # two branches broadcast to full size: one node that rebuilds their product in backward
-            return bam_refine(x, self.channel_gate, self.spatial_gate, self.fusion, self.input_relu, self.inplace)
+            return bam_refine(x, self.channel_gate, self.spatial_gate, self.fusion, self.input_relu, self.inplace,
+                              tuning)
         # a single branch's gate is small (B, C, 1, 1) or (B, 1, H, W): plain ops keep nothing large
-        if self.input_relu:
-            x = F.relu(x)
-        return x * (1. + torch.sigmoid(self._logits(x)))
+        return bam_single_branch(x, self.channel_gate, self.spatial_gate, self.input_relu, tuning)
 
     def extra_repr(self) -> str:
         return (f'channels={self.channels}, rd_channels={self.rd_channels}, fusion={self.fusion}, gates={self.gates}'
-                f', inplace={self.inplace}, input_relu={self.input_relu}')
+                f', inplace={self.inplace}, input_relu={self.input_relu}'
+                + ('' if self.fused is None else f', fused={self.fused}'))

@@ -19,7 +19,10 @@ import torch.nn.functional as F
 from timm.layers import make_divisible
 from timm.layers._fx import register_notrace_module
 
-from .fused_gates import cbam_refine, channel_amax, fused_gating_supported
+from .config import use_fused_gating
+from .fused_gates import cbam_refine
+from .gating_reference import cbam_channel_descriptors, cbam_spatial_descriptors, mlp_pool_sum
+from .gating_tuning import tuning_for
 
 __all__ = ['CBAM', 'CbamChannelGate', 'CbamSpatialGate']
 
@@ -42,18 +45,24 @@ class CbamChannelGate(nn.Module):
         self.act = act_layer(inplace=True)
         self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias, **dd)
 
-    def forward(self, x: torch.Tensor, pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Channel weights of x; `pooled`, the (2B, C) stack [mean over H, W; max over H, W] of x, if the caller
-        has it already."""
-        batch, channels = x.shape[:2]
+    def forward(self, x: Optional[torch.Tensor] = None, pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mc(F) for the feature map `x`, or from `pooled`, its (2B, C) stack [mean over H, W; max over H, W]
+        (`from_pooled`): exactly one of the two. Both go through the module call, so forward hooks see the
+        weights either way."""
         if pooled is None:
-            # amax is several times faster than max with indices on CPU
-            pooled = torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=0)
+            assert x is not None, 'CbamChannelGate needs the feature map x or its pooled descriptors'
+            pooled = cbam_channel_descriptors(x)
+        else:
+            assert x is None, 'CbamChannelGate takes the feature map x or its pooled descriptors, not both'
         # both descriptors go through the shared MLP as one batch, and the 1x1 convs on pooled vectors run as
         # plain matrix products (same weights, no convolution dispatch)
         hidden = self.act(F.linear(pooled, self.fc1.weight.flatten(1), self.fc1.bias))
-        mlp_out = F.linear(hidden, self.fc2.weight.flatten(1), self.fc2.bias)
-        return torch.sigmoid(mlp_out[:batch] + mlp_out[batch:]).view(batch, channels, 1, 1)
+        return mlp_pool_sum(F.linear(hidden, self.fc2.weight.flatten(1), self.fc2.bias))
+
+    @torch.jit.unused
+    def from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Mc from the (2B, C) [mean; max] over H, W, which the fused node computes itself."""
+        return self(pooled=pooled)
 
 
 class CbamSpatialGate(nn.Module):
@@ -71,13 +80,21 @@ class CbamSpatialGate(nn.Module):
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False, **dd)
         self.bn = nn.BatchNorm2d(1, momentum=bn_momentum, **dd)
 
-    def forward(self, x: torch.Tensor, pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Spatial weights of x; `pooled`, the (B, 2, H, W) stack [max over C, mean over C] of x, if the caller
-        has it already."""
+    def forward(self, x: Optional[torch.Tensor] = None, pooled: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Ms(F') for the channel-refined map `x`, or from `pooled`, its (B, 2, H, W) stack [max over C, mean over
+        C] (`from_pooled`): exactly one of the two. Both go through the module call, so forward hooks see the
+        weights either way."""
         if pooled is None:
-            peak = x.amax(1, keepdim=True) if torch.jit.is_scripting() else channel_amax(x)
-            pooled = torch.cat([peak, x.mean(1, keepdim=True)], dim=1)
+            assert x is not None, 'CbamSpatialGate needs the feature map x or its pooled descriptors'
+            pooled = cbam_spatial_descriptors(x)
+        else:
+            assert x is None, 'CbamSpatialGate takes the feature map x or its pooled descriptors, not both'
         return torch.sigmoid(self.bn(self.conv(pooled)))
+
+    @torch.jit.unused
+    def from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Ms from the (B, 2, H, W) [max, mean] over channels, which the fused node computes itself."""
+        return self(pooled=pooled)
 
 
 @register_notrace_module  # its training path is one autograd function, which FX cannot trace into
@@ -96,6 +113,8 @@ class CBAM(nn.Module):
         inplace: write the output over the input when autograd records nothing (inference), saving a full-size
             allocation; for a CBAM whose input nothing else reads, as a block's last BN output (the zoo's
             models set it).
+        fused: True / False runs this module with / without the fused gating whatever the process-wide switch
+            says (`bam_models.layers.set_fused_gating`); None (default) follows the switch.
     """
 
     def __init__(
@@ -109,6 +128,7 @@ class CBAM(nn.Module):
             mlp_bias: bool = True,
             spatial_bn_momentum: float = 0.01,
             inplace: bool = False,
+            fused: Optional[bool] = None,
             device=None,
             dtype=None,
     ):
@@ -119,6 +139,7 @@ class CBAM(nn.Module):
         self.channels = channels
         self.rd_channels = rd_channels
         self.inplace = inplace
+        self.fused = fused
         self.channel_gate = CbamChannelGate(channels, rd_channels, act_layer=act_layer, mlp_bias=mlp_bias, **dd)
         self.spatial_gate = CbamSpatialGate(spatial_kernel_size, bn_momentum=spatial_bn_momentum, **dd)
         self.init_weights()
@@ -134,15 +155,22 @@ class CBAM(nn.Module):
             if fc.bias is not None:
                 nn.init.zeros_(fc.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and fused_gating_supported():
-            if torch.is_grad_enabled():
-                return cbam_refine(x, self.channel_gate, self.spatial_gate)
-            if self.inplace:
-                refined = x.mul_(self.channel_gate(x))
-                return refined.mul_(self.spatial_gate(refined))
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain formulas (`gating_reference`), differentiated by autograd itself: F' = Mc(F) * F,
+        F'' = Ms(F') * F'."""
         refined = x * self.channel_gate(x)
         return refined * self.spatial_gate(refined)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting() or not use_fused_gating(self.fused) or x.shape[0] == 0:
+            # an empty batch has nothing to save memory on
+            return self.forward_reference(x)
+        return self._forward_fused(x)
+
+    @torch.jit.unused
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        return cbam_refine(x, self.channel_gate, self.spatial_gate, self.inplace, tuning_for(x.device))
+
     def extra_repr(self) -> str:
-        return f'channels={self.channels}, rd_channels={self.rd_channels}, inplace={self.inplace}'
+        return (f'channels={self.channels}, rd_channels={self.rd_channels}, inplace={self.inplace}'
+                + ('' if self.fused is None else f', fused={self.fused}'))

@@ -10,51 +10,44 @@ the small gates instead (B x C x 1 x 1 and B x 1 x H x W), rebuilds full-size pr
 slice at a time in reused buffers, and writes the gradient of x into a single full-size tensor. Reductions over
 the broadcast dimensions are batched matrix products.
 
-Gradients equal those of the plain formulation up to float rounding. Scripting, tracing, ONNX export,
-torch.export and torch.compile see the plain formulation (`fused_gating_supported()` decides), because
-custom autograd functions are opaque to them and compilers fuse these elementwise ops on their own. FX
-symbolic tracing (timm's feature extractors) treats BAM and CBAM as leaf modules.
+Gradients equal those of the plain formulas (`gating_reference.py`) up to float rounding. The modules run these
+nodes only where `config.use_fused_gating` says so: scripting, tracing, ONNX export, torch.export, torch.compile
+and torch.func see the plain formulas, because custom autograd functions are opaque to them and compilers fuse
+these elementwise ops on their own. Double backward through a node raises `FusedGatingError`, naming the switch
+that turns the nodes off. FX symbolic tracing (timm's feature extractors) treats BAM and CBAM as leaf modules.
+Kernel choices (matrix products, batch slices, two-step maxima, recomputation) come from `gating_tuning.TUNING`
+for the input's device kind.
 """
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
+from .config import double_backward_error, fused_gating_supported
+from .gating_tuning import GatingTuning, tuning_for
 
-__all__ = ['bam_refine', 'cbam_refine', 'channel_amax', 'fused_gating_supported']
-
-
-@torch.jit.unused
-def fused_gating_supported() -> bool:
-    """True in eager mode; False while scripting, tracing, exporting or compiling, which need plain ops."""
-    if torch.jit.is_scripting() or torch.jit.is_tracing():
-        return False
-    if torch.onnx.is_in_onnx_export():
-        return False
-    return not torch.compiler.is_compiling()
-
-
-# channels reduced in the second step of `channel_amax`
-_AMAX_GROUP = 16
+__all__ = ['bam_refine', 'bam_single_branch', 'cbam_refine', 'channel_amax']
 
 
 @torch.jit.unused
-def channel_amax(x: torch.Tensor) -> torch.Tensor:
-    """`x.amax(1, keepdim=True)` for a (B, C, H, W) map, in two steps where that is faster.
+def channel_amax(x: torch.Tensor, group: Optional[int] = None) -> torch.Tensor:
+    """`x.amax(1, keepdim=True)` for a (B, C, H, W) map, in two steps over strided groups of `group` channels
+    where the tuning table measured that to be faster (`group` None: the table's for x's device).
 
-    ATen vectorises a max over channels of a contiguous map along H*W, which is short in late stages (49 at 7x7:
-    nine times the time of the mean over channels at batch 16). Reducing first over C / 16 strided groups of 16
-    channels runs along 16 * H * W contiguous elements and leaves a 16-channel map for the second step. Where
-    autograd records, it is the plain amax, whose gradient splits tied maxima evenly (two steps would split them
-    per step).
+    ATen vectorises a max over channels of a contiguous map along H*W, which is short in late stages. Reducing
+    first over C / group strided groups runs along group * H * W contiguous elements and leaves a group-channel
+    map for the second step. Where autograd records, it is the plain amax, whose gradient splits tied maxima
+    evenly (two steps would split them per step).
     """
     batch, channels, height, width = x.shape
+    if group is None:
+        group = tuning_for(x.device).amax_group
     recorded = torch.is_grad_enabled() and x.requires_grad
-    if (not recorded and fused_gating_supported() and x.is_contiguous() and channels > _AMAX_GROUP
-            and channels % _AMAX_GROUP == 0):
-        groups = x.view(batch, channels // _AMAX_GROUP, _AMAX_GROUP * height * width).amax(1)
-        return groups.view(batch, _AMAX_GROUP, height * width).amax(1, keepdim=True).view(batch, 1, height, width)
-    return x.amax(1, keepdim=True)
+    if (group is None or recorded or not fused_gating_supported() or not x.is_contiguous() or channels <= group
+            or channels % group != 0):
+        return x.amax(1, keepdim=True)
+    groups = x.view(batch, channels // group, group * height * width).amax(1)
+    return groups.view(batch, group, height * width).amax(1, keepdim=True).view(batch, 1, height, width)
 
 
 def _as_matrix(t: torch.Tensor) -> torch.Tensor:
@@ -86,9 +79,7 @@ class _Bam(torch.autograd.Function):
     Written with plain ops, autograd keeps the gate and `1 + gate`, and x gets three full-size gradients (the
     output product's, the average pool's and the 1x1 reduction's) that it adds. Here the branches' small
     networks keep their own graph from the pooled (B, C) vector and the reduced (B, C/r, H, W) map, and backward
-    walks the full-size steps itself, one batch slice at a time in reused buffers: first d out / d logits (with
-    the gate rebuilt from the small saved logits), then through the branches to d pooled and d reduced, then the
-    gradient of x as `g * (1 + gate) + W^T d reduced + d pooled / HW` in one batched matrix product per slice.
+    walks the full-size steps itself, one batch slice at a time in reused buffers.
 
     With r = x it keeps x. With r = relu(x) it keeps only its output y, which the next layer keeps anyway: r is
     rebuilt as y / (1 + gate), exact up to rounding since 1 + gate lies in (1, 2), and y > 0 exactly where x > 0,
@@ -97,91 +88,106 @@ class _Bam(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, channel_gate, spatial_gate, fusion, input_relu, num_channel_params, *params):
+    def forward(ctx, x, channel_gate, spatial_gate, fusion, input_relu, tuning, num_channel_params, *params):
         conv_reduce = spatial_gate.conv_reduce
         r = torch.relu(x) if input_relu else x
         pooled = r.mean((2, 3)).requires_grad_()
-        reduced = _pointwise_conv(r, conv_reduce.weight.detach(), _detached(conv_reduce.bias)).requires_grad_()
+        reduced = _pointwise_conv(r, conv_reduce.weight.detach(), _detached(conv_reduce.bias), tuning)
+        reduced.requires_grad_()
         with torch.enable_grad():
-            channel = channel_gate(r, pooled)
-            spatial = spatial_gate(r, reduced)
+            channel = channel_gate.from_pooled(pooled)
+            spatial = spatial_gate.from_reduced(reduced, recompute=tuning.recompute_spatial)
         # the ReLU's output is this node's own: the refinement may go over it
-        out = _refine(r, channel.detach(), spatial.detach(), fusion, overwrite=input_relu)
+        out = _refine(r, channel.detach(), spatial.detach(), fusion, tuning, overwrite=input_relu)
         ctx.save_for_backward(out if input_relu else x, channel.detach(), spatial.detach(), conv_reduce.weight)
         ctx.graphs = (pooled, channel, reduced, spatial)
         ctx.params = (params[:num_channel_params], params[num_channel_params:])
         ctx.conv_reduce = (conv_reduce.weight, conv_reduce.bias)
-        ctx.fusion, ctx.input_relu = fusion, input_relu
+        ctx.fusion, ctx.input_relu, ctx.tuning = fusion, input_relu, tuning
         return out
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # the engine enables grad mode for backward only under create_graph=True
+            raise double_backward_error('BAM')
         saved, channel, spatial, weight = ctx.saved_tensors
         pooled, channel_graph, reduced, spatial_graph = ctx.graphs
         channel_params, spatial_params = ctx.params
         fusion, input_relu = ctx.fusion, ctx.input_relu
-        need_x = ctx.needs_input_grad[0]
         batch, channels, height, width = saved.shape
         dtype = torch.promote_types(grad.dtype, torch.promote_types(saved.dtype, channel.dtype))
-        slices = _batch_slices(saved, channel, spatial)
-        gate = _gate_like(saved[slices[0]], channel, spatial)
-        work = torch.empty_like(gate, dtype=dtype)
-        grad_x = torch.empty(saved.shape, dtype=dtype, device=saved.device) if need_x else None
+        slices = _batch_slices(saved, ctx.tuning, channel, spatial)
+        # per-slice buffers: the rebuilt gate sigmoid(fuse(Mc, Ms)), and r rebuilt from y, then d out / d logits
+        gate_buffer = _gate_like(saved[slices[0]], channel, spatial)
+        input_then_grad_logits = torch.empty_like(gate_buffer, dtype=dtype)
+        grad_x = torch.empty(saved.shape, dtype=dtype, device=saved.device) if ctx.needs_input_grad[0] else None
 
         def refined_input(part, n):
-            """A batch slice of r (x, or relu(x) rebuilt from the output) and of the gate, the rebuilt ones in
-            the reused buffers."""
-            gate_slice = _combined_sigmoid(channel[part], spatial[part], fusion, gate[:n])
+            """A batch slice of r (x, or relu(x) rebuilt from the output) and of the gate, in the buffers."""
+            gate = _combined_sigmoid(channel[part], spatial[part], fusion, gate_buffer[:n])
             if not input_relu:
-                return saved[part], gate_slice
-            r = torch.add(gate_slice, 1., out=work[:n])
-            return torch.div(saved[part], r, out=r), gate_slice
+                return saved[part], gate
+            # r = y / (1 + gate)
+            r = torch.add(gate, 1., out=input_then_grad_logits[:n])
+            return torch.div(saved[part], r, out=r), gate
 
-        # d out / d logits = g * r * gate * (1 - gate), reduced to the small logits' shapes; x's direct share
         grad_channel = torch.empty_like(channel, dtype=dtype)
         grad_spatial = torch.empty_like(spatial, dtype=dtype)
         for part in slices:
             g = grad[part]
             n = g.shape[0]
-            r, gate_slice = refined_input(part, n)
-            grad_logits = torch.mul(g, r, out=work[:n])
-            torch.ops.aten.sigmoid_backward.grad_input(grad_logits, gate_slice, grad_input=grad_logits)
+            r, gate = refined_input(part, n)
+            # d out / d logits = g * r * gate * (1 - gate)
+            grad_logits = torch.mul(g, r, out=input_then_grad_logits[:n])
+            torch.ops.aten.sigmoid_backward.grad_input(grad_logits, gate, grad_input=grad_logits)
+            # d Mc, d Ms: d logits reduced over the dimensions each branch broadcasts over
             _reduce_logit_grads(grad_logits, channel[part], spatial[part], fusion, grad_channel, grad_spatial, part)
             if grad_x is not None:
-                torch.addcmul(g, g, gate_slice, out=grad_x[part])
+                # the product's share of d r: g * (1 + gate)
+                torch.addcmul(g, g, gate, out=grad_x[part])
+        # d pooled, d reduced and the branches' parameter gradients, through their small graphs
         grad_pooled, channel_param_grads = _small_backward(channel_graph, grad_channel, pooled, channel_params)
         grad_reduced, spatial_param_grads = _small_backward(spatial_graph, grad_spatial, reduced, spatial_params)
-
-        # the branches' shares: W^T d reduced + d pooled / HW, as one product of [W^T, d pooled / HW] and
-        # [d reduced; 1]; the 1x1 reduction's weight gradient sums d reduced r^T over the batch
-        conv_weight, conv_bias = ctx.conv_reduce
-        grad_maps = grad_reduced.to(dtype).reshape(batch, -1, height * width)  # (B, rd, HW)
-        grad_weight = None
-        if conv_weight.requires_grad:
-            grad_weight = torch.zeros(grad_maps.shape[1], channels, dtype=dtype, device=saved.device)
-        if grad_x is not None:
-            left = torch.cat([
-                weight.flatten(1).t().to(dtype).expand(batch, -1, -1),
-                (grad_pooled.to(dtype) / (height * width)).unsqueeze(-1),
-            ], dim=2)  # (B, C, rd + 1)
-            right = torch.cat([grad_maps, grad_maps.new_ones(batch, 1, height * width)], dim=1)  # (B, rd + 1, HW)
-        for part in slices:
-            n = grad_maps[part].shape[0]
-            if grad_weight is not None:
-                # x itself, or relu(x) rebuilt with its gate; x needs no gate
-                r = (refined_input(part, n)[0] if input_relu else saved[part]).to(dtype)
-                grad_weight += torch.bmm(grad_maps[part], r.flatten(2).transpose(1, 2)).sum(0)
-            if grad_x is not None:
-                grad_x[part].view(n, channels, height * width).baddbmm_(left[part], right[part])
-                if input_relu:  # the ReLU's mask, y > 0
-                    torch.ops.aten.threshold_backward.grad_input(
-                        grad_x[part], saved[part], 0, grad_input=grad_x[part])
+        grad_conv = _bam_branch_input_grads(
+            ctx, saved, weight, grad_pooled, grad_reduced, grad_x, slices, dtype, refined_input)
         for i, p in enumerate(spatial_params):
-            if p is conv_weight and grad_weight is not None:
-                spatial_param_grads[i] = grad_weight.view(conv_weight.shape).to(conv_weight.dtype)
-            elif p is conv_bias and p.requires_grad:
-                spatial_param_grads[i] = grad_maps.sum((0, 2)).to(p.dtype)
-        return (grad_x, None, None, None, None, None, *channel_param_grads, *spatial_param_grads)
+            if p is ctx.conv_reduce[0] and grad_conv[0] is not None:
+                spatial_param_grads[i] = grad_conv[0].view(p.shape).to(p.dtype)
+            elif p is ctx.conv_reduce[1] and p.requires_grad:
+                spatial_param_grads[i] = grad_conv[1].to(p.dtype)
+        return (grad_x, None, None, None, None, None, None, *channel_param_grads, *spatial_param_grads)
+
+
+def _bam_branch_input_grads(ctx, saved, weight, grad_pooled, grad_reduced, grad_x, slices, dtype, refined_input):
+    """Adds the branches' shares to d r in grad_x and applies the ReLU's mask; returns the 1x1 reduction's
+    (weight, bias) gradients."""
+    batch, channels, height, width = saved.shape
+    conv_weight = ctx.conv_reduce[0]
+    grad_maps = grad_reduced.to(dtype).reshape(batch, grad_reduced.shape[1], height * width)  # (B, rd, HW)
+    # d W = sum over the batch of d reduced r^T; d b = d reduced summed over the batch and H, W
+    grad_weight = None
+    if conv_weight.requires_grad:
+        grad_weight = torch.zeros(grad_maps.shape[1], channels, dtype=dtype, device=saved.device)
+    if grad_x is not None:
+        # d r += W^T d reduced + d pooled / HW, as one product of [W^T, d pooled / HW] and [d reduced; 1]
+        left = torch.cat([
+            weight.flatten(1).t().to(dtype).expand(batch, -1, -1),
+            (grad_pooled.to(dtype) / (height * width)).unsqueeze(-1),
+        ], dim=2)  # (B, C, rd + 1)
+        right = torch.cat([grad_maps, grad_maps.new_ones(batch, 1, height * width)], dim=1)  # (B, rd + 1, HW)
+    for part in slices:
+        n = grad_maps[part].shape[0]
+        if grad_weight is not None:
+            # x itself, or relu(x) rebuilt with its gate; x needs no gate
+            r = (refined_input(part, n)[0] if ctx.input_relu else saved[part]).to(dtype)
+            grad_weight += torch.bmm(grad_maps[part], r.flatten(2).transpose(1, 2)).sum(0)
+        if grad_x is not None:
+            grad_x[part].view(n, channels, height * width).baddbmm_(left[part], right[part])
+            if ctx.input_relu:
+                # d x = d r where y > 0, else 0 (the ReLU's mask)
+                torch.ops.aten.threshold_backward.grad_input(grad_x[part], saved[part], 0, grad_input=grad_x[part])
+    grad_bias = grad_maps.sum((0, 2)) if ctx.conv_reduce[1] is not None else None
+    return grad_weight, grad_bias
 
 
 @torch.jit.unused
@@ -192,25 +198,45 @@ def bam_refine(
         fusion: str = 'product',
         input_relu: bool = False,
         inplace: bool = False,
+        tuning: Optional[GatingTuning] = None,
 ) -> torch.Tensor:
     """BAM's `r * (1 + sigmoid(fuse(Mc(r), Ms(r))))` for r = x, or r = relu(x) with `input_relu` (eager mode).
 
     Where autograd records it is one autograd node (see `_Bam`); otherwise it writes over x where `inplace`
-    allows (and over the ReLU's output, which is its own), else into one new tensor. The gates are called with
-    what they start from: `channel_gate(r, pooled)` with the (B, C) mean of r over H, W and
-    `spatial_gate(r, reduced)` with the output of `spatial_gate.conv_reduce` on r.
+    allows (and over the ReLU's output, which is its own), else into one new tensor. The gates start from what
+    the node computes itself: `channel_gate.from_pooled` from the (B, C) mean of r over H, W and
+    `spatial_gate.from_reduced` from the output of `spatial_gate.conv_reduce` on r.
     """
+    tuning = tuning or tuning_for(x.device)
     if torch.is_grad_enabled():
         channel_params = list(channel_gate.parameters())
-        return _Bam.apply(x, channel_gate, spatial_gate, fusion, input_relu, len(channel_params), *channel_params,
-                          *spatial_gate.parameters())
+        return _Bam.apply(x, channel_gate, spatial_gate, fusion, input_relu, tuning, len(channel_params),
+                          *channel_params, *spatial_gate.parameters())
     if input_relu:
         x = x.relu_() if inplace else torch.relu(x)
         inplace = True
     conv_reduce = spatial_gate.conv_reduce
-    channel = channel_gate(x, x.mean((2, 3)))
-    spatial = spatial_gate(x, _pointwise_conv(x, conv_reduce.weight, conv_reduce.bias))
-    return _refine(x, channel, spatial, fusion, overwrite=inplace)
+    channel = channel_gate.from_pooled(x.mean((2, 3)))
+    spatial = spatial_gate.from_reduced(_pointwise_conv(x, conv_reduce.weight, conv_reduce.bias, tuning))
+    return _refine(x, channel, spatial, fusion, tuning, overwrite=inplace)
+
+
+@torch.jit.unused
+def bam_single_branch(
+        x: torch.Tensor,
+        channel_gate: Optional[torch.nn.Module],
+        spatial_gate: Optional[torch.nn.Module],
+        input_relu: bool,
+        tuning: GatingTuning,
+) -> torch.Tensor:
+    """A single-branch BAM, r * (1 + sigmoid(Mc(r))) or r * (1 + sigmoid(Ms(r))): plain autograd on a small gate,
+    with the spatial branch's activations recomputed in backward where the tuning table says so."""
+    r = F.relu(x) if input_relu else x
+    if spatial_gate is None:
+        logits = channel_gate(r)
+    else:
+        logits = spatial_gate.from_reduced(spatial_gate.conv_reduce(r), recompute=tuning.recompute_spatial)
+    return r * (1. + torch.sigmoid(logits))
 
 
 def _detached(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -222,27 +248,28 @@ def _refine(
         channel: torch.Tensor,
         spatial: torch.Tensor,
         fusion: str,
+        tuning: GatingTuning,
         overwrite: bool,
 ) -> torch.Tensor:
     """x * (1 + sigmoid(fuse(channel, spatial))), one batch slice of gate at a time, written over x where
     `overwrite` allows and the result keeps x's dtype, else into a new tensor of the promoted dtype."""
     dtype = torch.promote_types(x.dtype, torch.promote_types(channel.dtype, spatial.dtype))
     out = x if overwrite and dtype == x.dtype else torch.empty_like(x, dtype=dtype)
-    slices = _batch_slices(x, channel, spatial)
-    buffer = _gate_like(x[slices[0]], channel, spatial)
+    slices = _batch_slices(x, tuning, channel, spatial)
+    gate_buffer = _gate_like(x[slices[0]], channel, spatial)
     for part in slices:
         xs = x[part]
-        torch.addcmul(xs, xs, _combined_sigmoid(channel[part], spatial[part], fusion, buffer[:xs.shape[0]]),
-                      out=out[part])
+        gate = _combined_sigmoid(channel[part], spatial[part], fusion, gate_buffer[:xs.shape[0]])
+        torch.addcmul(xs, xs, gate, out=out[part])
     return out
 
 
-def _batch_slices(x: torch.Tensor, *small: torch.Tensor) -> List[slice]:
-    """Slices of about a quarter of the batch (all of it where the small tensors broadcast over the batch)."""
+def _batch_slices(x: torch.Tensor, tuning: GatingTuning, *small: torch.Tensor) -> List[slice]:
+    """`tuning.batch_slices` slices of the batch (one where the small tensors broadcast over the batch)."""
     batch = x.shape[0]
-    if any(t.shape[0] != batch for t in small):
+    if tuning.batch_slices <= 1 or any(t.shape[0] != batch for t in small):
         return [slice(None)]
-    step = max(1, -(-batch // 4))
+    step = max(1, -(-batch // tuning.batch_slices))
     return [slice(i, i + step) for i in range(0, batch, step)]
 
 
@@ -272,14 +299,15 @@ def _reduce_logit_grads(grad_logits, channel, spatial, fusion, grad_channel, gra
             grad_spatial[part] = (grad_logits * (1. - share)).sum(1, keepdim=True)
 
 
-# oneDNN copies a large NCHW input into its blocked layout before a 1x1 convolution; above 32 MiB (glibc's
-# largest mmap threshold) that copy lands in fresh pages on every call. A matrix product reads the input where it
-# is: 5 ms instead of 22 ms for BAM's 256 -> 16 reduction of a 16 x 256 x 56 x 56 map on 2 cores.
-_MATMUL_MIN_BYTES = 32 * 1024 * 1024
-
-
-def _pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    if x.device.type == 'cpu' and x.is_contiguous() and x.numel() * x.element_size() >= _MATMUL_MIN_BYTES:
+def _pointwise_conv(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        tuning: GatingTuning,
+) -> torch.Tensor:
+    """BAM's 1x1 reduction, as a batched matrix product for inputs of at least `tuning.matmul_min_bytes`."""
+    threshold = tuning.matmul_min_bytes
+    if threshold is not None and x.is_contiguous() and x.numel() * x.element_size() >= threshold:
         batch, _, height, width = x.shape
         weight = weight.flatten(1)
         # bmm on the weight expanded over the batch: matmul may fold the batch into a transposed copy of x
@@ -304,77 +332,83 @@ class _Cbam(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, channel_gate, spatial_gate, num_channel_params, *params):
+    def forward(ctx, x, channel_gate, spatial_gate, tuning, num_channel_params, *params):
         peak_hw = x.amax((2, 3))
         pooled_hw = torch.cat([x.mean((2, 3)), peak_hw], dim=0).requires_grad_()
         with torch.enable_grad():
-            channel = channel_gate(x, pooled_hw)
+            channel = channel_gate.from_pooled(pooled_hw)
         refined = x * channel.detach()
-        peak_c = channel_amax(refined)
+        peak_c = channel_amax(refined, tuning.amax_group)
         pooled_c = torch.cat([peak_c, refined.mean(1, keepdim=True)], dim=1).requires_grad_()
         with torch.enable_grad():
-            spatial = spatial_gate(refined, pooled_c)
+            spatial = spatial_gate.from_pooled(pooled_c)
         ctx.save_for_backward(x, channel.detach(), spatial.detach(), peak_hw, peak_c)
         ctx.graphs = (pooled_hw, channel, pooled_c, spatial)
         ctx.params = (params[:num_channel_params], params[num_channel_params:])
-        if torch.promote_types(refined.dtype, spatial.dtype) == refined.dtype:
+        ctx.tuning = tuning
+        if _keeps_dtype(refined, spatial):
             return refined.mul_(spatial.detach())
         return refined * spatial.detach()
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():  # the engine enables grad mode for backward only under create_graph=True
+            raise double_backward_error('CBAM')
         x, channel, spatial, peak_hw, peak_c = ctx.saved_tensors
         pooled_hw, channel_graph, pooled_c, spatial_graph = ctx.graphs
         channel_params, spatial_params = ctx.params
-        need_x = ctx.needs_input_grad[0]
         batch, channels, height, width = x.shape
         dtype = torch.promote_types(grad.dtype, torch.promote_types(x.dtype, channel.dtype))
-        slices = _batch_slices(x)
+        slices = _batch_slices(x, ctx.tuning)
         # reused per-slice buffers and a floating-point mask: fresh pages and bool-to-number conversions cost
-        # more than the math
-        buffer = torch.empty_like(x[slices[0]], dtype=dtype)
-        mask = torch.empty_like(buffer)
-        grad_x = torch.empty_like(x, dtype=dtype) if need_x else None
+        # more than the math. product_buffer holds g * x, then d refined; mask_buffer the maxima's masks and
+        # d refined * x in between
+        product_buffer = torch.empty_like(x[slices[0]], dtype=dtype)
+        mask_buffer = torch.empty_like(product_buffer)
+        grad_x = torch.empty_like(x, dtype=dtype) if ctx.needs_input_grad[0] else None
 
-        # d out / d Ms = sum over C of grad * x * Mc
+        # d Ms = sum over C of g * x * Mc, as the row Mc^T times (g * x)
         grad_spatial = torch.empty_like(spatial, dtype=dtype)
         for part in slices:
             g, xs, ch = grad[part], x[part], channel[part]
-            gx = _as_matrix(torch.mul(g, xs, out=buffer[:xs.shape[0]]))  # (b, C, HW)
+            gx = _as_matrix(torch.mul(g, xs, out=product_buffer[:xs.shape[0]]))  # (b, C, HW)
             ch_row = ch.to(dtype).reshape(xs.shape[0], 1, channels)
             grad_spatial[part] = torch.bmm(ch_row, gx).view(grad_spatial[part].shape)
+        # d [max_c; mean_c] and the spatial gate's parameter gradients, through its small graph
         grad_pooled_c, spatial_param_grads = _small_backward(spatial_graph, grad_spatial, pooled_c, spatial_params)
         grad_pooled_c = grad_pooled_c.to(dtype)
         grad_peak_c, grad_mean_c = grad_pooled_c[:, :1], grad_pooled_c[:, 1:] / channels
 
-        # d refined = grad * Ms + the channel-wise pools' share; Mc's gradient and Mc's share of d x follow
         grad_channel = torch.empty_like(channel, dtype=dtype)
         for part in slices:
             g, xs, ch, sp = grad[part], x[part], channel[part], spatial[part]
             n = xs.shape[0]
-            is_peak = torch.mul(xs, ch, out=mask[:n]).eq_(peak_c[part])
+            # d refined = g * Ms + d mean_c / C + d max_c shared among the channels that hold the maximum
+            is_peak = torch.mul(xs, ch, out=mask_buffer[:n]).eq_(peak_c[part])
             share = grad_peak_c[part] / is_peak.sum(1, keepdim=True)
-            grad_refined = torch.addcmul(grad_mean_c[part], g, sp, out=buffer[:n]).addcmul_(is_peak, share)
-            # the mask's buffer is free again; a product into it and a sum beat a batch of row dot products
-            # (0.5 vs 1.5 ms for a quarter batch of layer1 maps)
-            grad_channel[part] = torch.mul(grad_refined, xs, out=mask[:n]).sum((2, 3), keepdim=True)
+            grad_refined = torch.addcmul(grad_mean_c[part], g, sp, out=product_buffer[:n]).addcmul_(is_peak, share)
+            # d Mc = sum over H, W of d refined * x; the mask's buffer is free again, and a product into it and a
+            # sum beat a batch of row dot products (0.5 vs 1.5 ms for a quarter batch of layer1 maps)
+            grad_channel[part] = torch.mul(grad_refined, xs, out=mask_buffer[:n]).sum((2, 3), keepdim=True)
             if grad_x is not None:
+                # d x = d refined * Mc, so far
                 torch.mul(grad_refined, ch, out=grad_x[part])
+        # d [mean_hw; max_hw] and the channel gate's parameter gradients, through its small graph
         grad_pooled_hw, channel_param_grads = _small_backward(
             channel_graph, grad_channel, pooled_hw, channel_params)
 
-        # the spatial pools' share of d x: the mean's, broadcast over H, W, and the maxima's
         if grad_x is not None:
+            # d x += d mean_hw / HW + d max_hw shared among the positions that hold the maximum
             grad_pooled_hw = grad_pooled_hw.to(dtype)
             grad_mean_hw = (grad_pooled_hw[:batch] / (height * width)).view(batch, channels, 1, 1)
             grad_peak_hw = grad_pooled_hw[batch:].reshape(batch, channels, 1, 1)
             for part in slices:
                 xs = x[part]
                 n = xs.shape[0]
-                is_peak = torch.eq(xs, peak_hw[part].view(n, channels, 1, 1), out=mask[:n])
+                is_peak = torch.eq(xs, peak_hw[part].view(n, channels, 1, 1), out=mask_buffer[:n])
                 share = grad_peak_hw[part] / is_peak.sum((2, 3), keepdim=True)
                 grad_x[part].add_(torch.addcmul(grad_mean_hw[part], is_peak, share, out=is_peak))
-        return (grad_x, None, None, None, *channel_param_grads, *spatial_param_grads)
+        return (grad_x, None, None, None, None, *channel_param_grads, *spatial_param_grads)
 
 
 def _small_backward(output, grad_output, leaf, params):
@@ -389,10 +423,29 @@ def _small_backward(output, grad_output, leaf, params):
 
 
 @torch.jit.unused
-def cbam_refine(x: torch.Tensor, channel_gate: torch.nn.Module, spatial_gate: torch.nn.Module) -> torch.Tensor:
-    """CBAM's `Ms(x * Mc(x)) * (x * Mc(x))` as one autograd node (eager training). The gates are called with the
-    pooled descriptors they start from: `channel_gate(x, pooled)` with the (2B, C) [mean; max] over H, W, and
-    `spatial_gate(refined, pooled)` with the (B, 2, H, W) [max, mean] over channels."""
-    channel_params = list(channel_gate.parameters())
-    return _Cbam.apply(x, channel_gate, spatial_gate, len(channel_params), *channel_params,
-                       *spatial_gate.parameters())
+def cbam_refine(
+        x: torch.Tensor,
+        channel_gate: torch.nn.Module,
+        spatial_gate: torch.nn.Module,
+        inplace: bool = False,
+        tuning: Optional[GatingTuning] = None,
+) -> torch.Tensor:
+    """CBAM's `Ms(x * Mc(x)) * (x * Mc(x))` (eager mode): one autograd node where autograd records (see `_Cbam`),
+    else written over x where `inplace` allows. The gates start from the pooled descriptors the node computes
+    itself: `channel_gate.from_pooled` from the (2B, C) [mean; max] over H, W, and `spatial_gate.from_pooled` from
+    the (B, 2, H, W) [max, mean] over channels."""
+    tuning = tuning or tuning_for(x.device)
+    if torch.is_grad_enabled():
+        channel_params = list(channel_gate.parameters())
+        return _Cbam.apply(x, channel_gate, spatial_gate, tuning, len(channel_params), *channel_params,
+                           *spatial_gate.parameters())
+    channel = channel_gate.from_pooled(torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=0))
+    refined = x.mul_(channel) if inplace and _keeps_dtype(x, channel) else x * channel
+    pooled_c = torch.cat([channel_amax(refined, tuning.amax_group), refined.mean(1, keepdim=True)], dim=1)
+    spatial = spatial_gate.from_pooled(pooled_c)
+    # refined is this function's own, or x where `inplace` allows writing over it
+    return refined.mul_(spatial) if _keeps_dtype(refined, spatial) else refined * spatial
+
+
+def _keeps_dtype(x: torch.Tensor, factor: torch.Tensor) -> bool:
+    return torch.promote_types(x.dtype, factor.dtype) == x.dtype

@@ -1,0 +1,86 @@
+""" The fused-gating switch, modelled on timm's `use_fused_attn` / `set_fused_attn` / `TIMM_FUSED_ATTN`
+
+BAM and CBAM have two implementations of the same formulas: the memory-lean fused autograd nodes of
+`fused_gates.py` (the default in eager mode) and the plain formulas of `gating_reference.py`, which autograd
+differentiates on its own. The switch picks one, in this order:
+
+1. Scripting, tracing, ONNX export, torch.export, torch.compile and torch.func transforms always take the
+   reference: custom autograd nodes are opaque to them (compilers fuse the elementwise ops on their own).
+2. A module's own `fused` attribute (constructor argument `fused=True|False`), where it is not None.
+3. The process-wide setting: `set_fused_gating(enabled)`, the `fused_gating(enabled)` context manager, or the
+   environment variable `BAM_MODELS_FUSED_GATING=0|1` read when bam_models is imported (default 1).
+
+Off, every model trains through plain autograd, so double backward (`create_graph=True`), `torch.func` and
+anything else autograd supports work. On, double backward stops with `FusedGatingError`, which names the switch.
+"""
+import contextlib
+import os
+from typing import Iterator, Optional
+
+import torch
+
+__all__ = [
+    'FusedGatingError', 'FUSED_GATING_ENV', 'fused_gating', 'fused_gating_supported', 'set_fused_gating',
+    'use_fused_gating',
+]
+
+FUSED_GATING_ENV = 'BAM_MODELS_FUSED_GATING'
+
+
+class FusedGatingError(RuntimeError):
+    """Something the fused BAM/CBAM gating cannot do (double backward); the reference formulas can."""
+
+
+def _from_env() -> bool:
+    value = os.environ.get(FUSED_GATING_ENV, '1').strip()
+    if value not in ('0', '1'):
+        raise ValueError(f"{FUSED_GATING_ENV}={value!r} is not a valid setting; set it to 1 (fused BAM/CBAM "
+                         f"gating, the default) or 0 (plain autograd through the reference formulas).")
+    return value == '1'
+
+
+_FUSED_GATING = _from_env()
+
+
+def set_fused_gating(enabled: bool) -> None:
+    """Turn the fused BAM/CBAM gating on (default) or off for every module without its own `fused` setting."""
+    global _FUSED_GATING
+    _FUSED_GATING = bool(enabled)
+
+
+@contextlib.contextmanager
+def fused_gating(enabled: bool) -> Iterator[None]:
+    """`with fused_gating(False): ...` runs the block with the switch set, then restores the previous setting."""
+    previous = _FUSED_GATING
+    set_fused_gating(enabled)
+    try:
+        yield
+    finally:
+        set_fused_gating(previous)
+
+
+@torch.jit.unused
+def fused_gating_supported() -> bool:
+    """False while scripting, tracing, exporting, compiling or inside a torch.func transform, which need plain
+    ops; True in plain eager mode."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    # torch.func.grad / vmap / jvp run their function under a functorch interpreter
+    return torch._C._functorch.peek_interpreter_stack() is None
+
+
+@torch.jit.unused
+def use_fused_gating(override: Optional[bool] = None) -> bool:
+    """Whether a module with `fused=override` runs the fused nodes now (see the module docstring for the order)."""
+    if not fused_gating_supported():
+        return False
+    return _FUSED_GATING if override is None else bool(override)
+
+
+def double_backward_error(module: str) -> FusedGatingError:
+    return FusedGatingError(
+        f"{module}'s fused gating does not support double backward (create_graph=True, e.g. a gradient penalty "
+        f"or a Hessian); turn it off with bam_models.layers.set_fused_gating(False), the environment variable "
+        f"{FUSED_GATING_ENV}=0, or fused=False on the module, to train through plain autograd.")

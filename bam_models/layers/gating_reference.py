@@ -1,0 +1,68 @@
+""" The plain BAM and CBAM formulas: the reference every fused path is tested against
+
+Written with ordinary tensor ops, so autograd differentiates them on its own: double backward, torch.func,
+scripting, tracing, export and compilers all work on them. They are what `BAM` and `CBAM` run with the fused
+gating switched off (`bam_models.layers.set_fused_gating(False)`), and what the gate modules' `forward` computes.
+
+BAM (Park et al., BMVC 2018), for a feature map F of shape (B, C, H, W):
+
+    Mc(F) = W1 relu(BN(W0 AvgPool(F) + b0)) + b1                      (B, C, 1, 1)
+    Ms(F) = f_1x1(relu(BN(f_3x3,d(relu(BN(f_3x3,d(relu(BN(f_1x1(F)))))))))     (B, 1, H, W)
+    M(F)  = sigmoid(Mc(F) * Ms(F))         the authors' released weights ('product')
+          = sigmoid(BN(Mc(F)) + BN(Ms(F)))  the paper's eq. 2 ('sum')
+          = sigmoid(max(BN(Mc(F)), BN(Ms(F))))  the paper's ablation ('max')
+          = sigmoid(Mc(F)) or sigmoid(Ms(F))  single-branch ablations (gates='channel' / 'spatial')
+    F'    = F + F * M(F)                                            eq. 1
+
+where `input_relu` takes F = relu(input).
+
+CBAM (Woo et al., ECCV 2018), channel gate then spatial gate:
+
+    Mc(F)  = sigmoid(MLP(AvgPool(F)) + MLP(MaxPool(F)))              (B, C, 1, 1)
+    F'     = Mc(F) * F
+    Ms(F') = sigmoid(BN(f_7x7([MaxPool_c(F'); AvgPool_c(F')])))      (B, 1, H, W), max first as released
+    F''    = Ms(F') * F'
+"""
+from typing import Optional
+
+import torch
+
+__all__ = [
+    'bam_attention_logits', 'bam_refine_reference', 'cbam_channel_descriptors', 'cbam_spatial_descriptors',
+    'mlp_pool_sum',
+]
+
+
+def bam_attention_logits(channel: Optional[torch.Tensor], spatial: Optional[torch.Tensor], fusion: str) -> torch.Tensor:
+    """The logits of M(F) from the branch logits Mc (B, C, 1, 1) and Ms (B, 1, H, W); either may be absent."""
+    if channel is None:
+        assert spatial is not None
+        return spatial
+    if spatial is None:
+        return channel
+    if fusion == 'product':
+        return channel * spatial
+    if fusion == 'sum':
+        return channel + spatial
+    return torch.maximum(channel, spatial)
+
+
+def bam_refine_reference(features: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """F' = F + F * sigmoid(logits), written as F * (1 + sigmoid(logits))."""
+    return features * (1. + torch.sigmoid(logits))
+
+
+def cbam_channel_descriptors(x: torch.Tensor) -> torch.Tensor:
+    """[AvgPool(F); MaxPool(F)] over H, W stacked along the batch, (2B, C): both go through the shared MLP."""
+    return torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=0)
+
+
+def mlp_pool_sum(mlp_out: torch.Tensor) -> torch.Tensor:
+    """sigmoid(MLP(AvgPool(F)) + MLP(MaxPool(F))) as (B, C, 1, 1) from the MLP's (2B, C) output."""
+    batch = mlp_out.shape[0] // 2
+    return torch.sigmoid(mlp_out[:batch] + mlp_out[batch:]).view(batch, mlp_out.shape[1], 1, 1)
+
+
+def cbam_spatial_descriptors(x: torch.Tensor) -> torch.Tensor:
+    """[MaxPool_c(F'); AvgPool_c(F')] over channels, (B, 2, H, W), the max first as the authors' weights expect."""
+    return torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)

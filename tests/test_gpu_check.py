@@ -1,0 +1,48 @@
+""" scripts/gpu_check.py runs end to end on CPU at its quick size, so it is ready for a GPU machine. """
+import importlib.util
+import json
+import os
+
+import torch
+
+_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts', 'gpu_check.py')
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location('gpu_check', _SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_cpu_run_checks_fused_against_reference_and_measures_every_variant(tmp_path, capsys):
+    gpu_check = _load_script()
+    out_json, out_md = tmp_path / 'check.json', tmp_path / 'check.md'
+    try:
+        rc = gpu_check.main(['--device', 'cpu', '--quick', '--img-size', '32', '-q',
+                             '--json', str(out_json), '--markdown', str(out_md)])
+    finally:
+        torch._dynamo.reset()
+    result = json.loads(out_json.read_text())
+    checks = {(r['model'], r['mode']): r for r in result['checks']}
+    # the exit status says whether every check passed
+    assert rc == (0 if all(r['ok'] for r in checks.values()) else 1)
+    assert set(checks) == {(m, mode) for m in ('resnet50_bam', 'resnet50_cbam')
+                           for mode in ('fp32', 'bf16', 'fp16', 'channels_last')}
+    for row in checks.values():
+        assert row['same_grads'] and row['worst_param']
+    # the fused nodes are not the reference's autograd graph: rounding differs, but not much
+    for mode in ('fp32', 'channels_last', 'bf16'):
+        row = checks['resnet50_cbam', mode]
+        assert row['ok'] and 0 < row['grad_rel_error'] <= row['tolerance'], row
+    rows = {(r['model'], r['variant']): r for r in result['measurements']}
+    assert set(rows) == {(m, v) for m in ('resnet50', 'resnet50_bam', 'resnet50_cbam')
+                         for v in ('fused', 'reference', 'compiled')}
+    assert rows['resnet50', 'fused']['train_step_ratio'] == 1.0
+    for row in rows.values():
+        assert row['train_step_ms'] > 0 and row['throughput_img_s'] > 0 and row['peak_train_bytes'] > 0
+    # the fused BAM keeps less for backward than the plain formulas
+    assert rows['resnet50_bam', 'fused']['peak_train_bytes'] < rows['resnet50_bam', 'reference']['peak_train_bytes']
+    table = out_md.read_text()
+    assert table.strip() == capsys.readouterr().out.strip()
+    assert '| `resnet50_cbam` | compiled |' in table and '| `resnet50_bam` | fp16 |' in table
