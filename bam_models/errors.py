@@ -7,8 +7,8 @@ subclass also keeps the builtin base that callers caught before (as huggingface_
 """
 
 __all__ = [
-    'BamModelsError', 'CheckpointError', 'ConfigError', 'ConversionError', 'ExportError', 'NonFiniteLossError',
-    'PretrainedWeightsError', 'UsageError',
+    'BamModelsError', 'CheckpointError', 'ConfigError', 'ConversionError', 'ExportError', 'FusedGatingError',
+    'NonFiniteLossError', 'PretrainedWeightsError', 'UsageError',
 ]
 
 
@@ -35,6 +35,10 @@ class ConversionError(BamModelsError, ValueError):
 
 class ExportError(BamModelsError, RuntimeError):
     """An exported file does not compute what the PyTorch model computes."""
+
+
+class FusedGatingError(BamModelsError, RuntimeError):
+    """Something the fused BAM/CBAM gating cannot do (double backward); the reference formulas can."""
 
 
 class PretrainedWeightsError(BamModelsError, RuntimeError):

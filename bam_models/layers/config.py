@@ -19,16 +19,14 @@ from typing import Iterator, Optional
 
 import torch
 
+from bam_models.errors import FusedGatingError
+
 __all__ = [
     'FusedGatingError', 'FUSED_GATING_ENV', 'fused_gating', 'fused_gating_supported', 'set_fused_gating',
     'use_fused_gating',
 ]
 
 FUSED_GATING_ENV = 'BAM_MODELS_FUSED_GATING'
-
-
-class FusedGatingError(RuntimeError):
-    """Something the fused BAM/CBAM gating cannot do (double backward); the reference formulas can."""
 
 
 def _from_env() -> bool:
