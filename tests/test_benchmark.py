@@ -15,7 +15,8 @@ def tiny_run(tmp_path_factory):
     cmd = [
         sys.executable, os.path.join(ROOT, 'scripts', 'benchmark.py'),
         '--models', 'resnet18', 'resnet18_bam', 'resnet18_cbam', 'pytorchcv:bam_resnet18',
-        '--img-size', '64', '--batch-size', '2', '--rounds', '1', '--latency-iters', '1', '--threads', '1', '--memory-steps', '1',
+        '--img-size', '64', '--batch-size', '2', '--rounds', '1', '--latency-iters', '1', '--threads', '1',
+        '--memory-steps', '1',
         '--json', str(out / 'bench.json'), '--markdown', str(out / 'bench.md'),
     ]
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))

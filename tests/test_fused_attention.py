@@ -195,7 +195,7 @@ def _compare(module, plain_fn, x, train):
     torch.testing.assert_close(out, out_ref, **tol)
     torch.testing.assert_close(x.grad, x_ref.grad, **tol)
     for (name, p), p_ref in zip(module.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, p_ref.grad, **tol, msg=lambda m: f'{name}: {m}')
+        torch.testing.assert_close(p.grad, p_ref.grad, **tol, msg=lambda m, name=name: f'{name}: {m}')
     for b, b_ref in zip(module.buffers(), reference.buffers()):
         torch.testing.assert_close(b, b_ref, **tol)
 
