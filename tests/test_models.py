@@ -13,6 +13,7 @@ from timm.models._efficientnet_blocks import DepthwiseSeparableConv
 from timm.models.resnet import BasicBlock, Bottleneck
 
 import bam_models
+from bam_models.hub import attention_keys
 from bam_models.layers import BAM, CBAM
 from bam_models.models import AttentionResNet
 from bam_models.models.cifar_preresnet import PreActBasicAttn
@@ -127,14 +128,19 @@ def _blocks(model: nn.Module):
     return [m for m in model.modules() if isinstance(m, ATTENTION_BLOCKS)]
 
 
+def _cbam_widths(block: nn.Module) -> list:
+    """Channels of each CBAM in a block: CBAM refines the residual branch's output, except in MobileNet, which
+    has one after each convolution (the depthwise and the pointwise)."""
+    if isinstance(block, DepthwiseSeparableConv):
+        return [block.conv_dw.out_channels, block.conv_pw.out_channels]
+    return [(block.conv3 if hasattr(block, 'conv3') else block.conv2).out_channels]
+
+
 def _expected_params(name: str) -> int:
     plain = timm.create_model(_plain_trunk(name), device='meta')
     total = _count(plain)
     if name.endswith('_cbam'):
-        # CBAM refines a block's output, except in MobileNet, whose attention slot follows the depthwise conv
-        widths = [b.conv_dw.out_channels if hasattr(b, 'conv_dw') else (b.conv3 if hasattr(b, 'conv3') else
-                  b.conv2).out_channels for b in _blocks(plain)]
-        return total + sum(_cbam_params(c) for c in widths)
+        return total + sum(_cbam_params(c) for b in _blocks(plain) for c in _cbam_widths(b))
     channels = [info['num_chs'] for info in plain.feature_info]
     if name.startswith('mobilenetv1'):
         stage_chs = channels[:4]  # before each stride-2 stage
@@ -210,6 +216,51 @@ def test_mobilenetv1_bam_matches_paper_count():
     assert round(_count(timm.create_model('mobilenetv1_100', device='meta')) / 1e6, 2) == 4.23
 
 
+# MobileNetV1's 13 depthwise-separable blocks at width 1.0: the depthwise conv keeps the block's input width,
+# the pointwise conv sets its output width
+_MOBILENETV1_BLOCK_INPUTS = (32, 64, 128, 128, 256, 256, 512, 512, 512, 512, 512, 512, 1024)
+
+
+def test_mobilenetv1_cbam_matches_paper_count():
+    """The CBAM paper's MobileNet table: 4.23M plain, 5.07M with CBAM, matched only by a CBAM after both
+    convolutions of every block (26 modules); by hand from the channel widths, plus the plain trunk."""
+    outputs = _MOBILENETV1_BLOCK_INPUTS[1:] + (1024,)
+    by_hand = 4_231_976 + sum(_cbam_params(c) for c in _MOBILENETV1_BLOCK_INPUTS + outputs)
+    model = timm.create_model('mobilenetv1_100_cbam', device='meta')
+    assert _count(timm.create_model('mobilenetv1_100', device='meta')) == 4_231_976
+    assert _count(model) == by_hand == 5_074_714
+    assert round(_count(model) / 1e6, 2) == 5.07
+    assert sum(isinstance(m, CBAM) for m in model.modules()) == 26
+
+
+def test_mobilenetv1_cbam_after_pointwise_conv_keeps_the_skip():
+    """A block with a skip (stride 1, equal widths; MobileNetV1's own blocks have none) refines the pointwise
+    branch before the add and leaves the shortcut alone, in place or not, in eval and in training."""
+    from functools import partial
+    from timm.models._efficientnet_builder import decode_arch_def
+    from bam_models.models.bam_mobilenetv1 import BamMobileNetV1, DepthwiseSeparableAttnPw
+
+    def build(inplace: bool) -> BamMobileNetV1:
+        torch.manual_seed(0)
+        return BamMobileNetV1(
+            block_args=decode_arch_def([['ds_r2_k3_s1_c32_se0.0625']]), num_features=0, stem_size=32,
+            num_classes=10, bam_stages=(), se_layer=partial(CBAM, inplace=inplace),
+            pw_attn_layer=partial(CBAM, inplace=inplace)).eval()
+
+    model, reference = build(True), build(False)
+    block = model.blocks[0][1]
+    assert isinstance(block, DepthwiseSeparableAttnPw) and block.has_skip and block.attn_pw.channels == 32
+    x = torch.randn(2, 32, 16, 16)
+    with torch.no_grad():
+        branch = block.attn_pw(block.bn2(block.conv_pw(block.se(block.bn1(block.conv_dw(x))))))
+        shortcut = x.clone()
+        torch.testing.assert_close(block(x), shortcut + branch)
+        torch.testing.assert_close(x, shortcut)  # the block input, which is the shortcut, is not written
+        images = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(model(images), reference(images))
+    model.train()(images).sum().backward()
+
+
 @pytest.mark.parametrize('name', ZOO)
 def test_attention_placement(name):
     model = timm.create_model(name, device='meta')
@@ -217,11 +268,10 @@ def test_attention_placement(name):
         blocks = _blocks(model)
         assert blocks
         for block in blocks:
-            if isinstance(block, DepthwiseSeparableConv):  # timm's MobileNet slot: after the depthwise conv
-                refined = block.conv_dw.out_channels
-            else:  # the residual branch's output, before the add
-                refined = (block.conv3 if hasattr(block, 'conv3') else block.conv2).out_channels
-            assert isinstance(block.se, CBAM) and block.se.channels == refined
+            if isinstance(block, DepthwiseSeparableConv):  # timm's MobileNet slot, after the depthwise conv
+                assert isinstance(block.attn_pw, CBAM)  # and one after the pointwise conv
+                assert block.attn_pw.channels == block.conv_pw.out_channels
+            assert isinstance(block.se, CBAM) and block.se.channels == _cbam_widths(block)[0]
         assert not any(isinstance(m, BAM) for m in model.modules())
         return
     bams = {n: m for n, m in model.named_modules() if isinstance(m, BAM)}
@@ -244,7 +294,8 @@ def test_trunk_keys_are_timm_keys(name):
     """Every parameter outside the attention keeps the plain trunk's (timm's = torchvision's) name and shape."""
     ours = timm.create_model(name, device='meta').state_dict()
     plain = timm.create_model(_plain_trunk(name), device='meta').state_dict()
-    trunk = {k: v.shape for k, v in ours.items() if '.bam.' not in k and '.se.' not in k}
+    attention = set(attention_keys(timm.create_model(name, device='meta')))
+    trunk = {k: v.shape for k, v in ours.items() if k not in attention}
     assert trunk == {k: v.shape for k, v in plain.items()}
 
 

@@ -4,22 +4,27 @@ BAM: one BAM before each of MobileNetV1's four stride-2 stages, i.e. refining th
 256 and 512 channels at width 1.0), which reproduces the paper's parameter count (4.32M vs 4.23M). Each BAM
 lives inside the stage it refines (`blocks.0.bam`), so trunk keys are timm's `mobilenetv1_*` keys.
 
-CBAM: one CBAM in each of the 13 depthwise-separable blocks, in timm's block attention slot (`blocks.1.0.se`,
-between the depthwise and the pointwise convolution, where timm's MobileNets put SE), with the CBAM paper's
-reduction ratio 16 and a ReLU MLP whatever the trunk's activation.
+CBAM: two CBAMs in each of the 13 depthwise-separable blocks, one after each convolution: one in timm's block
+attention slot (`blocks.1.0.se`, between the depthwise and the pointwise convolution, where timm's MobileNets
+put SE) and one on the pointwise convolution's BN + activation output (`blocks.1.0.attn_pw`). Only this
+placement reproduces the CBAM paper's parameter count (5.07M vs 4.23M; one CBAM per block after either
+convolution alone gives 4.59M or 4.72M). Both use the paper's reduction ratio 16 and a ReLU MLP whatever the
+trunk's activation; trunk keys are timm's `mobilenetv1_*` keys.
 """
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 
 from timm.models import register_model
+from timm.models._efficientnet_blocks import DepthwiseSeparableConv
 from timm.models._efficientnet_builder import decode_arch_def, resolve_act_layer, resolve_bn_args, round_channels
 from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import generate_default_cfgs
 from timm.models.efficientnet import EfficientNet
 
+from bam_models.errors import ConfigError
 from bam_models.hub import build_model_with_weights
 from bam_models.layers import BAM, CBAM
 from bam_models.hub.manifest import manifest_default_cfgs
@@ -29,7 +34,7 @@ from .attention_resnet import _stage_bam_args
 # FX patches wrapped names in the globals of the module that calls them, so each calling module wraps it
 torch.fx.wrap('check_image_batch')
 
-__all__ = ['BamMobileNetV1']
+__all__ = ['BamMobileNetV1', 'DepthwiseSeparableAttnPw']
 
 # stages 0-3 feed the four stride-2 stages 1-4
 BAM_STAGES = (0, 1, 2, 3)
@@ -43,19 +48,64 @@ _MOBILENETV1_ARCH = [
 ]
 
 
+class DepthwiseSeparableAttnPw(DepthwiseSeparableConv):
+    """timm's depthwise-separable block with a second attention module, `attn_pw`, on the pointwise conv's
+    BN + activation output (before the skip add, if the block has one); `se` still follows the depthwise conv.
+
+    timm's builder only makes its own block classes, so `from_block` turns a built block into this one in place:
+    the same modules under the same names (trunk keys and weights unchanged), plus `attn_pw`.
+    """
+
+    @classmethod
+    def from_block(cls, block: DepthwiseSeparableConv, attn_pw: nn.Module) -> 'DepthwiseSeparableAttnPw':
+        if type(block) is not DepthwiseSeparableConv:
+            raise ConfigError(
+                f"an attention module after the pointwise conv needs timm's DepthwiseSeparableConv blocks, got "
+                f"{type(block).__name__}; build the trunk from 'ds'/'dsa' blocks or leave pw_attn_layer unset")
+        block.__class__ = cls
+        block.add_module('attn_pw', attn_pw)
+        return block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        if self.conv_s2d is not None:
+            x = self.conv_s2d(x)
+            x = self.bn_s2d(x)
+        x = self.conv_dw(x)
+        x = self.bn1(x)
+        x = self.aa(x)
+        x = self.se(x)
+        x = self.conv_pw(x)
+        x = self.bn2(x)
+        # bn2's output is read by nothing else (the shortcut is the block input), so attn_pw may be in place
+        x = self.attn_pw(x)
+        if self.has_skip:
+            x = self.drop_path(x) + shortcut
+        return x
+
+
 class BamMobileNetV1(EfficientNet):
     """timm's EfficientNet (built as MobileNetV1) with BAM at the end of the stages in `bam_stages`; with
-    `se_layer` (and `bam_stages=()`) it is the CBAM MobileNetV1."""
+    `se_layer` and `pw_attn_layer` (and `bam_stages=()`) it is the CBAM MobileNetV1.
+
+    `pw_attn_layer(channels, device=, dtype=)` builds the attention module put after every block's pointwise
+    conv (see DepthwiseSeparableAttnPw).
+    """
 
     def __init__(
             self,
             *args,
             bam_stages: Sequence[int] = BAM_STAGES,
             bam_args: Optional[Dict[str, Any]] = None,
+            pw_attn_layer: Optional[Callable[..., nn.Module]] = None,
             **kwargs,
     ):
         super().__init__(*args, **kwargs)
         dd = {'device': kwargs.get('device'), 'dtype': kwargs.get('dtype')}
+        if pw_attn_layer is not None:
+            for stage in self.blocks:
+                for block in stage:
+                    DepthwiseSeparableAttnPw.from_block(block, pw_attn_layer(block.conv_pw.out_channels, **dd))
         for stage in bam_stages:
             if not 0 <= stage < len(self.blocks):
                 raise ValueError(f"bam_stages entries must be stage indices 0-{len(self.blocks) - 1}, got {stage}.")
@@ -126,7 +176,8 @@ class BamMobileNetV1(EfficientNet):
 
 
 def _cbam_in_block(channels: int, act_layer=None, **kwargs) -> CBAM:
-    """CBAM for a block's attention slot; the block's activation (ReLU6) is not CBAM's, whose MLP uses ReLU."""
+    """CBAM for either of a block's attention positions; the block's activation (ReLU6) is not CBAM's, whose MLP
+    uses ReLU. In place is safe at both: nothing else reads bn1's or bn2's output."""
     return CBAM(channels, inplace=True, **kwargs)
 
 
@@ -143,10 +194,12 @@ def _create_mobilenetv1_bam(
     trunk without BAM), so every `feature_cls` sees the refined maps.
     """
     if cbam:
-        # an attention module (ratio 1/16 of the block's input channels) in every block, no BAM
+        # a CBAM after each convolution of every block (ratio 1/16 of the channels it refines), no BAM
         arch = [[f'{block}_se{1 / 16}' for block in stage] for stage in _MOBILENETV1_ARCH]
+        cbam_args = kwargs.pop('cbam_args', None) or {}
         kwargs.setdefault('bam_stages', ())
-        kwargs.setdefault('se_layer', partial(_cbam_in_block, **(kwargs.pop('cbam_args', None) or {})))
+        kwargs.setdefault('se_layer', partial(_cbam_in_block, **cbam_args))
+        kwargs.setdefault('pw_attn_layer', partial(_cbam_in_block, **cbam_args))
     model_kwargs = dict(
         block_args=decode_arch_def(arch if cbam else _MOBILENETV1_ARCH),
         num_features=0,
@@ -198,5 +251,5 @@ def mobilenetv1_125_bam(pretrained: bool = False, **kwargs) -> BamMobileNetV1:
 
 @register_model
 def mobilenetv1_100_cbam(pretrained: bool = False, **kwargs) -> BamMobileNetV1:
-    """MobileNetV1 (width 1.0) with CBAM in every depthwise-separable block."""
+    """MobileNetV1 (width 1.0) with CBAM after both convolutions of every depthwise-separable block."""
     return _create_mobilenetv1_bam('mobilenetv1_100_cbam', 1.0, pretrained=pretrained, cbam=True, **kwargs)
