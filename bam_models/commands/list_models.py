@@ -9,7 +9,8 @@ from bam_models.profiling import model_stats
 
 # parameters as the BAM / CBAM papers report them (the CIFAR baselines are also pytorchcv's exact counts)
 PAPER_PARAMS = {
-    'resnet50_bam': '25.92M', 'resnet50_cbam': '28.09M', 'mobilenetv1_100_bam': '4.32M',
+    'resnet50_bam': '25.92M', 'resnet50_cbam': '28.09M',
+    'mobilenetv1_100_bam': '4.32M', 'mobilenetv1_100_cbam': '5.07M',
     'wide_resnet18_150': '25.88M', 'wide_resnet18_200': '45.62M',
     'preresnet110_cifar': '1.73M', 'wrn28_10_cifar': '36.54M', 'resnext29_16x64d_cifar': '68.25M',
 }
