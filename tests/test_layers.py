@@ -28,7 +28,9 @@ def _bn(x, prefix, sd):
 
 
 def _reference_bam(x, sd, fusion='product', dilation=4, num_dilated=2):
-    """FACTS §1 written out with functional ops, from the state dict alone (eval mode)."""
+    """The authors' released BAM (channel MLP with BN on the pooled vector; 1x1 reduce, two dilated 3x3 convs and a
+    1x1 conv to one map, each but the last followed by BN and ReLU; out = x * (1 + sigmoid(Mc * Ms)) for the product
+    fusion) written out with functional ops from the state dict alone (eval mode)."""
     channels = x.shape[1]
     pooled = x.mean((2, 3))
     hidden = F.linear(pooled, sd['channel_gate.fc1.weight'].flatten(1), sd['channel_gate.fc1.bias'])
