@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --durations=15
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

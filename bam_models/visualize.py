@@ -70,8 +70,13 @@ class AttentionCapture:
 
 
 def _stage_name(model: nn.Module, module_name: str) -> str:
-    """The innermost nn.Sequential containing the module (`layer2` for `layer2.bam` and `layer2.1.se`,
-    `blocks.1` for `blocks.1.bam`), or the module's own name if none contains it."""
+    """The stage holding the module: the innermost stage timm's `feature_info` names (`stages.0` for
+    `stages.0.blocks.bam`), else the innermost nn.Sequential containing it (`layer2` for `layer2.bam` and
+    `layer2.1.se`, `blocks.1` for `blocks.1.bam`), or the module's own name if none contains it."""
+    stages = [info['module'] for info in getattr(model, 'feature_info', None) or [] if isinstance(info, dict)]
+    holding = [stage for stage in stages if module_name.startswith(stage + '.')]
+    if holding:
+        return max(holding, key=len)
     parts = module_name.split('.')
     for end in range(len(parts) - 1, 0, -1):
         prefix = '.'.join(parts[:end])
@@ -106,9 +111,12 @@ def _cbam_attention(name: str, outputs: Dict[str, torch.Tensor]) -> AttentionMap
 
 
 def _mean_or_none(maps: List[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+    """The mean of the maps shaped like the stage's last one (its output); None if any map is missing. Maps of
+    another width (MobileNetV1's CBAM after a depthwise conv sees fewer channels than the stage puts out) are
+    left out: channel weights of different channels cannot be averaged."""
     if any(m is None for m in maps):
         return None
-    return torch.stack(maps).mean(0)
+    return torch.stack([m for m in maps if m.shape == maps[-1].shape]).mean(0)
 
 
 def _group_by_stage(model: nn.Module, modules: Dict[str, AttentionMap]) -> Dict[str, AttentionMap]:

@@ -3,8 +3,10 @@ import os
 import pytest
 import torch
 
-# two CI cores: one intra-op thread per test process keeps timings stable and avoids oversubscription
-torch.set_num_threads(int(os.environ.get('BAM_MODELS_TEST_THREADS', '2')))
+# two CI cores: `make test` runs two pytest-xdist workers, each with one intra-op thread (no oversubscription);
+# a plain `pytest` run in one process uses both cores
+_DEFAULT_THREADS = '1' if os.environ.get('PYTEST_XDIST_WORKER') else '2'
+torch.set_num_threads(int(os.environ.get('BAM_MODELS_TEST_THREADS', _DEFAULT_THREADS)))
 
 
 @pytest.fixture(autouse=True)
