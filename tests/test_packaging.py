@@ -7,6 +7,8 @@ import zipfile
 import pytest
 import yaml
 
+import bam_models
+
 
 @pytest.fixture(scope='module')
 def wheel(tmp_path_factory, request):
@@ -40,7 +42,9 @@ def test_wheel_installs_and_registers_models(wheel, tmp_path):
             "len(timm.list_pretrained('resnet50_bam.*')))" % (str(target), str(target)))
     result = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                             env={'PYTHONPATH': str(target), 'PATH': ''}, cwd=tmp_path, check=True)
-    assert result.stdout.split() == ['12', '8', '1']  # the trunk tag; unpublished tags list no weights
+    zoo = bam_models.list_zoo_models()
+    expected = [str(sum(n.endswith('_bam') for n in zoo)), str(sum(n.endswith('_cbam') for n in zoo)), '1']
+    assert result.stdout.split() == expected  # every zoo model; the trunk tag (unpublished tags list no weights)
 
 
 def test_license_file_matches_pyproject(request):
