@@ -2,10 +2,8 @@
 test digits once, with the reloaded Hub folder and best.pth agreeing; epochs are numbered from 1 in log.jsonl,
 summary.json and best.pth alike. """
 import json
-import os
 
 import numpy as np
-import pytest
 
 from bam_models.train.data import DigitsDataset, build_dataset
 from bam_models.train.demo import run_demo
@@ -21,9 +19,6 @@ def test_digits_validation_is_carved_from_training_and_disjoint_from_test():
     assert len(build_dataset('digits', 'val')) == 300 and len(build_dataset('digits', 'val', val_split='test')) == 360
     assert len(build_dataset('digits', 'train')) == 1137
 
-
-@pytest.mark.skipif(not os.environ.get('BAM_MODELS_SLOW_TESTS'), reason='a 1-epoch demo on all 1,437 training digits '
-                    'takes minutes on 2 CPU cores; set BAM_MODELS_SLOW_TESTS=1')
 
 def test_demo_selects_on_validation_and_scores_the_test_digits_once(tmp_path):
     output = tmp_path / 'demo'
