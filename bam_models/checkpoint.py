@@ -7,12 +7,16 @@ export, detection).
 - `head_classes`: how many classes a state dict's classifier has, which sizes the model built for it.
 - `key_mismatch`: missing / unexpected / mis-shaped / wrongly-typed keys of a state dict against a model,
   and `describe_mismatch` the one message format for them.
-- `load_strict`: all of the above, then `model.load_state_dict`.
+- `load_strict`: all of the above, then `model.load_state_dict`; with `keep_fresh_head` a classifier of another
+  class count is left as initialised (fine-tuning on other classes) and everything else loads strictly.
+- `model_from_checkpoint`: the one checkpoint -> model path: the model built with the checkpoint's class count
+  (`create_sized_model`), then loaded strictly.
 - `read_data_config`: the preprocessing a `bam-models train` checkpoint was trained with.
 """
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Type, Union
 
+import timm
 import torch
 import torch.nn as nn
 from timm.models import load_state_dict
@@ -20,8 +24,8 @@ from timm.models import load_state_dict
 from bam_models.errors import BamModelsError, CheckpointError
 
 __all__ = [
-    'KeyMismatch', 'check_state_dict', 'describe_mismatch', 'head_classes', 'key_mismatch', 'load_strict',
-    'read_data_config', 'read_state_dict',
+    'KeyMismatch', 'check_state_dict', 'create_sized_model', 'describe_mismatch', 'head_classes', 'key_mismatch',
+    'load_strict', 'model_from_checkpoint', 'read_data_config', 'read_state_dict',
 ]
 
 PathLike = Union[str, Path]
@@ -134,14 +138,57 @@ def describe_mismatch(mismatch: KeyMismatch) -> str:
     return '; '.join(parts)
 
 
-def load_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str, advice: str) -> nn.Module:
-    """Loads `state_dict` into `model` only if every key, shape and dtype fits; else one CheckpointError."""
-    mismatch = key_mismatch(state_dict, model)
+def _classifier(model: nn.Module) -> Sequence[str]:
+    names = getattr(model, 'pretrained_cfg', {}).get('classifier') or 'fc'
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def load_strict(
+        model: nn.Module,
+        state_dict: Dict[str, torch.Tensor],
+        source: str,
+        advice: str,
+        *,
+        keep_fresh_head: bool = False,
+        error: Type[BamModelsError] = CheckpointError,
+) -> nn.Module:
+    """Loads `state_dict` into `model` only if every key, shape and dtype fits; else one `error`.
+
+    With `keep_fresh_head`, a classifier whose class count differs from the model's is not loaded (the model
+    keeps its fresh head, to fine-tune on other classes); every other key must still fit."""
+    classifier = _classifier(model)
+    head_keys = {k for k in model.state_dict() if k.startswith(tuple(f'{name}.' for name in classifier))}
+    fresh_head = keep_fresh_head and head_classes(state_dict, classifier) not in (
+        None, head_classes(model.state_dict(), classifier))
+    if fresh_head:
+        state_dict = {k: v for k, v in state_dict.items() if k not in head_keys}
+    mismatch = key_mismatch(state_dict, model, ignore=head_keys if fresh_head else ())
     if mismatch:
         arch = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
-        raise CheckpointError(f"{source} does not fit {arch}: {describe_mismatch(mismatch)}; {advice}")
-    model.load_state_dict(state_dict)
+        raise error(f"{source} does not fit {arch}: {describe_mismatch(mismatch)}; {advice}")
+    model.load_state_dict(state_dict, strict=not fresh_head)
     return model
+
+
+def create_sized_model(model_name: str, state_dict: Dict[str, torch.Tensor], **model_kwargs) -> nn.Module:
+    """`timm.create_model(model_name, pretrained=False, **model_kwargs)` with as many classes as the classifier
+    of `state_dict` has (a 10-class checkpoint gets a 10-class model, not the registered 1000; one without a
+    classifier a model without one)."""
+    classifier = timm.create_model(model_name, device='meta', **model_kwargs).pretrained_cfg.get('classifier')
+    classes = head_classes(state_dict, classifier) or 0
+    return timm.create_model(model_name, pretrained=False, **dict(model_kwargs, num_classes=classes))
+
+
+def model_from_checkpoint(model_name: str, checkpoint: PathLike, **model_kwargs) -> nn.Module:
+    """`model_name` built without downloads, with a local checkpoint loaded strictly.
+
+    The file is read by `read_state_dict` (no pickled code runs), the size of its classifier sets
+    `num_classes`, and a checkpoint of another architecture raises a `CheckpointError` that counts and names
+    missing and unexpected keys.
+    """
+    state_dict = read_state_dict(checkpoint)
+    model = create_sized_model(model_name, state_dict, **model_kwargs)
+    return load_strict(model, state_dict, f'checkpoint {checkpoint}', 'pass the architecture it was trained as')
 
 
 def read_data_config(path: PathLike) -> Optional[Dict[str, Any]]:

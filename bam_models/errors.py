@@ -4,11 +4,15 @@ Every expected failure (a user's mistake, a bad file, an unreachable Hub) raises
 subclass also keeps the builtin base that callers caught before (as huggingface_hub's errors do), so
 `except ValueError` around a config load keeps working. The CLI prints any `BamModelsError` as one line,
 `error: <what was wrong>; <what to do>`, and exits with `exit_code`; `--debug` shows the traceback instead.
+`did_you_mean` is the one way a message suggests close spellings.
 """
+import difflib
+from typing import Iterable
 
 __all__ = [
     'BamModelsError', 'CheckpointError', 'ConfigError', 'ConversionError', 'ExportError', 'FusedGatingError',
-    'NonFiniteLossError', 'PretrainedWeightsError', 'UsageError',
+    'ManifestError', 'NonFiniteLossError', 'OutputExistsError', 'PretrainedWeightsError', 'UsageError',
+    'did_you_mean',
 ]
 
 
@@ -33,6 +37,14 @@ class ConversionError(BamModelsError, ValueError):
     """A checkpoint could not be converted to a zoo model's layout; nothing was written."""
 
 
+class ManifestError(BamModelsError, ValueError):
+    """The weights manifest is missing, not valid JSON, inconsistent, or lacks the entry asked for."""
+
+
+class OutputExistsError(BamModelsError, FileExistsError):
+    """A command that writes a fresh folder (publish, insert, convert) was given one that already holds files."""
+
+
 class ExportError(BamModelsError, RuntimeError):
     """An exported file does not compute what the PyTorch model computes."""
 
@@ -48,3 +60,9 @@ class PretrainedWeightsError(BamModelsError, RuntimeError):
 class NonFiniteLossError(BamModelsError, RuntimeError):
     """Training stopped because the loss became NaN or infinite."""
     exit_code = 3
+
+
+def did_you_mean(word: str, options: Iterable[str], n: int = 3, cutoff: float = 0.6) -> str:
+    """'did you mean a or b?' with the closest spellings of `word` among `options`; '' when none is close."""
+    close = difflib.get_close_matches(word, list(options), n=n, cutoff=cutoff)
+    return f"did you mean {' or '.join(close)}?" if close else ''

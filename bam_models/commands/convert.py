@@ -1,7 +1,7 @@
 """ `bam-models convert`: turn an official / pytorchcv / torchvision checkpoint into a bam_models Hub folder. """
 import argparse
 
-from bam_models.hub.convert import SOURCES, convert_checkpoint
+from bam_models.convert import SOURCES, convert_checkpoint
 
 
 def run(args: argparse.Namespace) -> int:

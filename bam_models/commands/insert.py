@@ -1,35 +1,25 @@
 """ `bam-models insert`: a timm CNN with BAM or CBAM inserted, written as a Hub folder to fine-tune. """
 import argparse
-import difflib
-import sys
 
-import timm
-
-from bam_models.insert.inserted import ATTENTIONS, FolderNotEmptyError, insert_into_folder
-
-
-def _error(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
+from bam_models.errors import BamModelsError, PretrainedWeightsError, UsageError
+from bam_models.hub import check_model_name, insert_into_folder
+from bam_models.insert.inserted import ATTENTIONS
 
 
 def run(args: argparse.Namespace) -> int:
-    arch = args.arch.split('.')[0]
-    if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
-        hint = f"did you mean {' or '.join(close)}?" if close else "see timm.list_models()"
-        return _error(f"unknown timm model '{arch}'; {hint}")
+    check_model_name(args.arch)
     try:
         info = insert_into_folder(
             args.arch, args.attention, args.out, pretrained=args.pretrained, replace_existing=args.replace_existing)
-    except FolderNotEmptyError as e:
-        return _error(str(e))
+    except BamModelsError:  # the folder is not empty, the download failed: the CLI prints it
+        raise
     except (TypeError, ValueError) as e:  # no stage / slot for the attention, or inserted twice
-        return _error(str(e).rstrip('.'))
+        raise UsageError(str(e).rstrip('.')) from None
     except (RuntimeError, OSError) as e:  # timm found no weights, or could not download them
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return _error(f"timm could not load pretrained weights of {args.arch} ({first_line}); check the network "
-                      f"or HF_ENDPOINT, or leave out --pretrained")
+        raise PretrainedWeightsError(
+            f"timm could not load pretrained weights of {args.arch} ({first_line}); check the network or "
+            f"HF_ENDPOINT, or leave out --pretrained") from None
     print(f"wrote {info['weights']} ({info['num_params']:,} parameters), {info['config']}, {info['readme']}")
     print(f"load it with timm.create_model('local-dir:{args.out}', pretrained=True) after `import bam_models`, "
           f"or fine-tune it with `bam-models train --set model.name=local-dir:{args.out} --set model.pretrained=true`")

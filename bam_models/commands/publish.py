@@ -1,8 +1,8 @@
 """ `bam-models publish`: write (and optionally push) the Hub folder of one manifest entry, and record it. """
 import argparse
 
-from bam_models.hub.manifest import manifest_path
-from bam_models.hub.publish import publish
+from bam_models.weights.manifest import manifest_path
+from bam_models.hub import publish
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,86 +1,114 @@
-""" One way from a model name (and optionally a weights file) to a model, for every command and caller.
+""" One way from a model name (and optionally a weights file) to a model, for every command and the trainer.
 
 A name is what `timm.create_model` takes: `ARCH[.TAG]` (any timm or zoo model), `local-dir:PATH` (a folder with
 config.json and weights, as `bam-models train`, `convert`, `insert` and `publish` write) or
-`hf-hub:ORG/NAME[@REVISION]`. The weights come from `checkpoint` when one is given (read by
+`hf-hub:ORG/NAME[@REVISION]`. `check_model_name` refuses a name that cannot work before anything is built or
+downloaded; it is the one name check (did-you-mean, tags, folders) of every command and of `bam-models train`.
+
+A tag is a name timm's registry knows (`timm.models.get_arch_pretrained_cfgs`): the zoo registers one per
+weights-manifest entry, published or not, so `resnet50_bam.official_in1k` is a valid name to build randomly
+initialised (pretrained=False); with pretrained=True a tag whose manifest entry is not published is refused
+with the manifest's status and what to use instead.
+
+`create_model_from_name` builds the model. Its weights come from `checkpoint` when one is given (read by
 `bam_models.checkpoint`: no pickled code runs, its classifier sets `num_classes`, and the preprocessing a
 `bam-models train` checkpoint stores becomes the model's `pretrained_cfg`, as a folder's config.json does), else
 from what the name names (a registry tag, the folder, the repo), else the model is randomly initialised
-(`pretrained=False`). Downloads run under one download budget. Every expected failure is one `BamModelsError`
-line: an unknown name with its close matches, an unknown tag with the tags there are, a folder without a valid
-config.json, a name without weights, an unreachable Hub.
+(`pretrained=False`). Downloads run under one download budget; a failed download is described by
+`bam_models.weights.download.describe_hub_error`, as in the verified build.
 """
-import difflib
 import json
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Tuple, Type, Union
 
 import timm
 import torch.nn as nn
-from huggingface_hub.errors import (
-    EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError)
-from timm.models import get_pretrained_cfg, parse_model_name, split_model_name_tag
+from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, parse_model_name, split_model_name_tag
 
-from bam_models.checkpoint import read_data_config
-from bam_models.errors import BamModelsError, PretrainedWeightsError, UsageError
-from bam_models.hub.download import TRANSPORT_ERRORS, bounded_downloads, describe_failure
-from bam_models.hub.pretrained import model_from_checkpoint
+from bam_models.checkpoint import model_from_checkpoint, read_data_config
+from bam_models.errors import BamModelsError, PretrainedWeightsError, UsageError, did_you_mean
+from bam_models.weights import WEIGHT_LOCATION_FIELDS, check_published
+from bam_models.weights.download import bounded_downloads, describe_hub_error
 
-__all__ = ['create_model_from_name']
+__all__ = ['check_model_name', 'create_model_from_name']
 
-_NAME_FORMS = 'ARCH[.TAG], local-dir:PATH or hf-hub:ORG/NAME'
 _OWN_WEIGHTS = ('pass your weights with --checkpoint FILE, name a local-dir:PATH / hf-hub:ORG/NAME model, or use '
                 'random weights (pretrained=False, --random-init)')
 _WRITTEN_BY = ("pass a folder written by `bam-models train` (OUT/hub), `convert`, `insert` or `publish`, or timm's "
                "save_for_hf")
 
 
-def _check_architecture(arch: str, where: str) -> None:
+def _check_architecture(arch: str, where: str, error: Type[BamModelsError]) -> None:
     if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=3, cutoff=0.6)
-        hint = f" (close matches: {', '.join(close)})" if close else ''
-        raise UsageError(f"unknown model '{arch}'{hint} {where}; see `bam-models list` or timm.list_models()")
+        hint = did_you_mean(arch, timm.list_models()) or 'see `bam-models list` or timm.list_models()'
+        raise error(f"unknown model '{arch}'{where}; {hint}")
 
 
-def _check_local_dir(name: str, folder: Path) -> None:
+def _check_local_dir(name: str, folder: Path, error: Type[BamModelsError]) -> None:
     config_file = folder / 'config.json'
     if not folder.is_dir():
-        raise UsageError(f"{name}: no such folder; {_WRITTEN_BY}")
+        raise error(f"{name}: no such folder (so it has no config.json); {_WRITTEN_BY}")
     if not config_file.is_file():
-        raise UsageError(f"{name}: the folder has no config.json; {_WRITTEN_BY}")
+        raise error(f"{name}: the folder has no config.json; {_WRITTEN_BY}")
     try:
         config = json.loads(config_file.read_text(encoding='utf-8'))
-    except (ValueError, UnicodeDecodeError) as error:
-        raise UsageError(f"{name}: {config_file} is not valid JSON ({error}); {_WRITTEN_BY}") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise error(f"{name}: {config_file} is not valid JSON ({e}); {_WRITTEN_BY}") from None
     if not isinstance(config, dict) or not isinstance(config.get('architecture'), str):
-        raise UsageError(f"{name}: {config_file} names no architecture; {_WRITTEN_BY}")
-    _check_architecture(config['architecture'], f'named in {config_file}')
+        raise error(f"{name}: {config_file} names no architecture; {_WRITTEN_BY}")
+    _check_architecture(config['architecture'], f' named in {config_file}', error)
 
 
-def _check_name(name: str) -> None:
-    """Refuse names that cannot work before anything is built or downloaded."""
-    source, model_id = parse_model_name(name) if ':' in name else (None, name)
+def _source_and_id(name: str, error: Type[BamModelsError]) -> Tuple[Optional[str], str]:
+    try:
+        return parse_model_name(name)
+    except ValueError as e:  # an unknown 'source:' prefix
+        raise error(f"{e}; names are ARCH[.TAG], local-dir:PATH or hf-hub:ORG/NAME") from None
+
+
+def _registry_tags(arch: str) -> list:
+    """Every tag timm's registry has for `arch` (published weights or not), without the untagged default."""
+    return [tag for tag in (split_model_name_tag(name)[1] for name in get_arch_pretrained_cfgs(arch)) if tag]
+
+
+def _check_has_weights(model_id: str) -> None:
+    """A registry name without weights to load: an unpublished manifest entry, or a cfg that names none."""
+    arch, tag = split_model_name_tag(model_id)
+    check_published(arch, tag or None)
+    cfg = get_pretrained_cfg(model_id)
+    if cfg is None or not any(getattr(cfg, key, None) for key in WEIGHT_LOCATION_FIELDS):
+        tags = ', '.join(t for t in timm.list_pretrained(f'{arch}.*') if t != model_id) or 'none'
+        raise PretrainedWeightsError(
+            f"{model_id} has no pretrained weights (tags with weights: {tags}); {_OWN_WEIGHTS}")
+
+
+def check_model_name(
+        name: str,
+        *,
+        pretrained: bool = False,
+        where: str = '',
+        error: Type[BamModelsError] = UsageError,
+) -> None:
+    """Refuses a model name that cannot work, before anything is built or downloaded.
+
+    Raises `error` (a `BamModelsError`; `UsageError` by default, `ConfigError` for the trainer) for an unknown
+    architecture (with close spellings), an unknown tag (with the tags there are) or a `local-dir:` folder
+    without a valid config.json; with `pretrained`, a `PretrainedWeightsError` for a registry name that has no
+    weights to load. `where` says where the name came from (' in model.name').
+    """
+    source, model_id = _source_and_id(name, error)
     if source == 'local-dir':
-        return _check_local_dir(name, Path(model_id))
+        return _check_local_dir(name, Path(model_id), error)
     if source == 'hf-hub':
         return None
     arch, tag = split_model_name_tag(model_id)
-    _check_architecture(arch, f'in {name!r} (names are {_NAME_FORMS})')
-    tags = timm.list_pretrained(f'{arch}.*')
-    if tag and name not in tags:
-        raise UsageError(f"{arch} has no pretrained tag '{tag}' (tags: {', '.join(tags) or 'none'}); pick one of "
-                         f"them or drop the tag")
-
-
-def _check_has_weights(name: str) -> None:
-    """A registry name whose cfg names no weights at all (before timm says so in a traceback)."""
-    if ':' in name:
-        return
-    cfg = get_pretrained_cfg(name)
-    if cfg is None or not any(getattr(cfg, key, None) for key in ('url', 'hf_hub_id', 'file', 'state_dict')):
-        arch = split_model_name_tag(name)[0]
-        tags = ', '.join(t for t in timm.list_pretrained(f'{arch}.*') if t != name) or 'none'
-        raise PretrainedWeightsError(f"{name} has no pretrained weights (tags with weights: {tags}); {_OWN_WEIGHTS}")
+    _check_architecture(arch, where, error)
+    tags = _registry_tags(arch)
+    if tag and tag not in tags:
+        raise error(f"model '{arch}' has no tag '{tag}'; its tags: {', '.join(tags) or 'none'}")
+    if pretrained:
+        _check_has_weights(model_id)
+    return None
 
 
 def _from_checkpoint(name: str, checkpoint: Union[str, Path], **model_kwargs) -> nn.Module:
@@ -94,9 +122,15 @@ def _from_checkpoint(name: str, checkpoint: Union[str, Path], **model_kwargs) ->
 def _build(name: str, checkpoint: Optional[Union[str, Path]], pretrained: bool, **model_kwargs) -> nn.Module:
     if checkpoint is not None:
         return _from_checkpoint(name, checkpoint, **model_kwargs)
-    if pretrained:
-        _check_has_weights(name)
     return timm.create_model(name, pretrained=pretrained, **model_kwargs)
+
+
+def _hub_failure(name: str, error: Exception) -> Optional[PretrainedWeightsError]:
+    """A download timm ran itself failed (a timm model's weights, an `hf-hub:` repo's config.json)."""
+    source, model_id = parse_model_name(name)
+    repo_id = model_id.split('@')[0] if source == 'hf-hub' else None
+    described = describe_hub_error(error, repo_id=repo_id, filename='config.json' if repo_id else None)
+    return PretrainedWeightsError(f"{name}: {described[0]}; {described[1]}") if described else None
 
 
 def create_model_from_name(
@@ -112,30 +146,21 @@ def create_model_from_name(
     `CheckpointError` for a bad checkpoint and `PretrainedWeightsError` when weights are missing or cannot be
     fetched or verified.
     """
-    _check_name(name)
+    check_model_name(name, pretrained=pretrained and checkpoint is None)
     try:
         with bounded_downloads():
             return _build(name, checkpoint, pretrained, **model_kwargs)
     except BamModelsError:
         raise
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:  # no network, and not in the cache
-        raise PretrainedWeightsError(f"{name}: the Hub could not be reached and the file is not in the cache "
-                                     f"({type(e).__name__}); check the network, HF_ENDPOINT and "
-                                     f"HF_HUB_OFFLINE") from None
-    except RepositoryNotFoundError:
-        raise PretrainedWeightsError(f"{name}: the Hub repository does not exist (or needs a token); check the "
-                                     f"name, HF_ENDPOINT and HF_TOKEN") from None
-    except EntryNotFoundError:
-        raise PretrainedWeightsError(f"{name}: the repository has no config.json, so it is not a timm model "
-                                     f"repo; pass the architecture name with a checkpoint file instead") from None
-    except (HfHubHTTPError,) + TRANSPORT_ERRORS as e:
-        raise PretrainedWeightsError(f"{name}: fetching its weights failed ({describe_failure(e)}); check the "
-                                     f"network and HF_ENDPOINT, or {_OWN_WEIGHTS}") from None
-    except RuntimeError as e:
+    except Exception as e:
+        failure = _hub_failure(name, e)
+        if failure is not None:
+            raise failure from None
         message = str(e)
-        if message.startswith('Unknown model'):  # the architecture a repo's config.json names
-            _check_architecture(message.split('(', 1)[-1].rstrip(')'), f'named by the config.json of {name}')
-        if 'pretrained weights' in message.lower():
-            raise PretrainedWeightsError(f"{name} has no pretrained weights ({describe_failure(e)}); "
+        if isinstance(e, RuntimeError) and message.startswith('Unknown model'):  # named by a repo's config.json
+            _check_architecture(message.split('(', 1)[-1].rstrip(')'), f' named by the config.json of {name}',
+                                UsageError)
+        if isinstance(e, RuntimeError) and 'pretrained weights' in message.lower():
+            raise PretrainedWeightsError(f"{name} has no pretrained weights ({message.splitlines()[0][:200]}); "
                                          f"{_OWN_WEIGHTS}") from None
         raise

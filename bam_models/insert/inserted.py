@@ -9,39 +9,32 @@ the pushed folder) rebuilds the same network and, with `pretrained=True`, loads 
 key checks.
 """
 from functools import partial
-from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional
 
 import timm
 import torch.nn as nn
-from timm.models import register_model
-from timm.models._builder import resolve_pretrained_cfg
-from timm.models._registry import generate_default_cfgs
+from timm.models import generate_default_cfgs, register_model
 
-from bam_models.hub import build_model_with_weights, save_pretrained
+from bam_models.weights import WEIGHT_LOCATION_FIELDS, build_model_with_weights
 
-__all__ = ['ATTENTIONS', 'FolderNotEmptyError', 'insert_into_folder', 'with_attention']
+__all__ = ['ARCHITECTURE', 'ATTENTIONS', 'with_attention']
 
 ARCHITECTURE = 'with_attention'
-# pretrained_cfg fields that say where the base model's weights live: not where an inserted model's do
-_WEIGHT_SOURCE_KEYS = ('url', 'hf_hub_id', 'hf_hub_filename', 'file', 'state_dict', 'source', 'tag')
+# where the base model's weights live and which of its tags they are: not where an inserted model's do
+_BASE_WEIGHT_KEYS = (*WEIGHT_LOCATION_FIELDS, 'source', 'tag')
 
 
 ATTENTIONS = ('bam', 'cbam')
 
 
 def _base_cfg(base_model: str) -> Dict[str, Any]:
-    """The base model's pretrained_cfg (preprocessing, classifier, first conv) as the inserted model's."""
-    cfg = resolve_pretrained_cfg(*_split_tag(base_model)).to_dict()
-    for key in _WEIGHT_SOURCE_KEYS:
+    """The base model's pretrained_cfg (preprocessing, classifier, first conv) as the inserted model's; read from
+    the model timm builds for the name, so `ARCH.TAG`, `hf-hub:` and `local-dir:` names all work."""
+    cfg = dict(timm.create_model(base_model, device='meta').pretrained_cfg)
+    for key in _BASE_WEIGHT_KEYS:
         cfg.pop(key, None)
     cfg['architecture'] = ARCHITECTURE
     return cfg
-
-
-def _split_tag(name: str) -> Tuple[str, Optional[str]]:
-    arch, _, tag = name.partition('.')
-    return arch, tag or None
 
 
 def _build(
@@ -97,35 +90,5 @@ def with_attention(
 def _feature_cfg(base_model: str) -> Dict[str, Any]:
     """features_only through forward_intermediates, in which every stage module runs with its attention; by
     default every stage the base model describes."""
-    num_stages = len(timm.create_model(_split_tag(base_model)[0], device='meta').feature_info)
+    num_stages = len(timm.create_model(base_model, device='meta').feature_info)
     return dict(feature_cls='getter', out_indices=tuple(range(num_stages)))
-
-
-class FolderNotEmptyError(FileExistsError):
-    """`bam-models insert` refuses to write into a folder that holds files."""
-
-
-def insert_into_folder(
-        base_model: str,
-        attention: str,
-        out_dir: Union[str, Path],
-        pretrained: bool = False,
-        replace_existing: bool = False,
-        attention_args: Optional[Dict[str, Any]] = None,
-) -> Dict[str, Any]:
-    """Write `base_model` + attention as a Hub folder that `timm.create_model('local-dir:OUT')` rebuilds."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FolderNotEmptyError(f"{out_dir} exists and is not an empty folder; pass a new or empty folder")
-    model_args = dict(base_model=base_model, attention=attention)
-    if attention_args:
-        model_args['attention_args'] = attention_args
-    if replace_existing:
-        model_args['replace_existing'] = True
-    model = timm.create_model(ARCHITECTURE, pretrained=pretrained, **model_args)
-    trunk = 'its timm pretrained trunk' if pretrained else 'random initialisation'
-    return save_pretrained(
-        model, out_dir, arch_tag=f'local-dir:{out_dir.name}',
-        description=f"timm's `{base_model}` with {attention.upper()} inserted by `bam-models insert`, from {trunk}; "
-                    f"the {attention.upper()} modules are freshly initialised, fine-tune before use.",
-    )

@@ -25,9 +25,9 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import generate_default_cfgs
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from bam_models.hub import build_model_with_weights
+from bam_models.weights import build_model_with_weights
 from bam_models.layers import BAM, CBAM
-from bam_models.hub.manifest import manifest_default_cfgs
+from bam_models.weights import manifest_default_cfgs
 from ._checks import check_image_batch
 
 # FX patches wrapped names in the globals of the module that calls them, so each calling module wraps it

@@ -25,9 +25,9 @@ from timm.models._registry import generate_default_cfgs
 from timm.models.efficientnet import EfficientNet
 
 from bam_models.errors import ConfigError
-from bam_models.hub import build_model_with_weights
+from bam_models.weights import build_model_with_weights
 from bam_models.layers import BAM, CBAM
-from bam_models.hub.manifest import manifest_default_cfgs
+from bam_models.weights import manifest_default_cfgs
 from ._checks import check_image_batch
 from .attention_resnet import _stage_bam_args
 

@@ -23,8 +23,8 @@ from timm.models._manipulate import checkpoint_seq
 from timm.models._registry import generate_default_cfgs
 from timm.models.resnet import BasicBlock, Bottleneck
 
-from bam_models.hub import build_model_with_weights
-from bam_models.hub.manifest import manifest_default_cfgs
+from bam_models.weights import build_model_with_weights
+from bam_models.weights import manifest_default_cfgs
 from ._checks import check_image_batch
 from .attention_resnet import AttentionResNet, _cbam_args
 

@@ -1,4 +1,4 @@
-""" Verified pretrained weights through timm and the Hugging Face Hub, and the Hub folder writer.
+""" The verified build: pretrained weights through timm and the Hugging Face Hub, checked before they load.
 
 `build_model_with_weights` is what every zoo `_create_*` builder calls. Without `pretrained` it is timm's
 `build_model_with_cfg`. With it, the weights are first resolved and read here:
@@ -11,8 +11,8 @@
   when the repo is in the manifest;
 - local files (`pretrained_cfg_overlay=dict(file=...)`, `local-dir:`) are read by `bam_models.checkpoint`
   (`weights_only=True`);
-- a config.json of a Hub repo or `local-dir:` folder may not say where the weights come from (`file`, `url`,
-  `state_dict`, `hf_hub_filename`, `hf_hub_id`): the weights of `hf-hub:R` come from repo R, those of
+- a config.json of a Hub repo or `local-dir:` folder may not say where the weights come from (any of
+  `WEIGHT_LOCATION_FIELDS`, the fields of timm's `PretrainedCfg` that locate weights): the weights of `hf-hub:R` come from repo R, those of
   `local-dir:P` from folder P, and a config naming another source is refused;
 - every download runs under `bounded_downloads` (timeouts and a total budget); every transport failure is one
   `PretrainedWeightsError`, and a cached copy that fails its checks is evicted so a retry downloads it again;
@@ -29,41 +29,30 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import safetensors.torch
-import timm
 import torch
 import torch.nn as nn
-from huggingface_hub import constants as hf_constants
 from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    HfHubHTTPError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from timm.models._builder import build_model_with_cfg, resolve_pretrained_cfg
-from timm.models._hub import hf_split, save_config_for_hf, save_for_hf
+from timm.models import build_model_with_cfg, resolve_pretrained_cfg
 
-from bam_models.checkpoint import (
-    check_state_dict, describe_mismatch, head_classes, key_mismatch, load_strict, read_state_dict)
+from bam_models._compat import hf_split
+from bam_models.checkpoint import check_state_dict, describe_mismatch, head_classes, key_mismatch, read_state_dict
 from bam_models.errors import PretrainedWeightsError
-from bam_models.layers import BAM, CBAM
-from bam_models.hub.download import TRANSPORT_ERRORS, bounded_downloads, describe_failure
-from bam_models.hub.manifest import load_manifest, manifest_entry, manifest_entry_for_repo
+from bam_models.layers import attention_keys
+from bam_models.weights.download import bounded_downloads, describe_hub_error
+from bam_models.weights.manifest import load_manifest, manifest_entry, manifest_entry_for_repo
 
 __all__ = [
-    'PretrainedWeightsError', 'TrunkOnlyWeightsWarning', 'UnverifiedWeightsWarning',
-    'build_model_with_weights', 'attention_keys', 'file_sha256', 'model_from_checkpoint', 'save_pretrained',
-    'model_card',
+    'HUB_FILENAME', 'PretrainedWeightsError', 'TrunkOnlyWeightsWarning', 'UnverifiedWeightsWarning',
+    'WEIGHT_LOCATION_FIELDS', 'build_model_with_weights', 'check_published', 'file_sha256',
 ]
 
 HUB_FILENAME = 'model.safetensors'
-# pretrained-cfg fields that locate weights: timm's save_for_hf never writes them into a config.json
-_SOURCE_FIELDS = ('file', 'url', 'state_dict', 'hf_hub_id', 'hf_hub_filename')
+# the fields of timm's PretrainedCfg that say where weights come from (timm's save_for_hf never writes them into
+# a config.json); `source` and `custom_load` only say how the named location is read
+WEIGHT_LOCATION_FIELDS = ('url', 'file', 'state_dict', 'hf_hub_id', 'hf_hub_filename')
 
 
 class TrunkOnlyWeightsWarning(UserWarning):
@@ -100,12 +89,6 @@ def file_sha256(path: Union[str, Path]) -> str:
     return digest.hexdigest()
 
 
-def attention_keys(model: nn.Module) -> List[str]:
-    """State-dict keys of every BAM/CBAM module in `model`: what a plain-trunk checkpoint lacks."""
-    prefixes = tuple(f'{name}.' for name, module in model.named_modules() if isinstance(module, (BAM, CBAM)))
-    return [k for k in model.state_dict() if k.startswith(prefixes)] if prefixes else []
-
-
 def _evict_cached_file(path: str) -> None:
     """Remove a cached download (the snapshot link and the blob it points to) so that it is fetched again."""
     blob = os.path.realpath(path)
@@ -121,36 +104,14 @@ def _hub_download(source: _WeightSource, repo_id: str, filename: str, revision: 
     try:
         with bounded_downloads():
             return hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, library_name='bam_models')
-    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
-        cache = cache_dir or hf_constants.HF_HUB_CACHE
-        if hf_constants.is_offline_mode():
-            raise source.error(
-                f"HF_HUB_OFFLINE is set and the file is not in the cache ({cache})",
-                "load it once with network access (same cache_dir / HF_HOME), or unset HF_HUB_OFFLINE") from None
-        raise source.error(
-            f"the Hub at {hf_constants.ENDPOINT} could not be reached and the file is not in the cache ({cache})",
-            "check the network or HF_ENDPOINT, or fill the cache where the Hub is reachable") from None
-    except RepositoryNotFoundError:
-        raise source.error(
-            f"repository {repo_id} does not exist on {hf_constants.ENDPOINT} (or needs a token)",
-            "check the repo id, HF_ENDPOINT, and HF_TOKEN for private repos") from None
-    except RevisionNotFoundError:
-        raise source.error(
-            f"revision {revision} does not exist in {repo_id}",
-            "update the manifest's pinned revision (bam-models publish --push records it)") from None
-    except EntryNotFoundError:
-        raise source.error(
-            f"{repo_id} has no file {filename} at this revision (404)",
-            "publish it with `bam-models publish ... --push`, or fix the manifest entry") from None
     except PretrainedWeightsError as e:  # the download budget ran out, or its setting is invalid
         problem, _, advice = str(e).partition('; ')
         raise source.error(problem, advice) from None
-    except HfHubHTTPError as e:
-        raise source.error(f"the Hub answered {describe_failure(e)}", "retry later or check HF_ENDPOINT") from None
-    except TRANSPORT_ERRORS as e:
-        raise source.error(
-            f"the download failed ({describe_failure(e)})",
-            "retry later, check the network and HF_ENDPOINT; nothing partial was kept in the cache") from None
+    except Exception as e:
+        described = describe_hub_error(e, repo_id, filename, revision, cache_dir)
+        if described is None:
+            raise
+        raise source.error(*described) from None
 
 
 def _download_verified(
@@ -198,7 +159,7 @@ def _refuse_redirection(cfg: Any) -> None:
     if not isinstance(cfg, dict) or cfg.get('source') not in ('hf-hub', 'local-dir'):
         return
     own = 'hf_hub_id' if cfg['source'] == 'hf-hub' else 'file'
-    named = [k for k in _SOURCE_FIELDS if k != own and cfg.get(k) not in (None, '', {}, [])]
+    named = [k for k in WEIGHT_LOCATION_FIELDS if k != own and cfg.get(k) not in (None, '', {}, [])]
     if named:
         where = f"Hub repo {cfg['hf_hub_id']}" if cfg['source'] == 'hf-hub' else f"folder {cfg['file']}"
         raise PretrainedWeightsError(
@@ -272,19 +233,30 @@ def _registry_weights(architecture: str, tag: Optional[str], model: str, cache_d
     revision = entry['revision'] or ('main, unpinned' if entry['published'] else 'none pinned')
     where = f"repo {entry['hf_hub_id']}, revision {revision}, file {entry['filename']}"
     source = _WeightSource(model, where, kind=entry['kind'], trunk_of=entry['source'].get('trunk_of'))
-    if not entry['published']:
-        trunks = [f"{architecture}.{e['tag']}" for e in manifest['weights'].values()
-                  if e['architecture'] == architecture and e['kind'] == 'trunk' and e['published']]
-        trunk_hint = (f"the trunk tag {' / '.join(trunks)} (attention freshly initialised, fine-tune it)" if trunks
-                      else 'no trunk tag')
-        raise source.error(
-            "these weights are not published yet (manifest: published=false)",
-            f"use pretrained=False, {trunk_hint}, or convert the original checkpoint yourself "
-            f"(`bam-models convert`) and load it with pretrained_cfg_overlay=dict(file='.../model.safetensors')")
+    check_published(architecture, tag, manifest)
     return _download_verified(
         source, entry['hf_hub_id'], entry['filename'], entry['revision'], entry['sha256'], entry['size'],
         entry.get('unverified_reason', ''), cache_dir,
     ), source
+
+
+def check_published(architecture: str, tag: Optional[str], manifest: Optional[Dict[str, Any]] = None) -> None:
+    """Refuses `architecture.tag` when its manifest entry is not published (yet), with what to use instead.
+
+    A tag without a manifest entry is not this function's business (timm's own tags, `resnet18_bam` bare)."""
+    manifest = manifest if manifest is not None else load_manifest()
+    entry = manifest_entry(architecture, tag, manifest)
+    if entry is None or entry['published']:
+        return
+    trunks = [f"{architecture}.{e['tag']}" for e in manifest['weights'].values()
+              if e['architecture'] == architecture and e['kind'] == 'trunk' and e['published']]
+    trunk_hint = (f"the trunk tag {' / '.join(trunks)} (attention freshly initialised, fine-tune it)" if trunks
+                  else 'no trunk tag')
+    where = f"repo {entry['hf_hub_id']}, revision {entry['revision'] or 'none pinned'}, file {entry['filename']}"
+    raise _WeightSource(f'{architecture}.{tag}', where).error(
+        "these weights are not published yet (manifest: published=false)",
+        f"use pretrained=False, {trunk_hint}, or convert the original checkpoint yourself (`bam-models convert`) "
+        f"and load it with pretrained_cfg_overlay=dict(file='.../model.safetensors')")
 
 
 def _key_check(source: _WeightSource, classifier: Sequence[str], first_conv: Sequence[str]) -> Callable:
@@ -355,143 +327,3 @@ def build_model_with_weights(model_cls, variant: str, pretrained: bool = False, 
             shown[key] = cfg[key]
     model.pretrained_cfg = model.default_cfg = shown
     return model
-
-
-_CITATIONS = (
-    "@inproceedings{park2018bam,\n  title={BAM: Bottleneck Attention Module},\n"
-    "  author={Park, Jongchan and Woo, Sanghyun and Lee, Joon-Young and Kweon, In So},\n"
-    "  booktitle={British Machine Vision Conference (BMVC)},\n  year={2018}\n}",
-    "@inproceedings{woo2018cbam,\n  title={CBAM: Convolutional Block Attention Module},\n"
-    "  author={Woo, Sanghyun and Park, Jongchan and Lee, Joon-Young and Kweon, In So},\n"
-    "  booktitle={European Conference on Computer Vision (ECCV)},\n  year={2018}\n}",
-)
-
-
-def model_card(
-        arch_tag: str,
-        repo_id: Optional[str] = None,
-        metrics: Sequence[Dict[str, Any]] = (),
-        license: str = 'mit',
-        description: str = '',
-        num_params: Optional[int] = None,
-        *,
-        base_weights: Optional[str] = None,
-        local_dir: Optional[Union[str, Path]] = None,
-) -> str:
-    """A Hub model card (README.md) in timm's style: metadata, metrics with their source, usage, citations.
-
-    The usage loads these weights: `hf-hub:REPO` when `repo_id` is given, else `local-dir:LOCAL_DIR` (the
-    folder the card is written into), else the registry name `arch_tag`. `base_weights` is what training started
-    from (a pretrained tag or a checkpoint): only then is the model called fine-tuned; None means either trained
-    from scratch or not trained here (converted or published weights).
-    """
-    architecture = arch_tag.split('.')[0]
-    datasets = sorted({m['dataset'] for m in metrics})
-    lines = ['---', 'tags:', '- image-classification', '- timm', '- bam_models',
-             f"- {'cbam' if architecture.endswith('_cbam') else 'bam'}",
-             'library_name: timm', f'license: {license}']
-    if datasets:
-        lines += ['datasets:'] + [f'- {d}' for d in datasets]
-    lines += ['---', f'# Model card for {arch_tag}', '']
-    if not description:
-        description = (f'{architecture} image classification weights, fine-tuned from `{base_weights}`.'
-                       if base_weights else f'{architecture} image classification weights.')
-    lines += [description, '']
-    if num_params:
-        lines += [f'- **Parameters:** {num_params:,}']
-    if base_weights:
-        lines += [f'- **Fine-tuned from:** `{base_weights}`']
-    lines += [f'- **Architecture:** `{architecture}` from [bam_models](https://pypi.org/project/bam-models/)',
-              f'- **License:** {license}', '', '## Metrics', '']
-    if metrics:
-        lines += ['| dataset | split | top-1 | top-5 | input | measured by | source |',
-                  '|---|---|---:|---:|---:|---|---|']
-        for m in metrics:
-            top5 = f"{m['top5']:.3f}" if m.get('top5') is not None else '-'
-            lines.append(f"| {m['dataset']} | {m.get('split', '-')} | {m['top1']:.3f} | {top5} | "
-                         f"{m.get('input_size', '-')} | {m['measured_by']} | {m['reference']} |")
-    else:
-        lines.append('No evaluation has been recorded for these weights.')
-    if repo_id:
-        name = f'hf-hub:{repo_id}'
-    else:
-        name = f'local-dir:{Path(local_dir).as_posix()}' if local_dir is not None else arch_tag
-    lines += ['', '## Usage', '', '```python', 'import timm', 'import torch',
-              'import bam_models  # registers the BAM/CBAM architectures with timm', '',
-              f"model = timm.create_model('{name}', pretrained=True).eval()",
-              'config = timm.data.resolve_data_config({}, model=model)',
-              'transform = timm.data.create_transform(**config)',
-              'with torch.no_grad():',
-              '    probabilities = model(transform(image).unsqueeze(0)).softmax(-1)  # image: a PIL image',
-              '```', '', '## Citation', '']
-    for citation in _CITATIONS:
-        lines += ['```bibtex', citation, '```']
-    return '\n'.join(lines) + '\n'
-
-
-def model_from_checkpoint(model_name: str, checkpoint: Union[str, Path], **model_kwargs) -> nn.Module:
-    """`model_name` built without downloads, with a local checkpoint loaded strictly.
-
-    The file is read by `bam_models.checkpoint.read_state_dict` (no pickled code runs), the size of its
-    classifier sets `num_classes`, and a checkpoint of another architecture raises a `CheckpointError` that
-    counts and names missing and unexpected keys.
-    """
-    state_dict = read_state_dict(checkpoint)
-    classifier = timm.create_model(model_name, device='meta', **model_kwargs).pretrained_cfg.get('classifier')
-    classes = head_classes(state_dict, classifier)
-    if classes is not None:
-        model_kwargs = dict(model_kwargs, num_classes=classes)
-    model = timm.create_model(model_name, pretrained=False, **model_kwargs)
-    return load_strict(model, state_dict, f'checkpoint {checkpoint}', 'pass the architecture it was trained as')
-
-
-def save_pretrained(
-        model: nn.Module,
-        out_dir: Union[str, Path],
-        *,
-        arch_tag: Optional[str] = None,
-        repo_id: Optional[str] = None,
-        metrics: Sequence[Dict[str, Any]] = (),
-        license: str = 'mit',
-        description: str = '',
-        state_dict: Optional[Dict[str, torch.Tensor]] = None,
-        data_config: Optional[Dict[str, Any]] = None,
-        model_config: Optional[Dict[str, Any]] = None,
-        base_weights: Optional[str] = None,
-) -> Dict[str, Any]:
-    """Write a Hub repo folder: model.safetensors, config.json (timm's format, so `hf-hub:` and `local-dir:`
-    names work) and a model card README.md.
-
-    `state_dict` replaces `model.state_dict()` in the weights file (a trunk-only conversion writes only what
-    it converted); config.json always describes `model`, with `data_config` (the preprocessing the weights were
-    trained and evaluated with) and `model_config` (e.g. label_names) as in timm's `save_for_hf`. The model card
-    shows how to load the folder (`hf-hub:REPO_ID`, else `local-dir:OUT_DIR`) and, with `base_weights` (what a
-    training run started from), that the model was fine-tuned from it.
-    Returns sha256, size, num_params, the paths and `files`, the names of every file written.
-    """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    architecture = model.pretrained_cfg.get('architecture')
-    if arch_tag is None:
-        tag = model.pretrained_cfg.get('tag')
-        arch_tag = f'{architecture}.{tag}' if tag else architecture
-    if state_dict is None:
-        save_for_hf(model, out_dir, model_config=model_config, safe_serialization=True, data_config=data_config)
-    else:
-        safetensors.torch.save_file(
-            {k: v.contiguous() for k, v in state_dict.items()}, out_dir / HUB_FILENAME, metadata={'format': 'pt'})
-        save_config_for_hf(model, out_dir / 'config.json', model_config=model_config, data_config=data_config)
-    weights = out_dir / HUB_FILENAME
-    num_params = sum(p.numel() for p in model.parameters())
-    (out_dir / 'README.md').write_text(model_card(
-        arch_tag, repo_id=repo_id, metrics=metrics, license=license, description=description,
-        num_params=num_params, base_weights=base_weights, local_dir=out_dir), encoding='utf-8')
-    return {
-        'files': [HUB_FILENAME, 'config.json', 'README.md'],
-        'sha256': file_sha256(weights),
-        'size': weights.stat().st_size,
-        'num_params': num_params,
-        'weights': str(weights),
-        'config': str(out_dir / 'config.json'),
-        'readme': str(out_dir / 'README.md'),
-    }

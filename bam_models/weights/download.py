@@ -8,6 +8,9 @@ hooks on huggingface_hub's HTTP client (installed through its public `set_client
 context) cap every request's timeouts at `BAM_MODELS_DOWNLOAD_TIMEOUT` and at the time left, and stop any
 request or body chunk once `BAM_MODELS_DOWNLOAD_BUDGET` has run out, with a `PretrainedWeightsError`.
 huggingface_hub then removes its temporary `.incomplete` file as on any failed download.
+
+`describe_hub_error` is the one translation of a failed Hub download into "what went wrong; what to do", used
+by the verified build and by `bam_models.hub.create_model_from_name` alike.
 """
 import os
 import threading
@@ -15,8 +18,19 @@ import time
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+
+from bam_models._compat import current_hf_client_factory
 from bam_models.errors import PretrainedWeightsError
 
 try:
@@ -24,7 +38,10 @@ try:
 except ImportError:  # pragma: no cover - huggingface_hub 1.x
     import httpx as _httpx
 
-__all__ = ['BUDGET_ENV', 'TIMEOUT_ENV', 'TRANSPORT_ERRORS', 'bounded_downloads', 'describe_failure', 'download_limits']
+__all__ = [
+    'BUDGET_ENV', 'TIMEOUT_ENV', 'TRANSPORT_ERRORS', 'bounded_downloads', 'describe_failure', 'describe_hub_error',
+    'download_limits',
+]
 
 TIMEOUT_ENV = 'BAM_MODELS_DOWNLOAD_TIMEOUT'
 BUDGET_ENV = 'BAM_MODELS_DOWNLOAD_BUDGET'
@@ -39,6 +56,40 @@ def describe_failure(error: BaseException) -> str:
     """'Type: first line of the message', short enough for a one-line error."""
     lines = str(error).splitlines()
     return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+
+
+def describe_hub_error(
+        error: BaseException,
+        repo_id: Optional[str] = None,
+        filename: Optional[str] = None,
+        revision: Optional[str] = None,
+        cache_dir=None,
+) -> Optional[Tuple[str, str]]:
+    """(what went wrong, what to do) for a failed huggingface_hub download; None for any other error."""
+    repo = f'repository {repo_id}' if repo_id else 'the Hub repository'
+    if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)):  # before OSError: both are one
+        cache = cache_dir or hf_constants.HF_HUB_CACHE
+        if hf_constants.is_offline_mode():
+            return (f"HF_HUB_OFFLINE is set and the file is not in the cache ({cache})",
+                    "load it once with network access (same cache_dir / HF_HOME), or unset HF_HUB_OFFLINE")
+        return (f"the Hub could not be reached at {hf_constants.ENDPOINT} and the file is not in the cache ({cache})",
+                "check the network or HF_ENDPOINT, or fill the cache where the Hub is reachable")
+    if isinstance(error, RepositoryNotFoundError):
+        return (f"{repo} does not exist on {hf_constants.ENDPOINT} (or needs a token)",
+                "check the repo id, HF_ENDPOINT, and HF_TOKEN for private repos")
+    if isinstance(error, RevisionNotFoundError):
+        return (f"revision {revision or '(the one asked for)'} does not exist in {repo_id or repo}",
+                "fix the revision (a manifest entry's pinned one is recorded by `bam-models publish --push`)")
+    if isinstance(error, EntryNotFoundError):
+        return (f"{repo_id or repo} has no file {filename or '(the one asked for)'} at this revision (404)",
+                "publish it with `bam-models publish ... --push`, fix the manifest entry, or name a repo with "
+                "a timm config.json and model.safetensors")
+    if isinstance(error, HfHubHTTPError):
+        return f"the Hub answered {describe_failure(error)}", "retry later or check HF_ENDPOINT"
+    if isinstance(error, TRANSPORT_ERRORS):
+        return (f"the download failed ({describe_failure(error)})",
+                "retry later, check the network and HF_ENDPOINT; nothing partial was kept in the cache")
+    return None
 
 
 def _seconds(env: str, default: float) -> float:
@@ -123,9 +174,8 @@ def _install_hooks() -> None:
         if _installed:
             return
         from huggingface_hub import set_client_factory
-        from huggingface_hub.utils import _http
         # wrap whatever factory is in use (the user's own, with proxies or certificates, or the default)
-        previous = getattr(_http, '_GLOBAL_CLIENT_FACTORY', _http.default_client_factory)
+        previous = current_hf_client_factory()
 
         def factory():
             client = previous()

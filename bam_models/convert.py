@@ -26,9 +26,11 @@ import timm
 import torch
 import torch.nn as nn
 
-from bam_models.checkpoint import KeyMismatch, describe_mismatch, head_classes, read_state_dict
+from bam_models.checkpoint import KeyMismatch, create_sized_model, describe_mismatch, head_classes, read_state_dict
 from bam_models.errors import CheckpointError, ConversionError
-from bam_models.hub import attention_keys, save_pretrained
+from bam_models.hub import save_pretrained
+from bam_models.layers import attention_keys
+from bam_models.models import list_zoo_models
 
 __all__ = ['SOURCES', 'ConversionError', 'read_checkpoint', 'convert_state_dict', 'to_official_state_dict',
            'convert_checkpoint']
@@ -198,8 +200,6 @@ _STEM_KEYS = ('conv1.weight', 'features.init_block.conv.conv.weight', 'features.
 def _candidates(state_dict: Dict[str, torch.Tensor], arch: str) -> List[str]:
     """Zoo models worth trying for a checkpoint that did not fit `arch`: those with its attention kind, and the
     CIFAR networks only for a 3x3 stem conv."""
-    from bam_models.models import list_zoo_models
-
     state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
     keys = ' '.join(state_dict)
     kind = '_cbam' if 'cbam' in keys else '_bam' if 'bam' in keys else ''
@@ -268,8 +268,7 @@ def convert_checkpoint(
     summary (sha256, size, ...)."""
     converted = convert_state_dict(read_checkpoint(in_path), source, arch)
     model_name = f'{arch}.{tag}' if tag else arch
-    classes = head_classes(converted, timm.create_model(arch, device='meta').pretrained_cfg.get('classifier'))
-    model = timm.create_model(model_name, num_classes=classes or 0)
+    model = create_sized_model(model_name, converted)
     trunk_only = source == 'torchvision'
     # convert_state_dict admitted exactly the attention keys as missing for a trunk: they keep their fresh init
     fresh = {k: v for k, v in model.state_dict().items() if k in set(attention_keys(model))} if trunk_only else {}

@@ -2,8 +2,8 @@
 
 `weights_manifest.json` holds one entry per `architecture.tag`: Hub repo, pinned revision, file name, sha256,
 size, parameter count, source, licence, metrics (with who measured them), recipe and publication state. Every
-zoo model's timm `default_cfgs` are generated from it (`manifest_default_cfgs`), and the loader in
-`bam_models.hub` reads it again at load time to pin and verify downloads.
+zoo model's timm `default_cfgs` are generated from it (`manifest_default_cfgs`), and the verified build
+(`bam_models.weights.build`) reads it again at load time to pin and verify downloads.
 
 `BAM_MODELS_MANIFEST=/path/to/manifest.json` selects another manifest (private mirrors, forks, tests).
 The file's format is `weights_manifest.schema.json` next to this module.
@@ -13,8 +13,10 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
+from bam_models.errors import ManifestError
+
 __all__ = [
-    'MANIFEST_ENV', 'manifest_path', 'load_manifest', 'manifest_entry', 'manifest_entry_for_repo',
+    'MANIFEST_ENV', 'ManifestError', 'manifest_path', 'load_manifest', 'manifest_entry', 'manifest_entry_for_repo',
     'manifest_default_cfgs', 'update_manifest_entry',
 ]
 
@@ -32,22 +34,41 @@ def manifest_path() -> Path:
 
 
 def load_manifest(path: Optional[Union[str, Path]] = None) -> Dict[str, Any]:
-    """Read (never cache: tests and `publish` rewrite it) and sanity-check a manifest."""
+    """Read (never cache: tests and `publish` rewrite it) and sanity-check a manifest; `ManifestError` if it
+    cannot be used."""
     path = Path(path) if path is not None else manifest_path()
+    fix = f"unset {MANIFEST_ENV} to use the packaged manifest, or point it at a valid manifest file"
     try:
         manifest = json.loads(path.read_text(encoding='utf-8'))
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"Weights manifest {path} does not exist. Unset {MANIFEST_ENV} to use the packaged manifest, "
-            f"or point it at an existing file.") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"Weights manifest {path} is not valid JSON: {e}") from None
-    for key, entry in manifest.get('weights', {}).items():
-        expected = f"{entry.get('architecture')}.{entry.get('tag')}"
-        if key != expected:
-            raise ValueError(
-                f"Weights manifest {path}: entry {key!r} describes {expected!r}; keys must be 'architecture.tag'.")
+    except OSError as e:
+        raise ManifestError(f"weights manifest {path} cannot be read ({type(e).__name__}); {fix}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ManifestError(f"weights manifest {path} is not valid JSON ({e}); {fix}") from None
+    weights = manifest.get('weights') if isinstance(manifest, dict) else None
+    if not isinstance(weights, dict):
+        raise ManifestError(f"weights manifest {path} has no 'weights' object; {fix}")
+    required = _required_fields()
+    for key, entry in weights.items():
+        _check_entry(path, key, entry, required)
     return manifest
+
+
+def _required_fields() -> List[str]:
+    return json.loads(SCHEMA_PATH.read_text(encoding='utf-8'))['$defs']['entry']['required']
+
+
+def _check_entry(path: Path, key: str, entry: Any, required: List[str]) -> None:
+    """What the loaders read without a guard: every required field, and a key that matches its entry."""
+    if not isinstance(entry, dict):
+        raise ManifestError(f"weights manifest {path}: entry {key!r} is not an object; see {SCHEMA_PATH.name}")
+    missing = [field for field in required if field not in entry]
+    if missing:
+        raise ManifestError(f"weights manifest {path}: entry {key!r} lacks {', '.join(missing)}; add them as "
+                            f"{SCHEMA_PATH.name} describes")
+    expected = f"{entry['architecture']}.{entry['tag']}"
+    if key != expected:
+        raise ManifestError(
+            f"weights manifest {path}: entry {key!r} describes {expected!r}; keys must be 'architecture.tag'")
 
 
 def manifest_entry(architecture: str, tag: Optional[str], manifest: Optional[Dict[str, Any]] = None):
@@ -102,7 +123,8 @@ def manifest_default_cfgs(
         entries = _entries_of(arch, manifest)
         defaults = [tag for tag, entry in entries if entry['default']]
         if len(defaults) > 1:
-            raise ValueError(f"Weights manifest marks several default tags for {arch}: {defaults}.")
+            raise ManifestError(f"the weights manifest marks several default tags for {arch} ({', '.join(defaults)}); "
+                                f"set default=true on one of them only")
         for tag, entry in entries:
             if not entry['default']:
                 cfgs[f'{arch}.{tag}'] = make_cfg(**entry_pretrained_cfg(entry))
@@ -120,8 +142,8 @@ def update_manifest_entry(arch_tag: str, path: Optional[Union[str, Path]] = None
     path = Path(path) if path is not None else manifest_path()
     manifest = load_manifest(path)
     if arch_tag not in manifest['weights']:
-        raise KeyError(
-            f"{arch_tag} has no entry in the weights manifest {path}; add one (see the existing entries) first.")
+        raise ManifestError(
+            f"{arch_tag} has no entry in the weights manifest {path}; add one (see the existing entries) first")
     entry = manifest['weights'][arch_tag]
     entry.update(fields)
     if entry.get('sha256'):
