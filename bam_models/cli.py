@@ -1,11 +1,17 @@
 """ The `bam-models` command line. Each sub-command lives in `bam_models.commands.<name>` and provides
-`register(subparsers)`, which adds its parser and sets `func` to the function that runs it. """
+`register(subparsers)`, which adds its parser and sets `func` to the function that runs it.
+
+Every expected failure ends as one `error: ...` line and the error's exit code, including those raised while
+the command modules are imported and the settings read from the environment (`BAM_MODELS_FUSED_GATING`,
+`BAM_MODELS_MANIFEST`), which are checked before any command runs. """
 import argparse
 import importlib
 import sys
 from typing import List, Optional
 
 from bam_models.errors import BamModelsError
+from bam_models.layers.config import fused_gating_from_env
+from bam_models.weights.manifest import load_manifest
 
 # sub-command modules, in the order `bam-models --help` lists them
 COMMANDS = (
@@ -35,13 +41,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def check_settings() -> None:
+    """Settings from the environment that would otherwise fail only once used, somewhere in a command."""
+    fused_gating_from_env()
+    load_manifest()
+
+
+def _run(argv: Optional[List[str]]) -> int:
+    check_settings()
+    args = build_parser().parse_args(argv)
+    return args.func(args) or 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Runs one sub-command; an expected failure prints one `error:` line and returns its exit code."""
-    args = build_parser().parse_args(argv)
+    # read before parsing: an error can come while the parser is being built
+    debug = '--debug' in (sys.argv[1:] if argv is None else [str(a) for a in argv])
     try:
-        return args.func(args) or 0
+        return _run(argv)
     except BamModelsError as error:
-        if args.debug:
+        if debug:
             raise
         print(f'error: {error}', file=sys.stderr)
         return error.exit_code

@@ -22,7 +22,6 @@ Value definitions, all in [0, 1]:
 onto it, and a Grad-CAM (the `grad-cam` package) of the top class at the last stage. `load_images` reads image
 files with the model's preprocessing and `class_names` gives the label names for the titles.
 """
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
@@ -32,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from bam_models.errors import UsageError
+from bam_models.errors import UsageError, did_you_mean
 from bam_models.layers import BAM, CBAM
 
 __all__ = [
@@ -243,9 +242,8 @@ def _cam_layer(model: nn.Module, target_layer: Optional[str]) -> Tuple[str, nn.M
         return default_cam_layer(model)
     names = [name for name, _ in model.named_modules() if name]
     if target_layer not in names:
-        close = difflib.get_close_matches(target_layer, names, n=3)
         children = ', '.join(name for name, _ in model.named_children())
-        hint = f"did you mean {', '.join(close)}?" if close else f"top-level modules: {children}"
+        hint = did_you_mean(target_layer, names) or f"top-level modules: {children}"
         raise UsageError(f"{type(model).__name__} has no module '{target_layer}' ({hint}); pass a module name "
                          f"of model.named_modules(), e.g. the last stage")
     return target_layer, model.get_submodule(target_layer)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import bam_models  # noqa: F401
 from bam_models.cli import main as cli_main
-from bam_models.hub.convert import ConversionError, convert_state_dict, read_checkpoint, to_official_state_dict
+from bam_models.convert import ConversionError, convert_state_dict, read_checkpoint, to_official_state_dict
 from bam_models.models.cifar_preresnet import CifarPreActResNet
 from bam_models.hub import TrunkOnlyWeightsWarning, attention_keys
 
@@ -66,7 +66,7 @@ def test_pytorchcv_conversion_gives_same_logits(pytorchcv_name):
 
 
 # the authors' key layout (their released checkpoints: a `module.` prefix on every key, FC weights 2-D), built
-# here from a pytorchcv model by a mapping written independently of bam_models.hub.convert
+# here from a pytorchcv model by a mapping written independently of bam_models.convert
 _AUTHORS_FROM_PYTORCHCV = (
     (r'features\.init_block\.conv\.conv\.', lambda m: 'conv1.'),
     (r'features\.init_block\.conv\.bn\.', lambda m: 'bn1.'),

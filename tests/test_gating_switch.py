@@ -46,15 +46,17 @@ def test_switch_context_manager_and_module_override():
         set_fused_gating(True)
 
 
-def test_environment_variable_is_read_at_import_and_checked():
-    # one interpreter: imported with 0, then the module re-read with a value that is not 0 or 1
+def test_environment_variable_is_read_on_first_use_and_checked():
+    # one interpreter: imported with 0, then the module re-read with a value that is not 0 or 1, which the
+    # import accepts (nothing could report it as one line there) and the first use refuses
     code = '\n'.join([
         'import importlib, os',
         'from bam_models.layers import config, use_fused_gating',
         'print(use_fused_gating())',
         f'os.environ[{FUSED_GATING_ENV!r}] = "yes"',
+        'importlib.reload(config)',
         'try:',
-        '    importlib.reload(config)',
+        '    config.use_fused_gating()',
         'except ValueError as e:',
         '    print(e)',
     ])

@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 import bam_models  # noqa: F401
 from bam_models.cli import main as cli_main
 from bam_models.hub import PretrainedWeightsError, TrunkOnlyWeightsWarning, UnverifiedWeightsWarning, file_sha256
-from bam_models.hub.manifest import PACKAGED_MANIFEST, load_manifest, update_manifest_entry
+from bam_models.weights.manifest import PACKAGED_MANIFEST, load_manifest, update_manifest_entry
 
 from _hub_server import LocalHub
 from test_convert import randomize_  # random BN statistics too; default-init nets also run slowly on CPU

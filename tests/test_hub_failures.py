@@ -12,7 +12,7 @@ import timm
 
 import bam_models  # noqa: F401
 from bam_models.hub import PretrainedWeightsError, UnverifiedWeightsWarning
-from bam_models.hub.manifest import PACKAGED_MANIFEST
+from bam_models.weights.manifest import PACKAGED_MANIFEST
 
 from test_hub import hub  # noqa: F401  the local Hub fixture
 

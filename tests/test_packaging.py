@@ -35,7 +35,7 @@ def test_wheel_installs_and_registers_models(wheel, tmp_path):
     target = tmp_path / 'site'
     subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '-q', '--target', str(target), str(wheel)],
                    check=True)
-    code = ("import bam_models, timm; from bam_models.hub.manifest import load_manifest, manifest_path; "
+    code = ("import bam_models, timm; from bam_models.weights.manifest import load_manifest, manifest_path; "
             "assert bam_models.__file__.startswith(%r), bam_models.__file__; "
             "assert str(manifest_path()).startswith(%r); load_manifest(); "
             "print(len(timm.list_models('*_bam')), len(timm.list_models('*_cbam')), "

@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import bam_models  # noqa: F401
-import bam_models.hub.publish as publishing
+import bam_models.hub.save as publishing
 from bam_models.cli import main as cli_main
 from bam_models.errors import CheckpointError, UsageError
 from bam_models.hub import model_card, save_pretrained
-from bam_models.hub.manifest import PACKAGED_MANIFEST, load_manifest
+from bam_models.weights.manifest import PACKAGED_MANIFEST, load_manifest
 
 from test_hub import hub  # noqa: F401  the local Hub fixture
 

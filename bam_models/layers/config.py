@@ -8,7 +8,9 @@ differentiates on its own. The switch picks one, in this order:
    reference: custom autograd nodes are opaque to them (compilers fuse the elementwise ops on their own).
 2. A module's own `fused` attribute (constructor argument `fused=True|False`), where it is not None.
 3. The process-wide setting: `set_fused_gating(enabled)`, the `fused_gating(enabled)` context manager, or the
-   environment variable `BAM_MODELS_FUSED_GATING=0|1` read when bam_models is imported (default 1).
+   environment variable `BAM_MODELS_FUSED_GATING=0|1` (default 1), read the first time the setting is needed:
+   a bad value then raises a `UsageError` where it can be reported (the CLI checks it before any command
+   runs, with `fused_gating_from_env`), not in the middle of `import bam_models`.
 
 Off, every model trains through plain autograd, so double backward (`create_graph=True`), `torch.func` and
 anything else autograd supports work. On, double backward stops with `FusedGatingError`, which names the switch.
@@ -19,25 +21,33 @@ from typing import Iterator, Optional
 
 import torch
 
-from bam_models.errors import FusedGatingError
+from bam_models.errors import FusedGatingError, UsageError
 
 __all__ = [
-    'FusedGatingError', 'FUSED_GATING_ENV', 'fused_gating', 'fused_gating_supported', 'set_fused_gating',
-    'use_fused_gating',
+    'FusedGatingError', 'FUSED_GATING_ENV', 'fused_gating', 'fused_gating_from_env', 'fused_gating_supported',
+    'set_fused_gating', 'use_fused_gating',
 ]
 
 FUSED_GATING_ENV = 'BAM_MODELS_FUSED_GATING'
 
 
-def _from_env() -> bool:
+def fused_gating_from_env() -> bool:
+    """`BAM_MODELS_FUSED_GATING` as a bool (1 when unset); a `UsageError` for any value but 0 or 1."""
     value = os.environ.get(FUSED_GATING_ENV, '1').strip()
     if value not in ('0', '1'):
-        raise ValueError(f"{FUSED_GATING_ENV}={value!r} is not a valid setting; set it to 1 (fused BAM/CBAM "
-                         f"gating, the default) or 0 (plain autograd through the reference formulas).")
+        raise UsageError(f"{FUSED_GATING_ENV}={value!r} is not a valid setting; set it to 1 (fused BAM/CBAM "
+                         f"gating, the default) or 0 (plain autograd through the reference formulas)")
     return value == '1'
 
 
-_FUSED_GATING = _from_env()
+_FUSED_GATING: Optional[bool] = None  # None: not set in code yet; the environment decides on first use
+
+
+def _process_setting() -> bool:
+    global _FUSED_GATING
+    if _FUSED_GATING is None:
+        _FUSED_GATING = fused_gating_from_env()
+    return _FUSED_GATING
 
 
 def set_fused_gating(enabled: bool) -> None:
@@ -49,7 +59,7 @@ def set_fused_gating(enabled: bool) -> None:
 @contextlib.contextmanager
 def fused_gating(enabled: bool) -> Iterator[None]:
     """`with fused_gating(False): ...` runs the block with the switch set, then restores the previous setting."""
-    previous = _FUSED_GATING
+    previous = _process_setting()
     set_fused_gating(enabled)
     try:
         yield
@@ -74,7 +84,7 @@ def use_fused_gating(override: Optional[bool] = None) -> bool:
     """Whether a module with `fused=override` runs the fused nodes now (see the module docstring for the order)."""
     if not fused_gating_supported():
         return False
-    return _FUSED_GATING if override is None else bool(override)
+    return _process_setting() if override is None else bool(override)
 
 
 def double_backward_error(module: str) -> FusedGatingError:

@@ -9,7 +9,6 @@ optimizer, scheduler, EMA, criterion), `train_one_epoch`, `evaluate`, a `Checkpo
 state, resume, the Ctrl-C save; see `checkpointer.py`) and `export_best`. Epochs are numbered from 1
 everywhere: the console, `log.jsonl`, `summary.json`, `best.pth` and the model card.
 """
-import difflib
 import json
 import os
 import random
@@ -28,7 +27,7 @@ import torch.nn as nn
 from timm.data import Mixup, resolve_data_config
 from timm.layers import freeze_batch_norm_2d
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import get_arch_pretrained_cfgs, parse_model_name, split_model_name_tag
+from timm.models import get_arch_pretrained_cfgs, split_model_name_tag
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, NativeScaler, accuracy, dispatch_clip_grad
@@ -36,9 +35,9 @@ from timm.utils.distributed import init_distributed_device_so
 from tqdm import tqdm
 
 import bam_models  # noqa: F401  registers the zoo with timm
-from bam_models.checkpoint import describe_mismatch, head_classes, key_mismatch, read_state_dict
+from bam_models.checkpoint import describe_mismatch, key_mismatch, load_strict, read_state_dict
 from bam_models.errors import CheckpointError, NonFiniteLossError
-from bam_models.hub import attention_keys, save_pretrained
+from bam_models.hub import attention_keys, check_model_name, save_pretrained
 from bam_models.train.checkpointer import (
     BEST, LAST, Checkpointer, RunFolderLock, config_changes, prepare_run_folder, read_run_checkpoint, set_rng_state)
 from bam_models.train.config import ConfigError, RunConfig, flat_items
@@ -55,24 +54,7 @@ RUN_STATE_KEYS = ('state_dict', 'optimizer', 'epoch', 'step_in_epoch', 'best', '
 # ---------------------------------------------------------------------------------------------- checks
 
 def _check_model_name(name: str) -> None:
-    try:
-        source, model_id = parse_model_name(name)  # 'local-dir:FOLDER' / 'hf-hub:ORG/REPO' or ARCH[.TAG]
-    except ValueError as e:
-        raise ConfigError(f"model.name: {e}") from None
-    if source == 'local-dir' and not os.path.isfile(os.path.join(model_id, 'config.json')):
-        raise ConfigError(f"model.name {name}: {model_id} has no config.json; pass a folder written by "
-                          f"`bam-models insert` or `bam-models train` (OUTPUT/hub)")
-    if source is not None:
-        return
-    arch, tag = split_model_name_tag(model_id)
-    if not timm.is_model(arch):
-        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
-        raise ConfigError(f"unknown model '{arch}' in model.name; did you mean {' or '.join(close)}?" if close
-                          else f"unknown model '{arch}' in model.name; see `bam-models list` or timm.list_models()")
-    if tag:
-        tags = [t for t in (split_model_name_tag(name)[1] for name in get_arch_pretrained_cfgs(arch)) if t]
-        if tag not in tags:
-            raise ConfigError(f"model '{arch}' has no tag '{tag}'; its tags: {', '.join(tags) or 'none'}")
+    check_model_name(name, where=' in model.name', error=ConfigError)
 
 
 def data_classes(cfg: RunConfig) -> List[str]:
@@ -129,17 +111,8 @@ def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
 
 def load_start_weights(model: nn.Module, path: str) -> None:
     """Loads weights to fine-tune from (read safely); a classifier of another class count keeps its fresh init."""
-    state = read_state_dict(path, what='model.checkpoint')
-    own = model.state_dict()
-    classifier = model.pretrained_cfg.get('classifier', 'fc')
-    fresh_head = head_classes(state, classifier) not in (None, head_classes(own, classifier))
-    if fresh_head:
-        state = {k: v for k, v in state.items() if not k.startswith(f'{classifier}.')}
-    mismatch = key_mismatch(state, model, ignore=[k for k in own if fresh_head and k.startswith(f'{classifier}.')])
-    if mismatch:
-        raise ConfigError(f"model.checkpoint {path} does not fit {model.pretrained_cfg.get('architecture')}: "
-                          f"{describe_mismatch(mismatch)}; pass weights of this architecture")
-    model.load_state_dict(state, strict=False)
+    load_strict(model, read_state_dict(path, what='model.checkpoint'), f'model.checkpoint {path}',
+                'pass weights of this architecture', keep_fresh_head=True, error=ConfigError)
 
 
 def attention_parameter_names(model: nn.Module) -> Set[str]:

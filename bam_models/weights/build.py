@@ -12,8 +12,9 @@
 - local files (`pretrained_cfg_overlay=dict(file=...)`, `local-dir:`) are read by `bam_models.checkpoint`
   (`weights_only=True`);
 - a config.json of a Hub repo or `local-dir:` folder may not say where the weights come from (any of
-  `WEIGHT_LOCATION_FIELDS`, the fields of timm's `PretrainedCfg` that locate weights): the weights of `hf-hub:R` come from repo R, those of
-  `local-dir:P` from folder P, and a config naming another source is refused;
+  `WEIGHT_LOCATION_FIELDS`, the fields of timm's `PretrainedCfg` that locate weights): the weights of
+  `hf-hub:R` come from repo R, those of `local-dir:P` from folder P, and a config naming another source is
+  refused;
 - every download runs under `bounded_downloads` (timeouts and a total budget); every transport failure is one
   `PretrainedWeightsError`, and a cached copy that fails its checks is evicted so a retry downloads it again;
 - every state dict is checked by `bam_models.checkpoint` for NaN/Inf, negative BatchNorm variances and

@@ -117,7 +117,7 @@ def manifest_default_cfgs(
     gets an untagged default without weights, so `pretrained=True` never silently loads a trunk-only tag: those
     load only when named (`resnet18_bam.tv_in1k`).
     """
-    manifest = manifest if manifest is not None else load_manifest()
+    manifest = manifest if manifest is not None else _manifest_at_import()
     cfgs = {}
     for arch in architectures:
         entries = _entries_of(arch, manifest)
@@ -135,6 +135,19 @@ def manifest_default_cfgs(
         else:
             cfgs[f'{arch}.*'] = make_cfg()
     return cfgs
+
+
+def _manifest_at_import() -> Dict[str, Any]:
+    """The active manifest, or none while `import bam_models` registers the zoo.
+
+    An unusable manifest (a bad BAM_MODELS_MANIFEST) must not fail the import itself: nothing could report it
+    as one line then, not even the CLI, which imports the package before it runs. The zoo is registered
+    without tags, and every load of weights (and every CLI command, first thing) reads the manifest again and
+    raises its `ManifestError` there."""
+    try:
+        return load_manifest()
+    except ManifestError:
+        return {'weights': {}}
 
 
 def update_manifest_entry(arch_tag: str, path: Optional[Union[str, Path]] = None, **fields) -> Dict[str, Any]:
