@@ -1,7 +1,12 @@
 """ Ordinary mistakes with validate, visualize, export and detect-train end in one line
 `error: <what was wrong>; <what to do>` on stderr and exit status 2, never in a traceback; every command takes
 the same model names; a checkpoint's stored preprocessing is used by every command. """
+import json
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +17,7 @@ from safetensors.torch import save_file
 
 import bam_models  # noqa: F401  (registers the zoo)
 from bam_models.cli import main
-from bam_models.errors import PretrainedWeightsError, UsageError
+from bam_models.errors import ManifestError, PretrainedWeightsError, UsageError
 from bam_models.export import load_exported, trace_size
 from bam_models.hub.load import create_model_from_name
 from bam_models.visualize import load_images
@@ -229,3 +234,55 @@ def test_unreachable_pretrained_weights_of_a_timm_model(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(tmp_path))
     with pytest.raises(PretrainedWeightsError, match='resnet18: HF_HUB_OFFLINE is set and the file is not in the cache'):
         create_model_from_name('resnet18')
+
+
+# ------------------------------------------------------ settings read at import, insert: through a real process
+
+def _cli_process(args, tmp_path, **env):
+    """`python -m bam_models.cli ARGS` in a fresh interpreter, so that import-time settings are read again."""
+    environment = {**os.environ, 'PYTHONPATH': str(Path(__file__).parents[1]), **env}
+    return subprocess.run([sys.executable, '-m', 'bam_models.cli', *map(str, args)], env=environment, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+
+
+def _one_error_line(proc, *patterns) -> str:
+    assert proc.returncode == 2, proc.stderr
+    assert 'Traceback' not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error: ') and '; ' in lines[0], proc.stderr
+    for pattern in patterns:
+        assert re.search(pattern, lines[0]), (pattern, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize('env, pattern', [
+    (dict(BAM_MODELS_FUSED_GATING='yes'), r"BAM_MODELS_FUSED_GATING='yes' is not a valid setting; set it to 1"),
+    (dict(BAM_MODELS_MANIFEST='/nope/manifest.json'),
+     r'weights manifest /nope/manifest\.json cannot be read \(FileNotFoundError\); unset BAM_MODELS_MANIFEST'),
+    (dict(BAM_MODELS_MANIFEST='{tmp}/broken.json'), r'broken\.json is not valid JSON'),
+    (dict(BAM_MODELS_MANIFEST='{tmp}/partial.json'), r"entry 'resnet18_bam\.tv_in1k' lacks kind, published"),
+])
+def test_bad_settings_read_at_import_are_one_error_line(tmp_path, env, pattern):
+    (tmp_path / 'broken.json').write_text('{"weights": ')
+    (tmp_path / 'partial.json').write_text(json.dumps(
+        {'schema_version': 1, 'weights': {'resnet18_bam.tv_in1k': {'architecture': 'resnet18_bam', 'tag': 'tv_in1k',
+                                                                   'default': False}}}))
+    proc = _cli_process(['list'], tmp_path, **{k: v.format(tmp=tmp_path) for k, v in env.items()})
+    _one_error_line(proc, pattern)
+
+
+def test_a_bad_manifest_fails_as_manifest_error_where_weights_are_read(tmp_path, monkeypatch):
+    monkeypatch.setenv('BAM_MODELS_MANIFEST', str(tmp_path / 'absent.json'))
+    with pytest.raises(ManifestError, match='absent.json cannot be read'):
+        timm.create_model('resnet18_bam.tv_in1k', pretrained=True)
+
+
+def test_insert_errors_are_one_line_from_the_cli(tmp_path):
+    (tmp_path / 'full').mkdir()
+    (tmp_path / 'full' / 'notes.txt').write_text('keep me')
+    _one_error_line(_cli_process(['insert', 'mobilenetv3_small_050', tmp_path / 'full'], tmp_path),
+                    r'OUT .*full is not an empty folder; .*pass a new or empty folder')
+    assert (tmp_path / 'full' / 'notes.txt').read_text() == 'keep me'
+    _one_error_line(_cli_process(['insert', 'convnext_tinyy', tmp_path / 'new'], tmp_path),
+                    r"unknown model 'convnext_tinyy'; did you mean convnext_tiny")
+    assert not (tmp_path / 'new').exists()

@@ -146,9 +146,8 @@ def test_no_cycle_between_top_level_parts():
     assert cycle is None, ' -> '.join(cycle)
 
 
-@pytest.mark.xfail(reason="insert/ imports models.attention_resnet._hand_final_relu_over and models import each "
-                          "other's _stage_bam_args/_cbam_args: the 'placement' part of issue 18 replaces them with "
-                          "layers/placement.py", strict=False)
+@pytest.mark.xfail(reason="insert/__init__.py imports models.attention_resnet._hand_final_relu_over: the "
+                          "'placement' part of issue 18 replaces it with layers/placement.py", strict=False)
 def test_no_private_name_crosses_a_part():
     crossings = _private_crossings(_all_imports())
     assert not crossings, crossings
