@@ -25,6 +25,7 @@ import timm
 import torch.nn as nn
 from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, parse_model_name, split_model_name_tag
 
+from bam_models._compat import hf_split
 from bam_models.checkpoint import model_from_checkpoint, read_data_config
 from bam_models.errors import BamModelsError, PretrainedWeightsError, UsageError, did_you_mean
 from bam_models.weights import WEIGHT_LOCATION_FIELDS, check_published
@@ -128,7 +129,7 @@ def _build(name: str, checkpoint: Optional[Union[str, Path]], pretrained: bool, 
 def _hub_failure(name: str, error: Exception) -> Optional[PretrainedWeightsError]:
     """A download timm ran itself failed (a timm model's weights, an `hf-hub:` repo's config.json)."""
     source, model_id = parse_model_name(name)
-    repo_id = model_id.split('@')[0] if source == 'hf-hub' else None
+    repo_id = hf_split(model_id)[0] if source == 'hf-hub' else None
     described = describe_hub_error(error, repo_id=repo_id, filename='config.json' if repo_id else None)
     return PretrainedWeightsError(f"{name}: {described[0]}; {described[1]}") if described else None
 

@@ -14,7 +14,7 @@ import safetensors.torch
 import timm
 import torch
 import torch.nn as nn
-from timm.models import save_for_hf
+from timm.models import save_for_hf, split_model_name_tag
 
 from bam_models._compat import save_config_for_hf
 from bam_models.checkpoint import create_sized_model, load_strict, read_state_dict
@@ -68,7 +68,7 @@ def model_card(
     from (a pretrained tag or a checkpoint): only then is the model called fine-tuned; None means either trained
     from scratch or not trained here (converted or published weights).
     """
-    architecture = arch_tag.split('.')[0]
+    architecture = split_model_name_tag(arch_tag)[0]
     datasets = sorted({m['dataset'] for m in metrics})
     lines = ['---', 'tags:', '- image-classification', '- timm', '- bam_models',
              f"- {'cbam' if architecture.endswith('_cbam') else 'bam'}",
