@@ -286,3 +286,7 @@ def test_insert_errors_are_one_line_from_the_cli(tmp_path):
     _one_error_line(_cli_process(['insert', 'convnext_tinyy', tmp_path / 'new'], tmp_path),
                     r"unknown model 'convnext_tinyy'; did you mean convnext_tiny")
     assert not (tmp_path / 'new').exists()
+    # a model the attention does not fit: refused before anything is written, no folder left behind
+    _one_error_line(_cli_process(['insert', 'convnext_atto', tmp_path / 'new', '--attention', 'cbam'], tmp_path),
+                    r'none of its blocks has an attention slot')
+    assert not (tmp_path / 'new').exists()

@@ -29,14 +29,14 @@ PathLike = Union[str, Path]
 
 
 def new_or_empty_folder(path: PathLike, label: str, why: str) -> Path:
-    """`path`, created if new; an `OutputExistsError` if it exists and holds anything (or is a file).
+    """`path` as a Path; an `OutputExistsError` if it exists and holds anything (or is a file).
 
     Every command that writes a fresh folder calls this before any work: whatever else the folder held would
-    be mistaken for part of what was written (`why` says how, for the message; `label` names the argument)."""
+    be mistaken for part of what was written (`why` says how, for the message; `label` names the argument).
+    Nothing is created here, so a command that fails later leaves no folder behind."""
     folder = Path(path)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise OutputExistsError(f"{label} {folder} is not an empty folder; {why}: pass a new or empty folder")
-    folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
