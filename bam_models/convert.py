@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from bam_models.checkpoint import KeyMismatch, create_sized_model, describe_mismatch, head_classes, read_state_dict
 from bam_models.errors import CheckpointError, ConversionError
-from bam_models.hub import save_pretrained
+from bam_models.hub import new_or_empty_folder, save_pretrained
 from bam_models.layers import attention_keys
 from bam_models.models import list_zoo_models
 
@@ -265,7 +265,9 @@ def convert_checkpoint(
         tag: Optional[str] = None,
 ) -> Dict[str, object]:
     """Read `in_path`, convert, check that it loads into `arch`, write a Hub folder; returns save_pretrained's
-    summary (sha256, size, ...)."""
+    summary (sha256, size, ...). `out_dir` must be new or empty (`OutputExistsError`), as for every Hub folder
+    bam_models writes: anything else in it would be taken for part of the converted model."""
+    new_or_empty_folder(out_dir, 'output', 'convert writes a Hub folder that is published or loaded as a whole')
     converted = convert_state_dict(read_checkpoint(in_path), source, arch)
     model_name = f'{arch}.{tag}' if tag else arch
     model = create_sized_model(model_name, converted)

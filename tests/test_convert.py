@@ -174,6 +174,11 @@ def test_convert_cli_writes_hub_folder_and_aborts_on_foreign_keys(tmp_path, caps
                      str(tmp_path / 'out')]) == 0
     assert 'sha256' in capsys.readouterr().out
     assert {p.name for p in (tmp_path / 'out').iterdir()} == {'model.safetensors', 'config.json', 'README.md'}
+    # the one rule of every folder bam_models writes: new or empty, else nothing is touched
+    assert cli_main(['convert', '--from', 'pytorchcv', '--arch', 'resnet18_bam', str(tmp_path / 'cv.pth'),
+                     str(tmp_path / 'out')]) == 2
+    assert re.match(r'error: output .*out is not an empty folder; .*pass a new or empty folder\n$',
+                    capsys.readouterr().err)
     # the written folder loads through timm's local-dir source with equal logits
     model = timm.create_model(f"local-dir:{tmp_path / 'out'}", pretrained=True).eval()
     x = torch.randn(1, 3, 64, 64)
