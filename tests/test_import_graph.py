@@ -159,3 +159,34 @@ def test_the_private_name_check_catches_a_crossing():
                Import('weights/build.py', 'weights', '_compat', ['hf_split'], 1),
                Import('detection.py', 'detection', 'tasks', ['detection', '__all__'], 1)]
     assert _private_crossings(imports) == ['insert/__init__.py:1 imports models.attention_resnet._hand_final_relu_over']
+
+
+def _private_library_imports() -> List[str]:
+    """Imports of timm / huggingface_hub modules or names that start with `_`, outside `_compat.py`."""
+    found = []
+    for path in sorted(PACKAGE.rglob('*.py')):
+        if path.name == '_compat.py' and path.parent == PACKAGE:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding='utf-8'))):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                dotted = node.module.split('.') + [alias.name for alias in node.names]
+            elif isinstance(node, ast.Import):
+                dotted = [part for alias in node.names for part in alias.name.split('.')]
+            else:
+                continue
+            if dotted[0] in ('timm', 'huggingface_hub') and any(_is_private(p) for p in dotted):
+                found.append(f'{path.relative_to(PACKAGE)}:{node.lineno} imports {".".join(dotted)}')
+    return found
+
+
+def test_loading_uses_public_library_names_only():
+    # the parts of the loading engineer of issue 18 are clean on every branch
+    mine = ('weights/', 'hub/', 'checkpoint.py', 'convert.py', 'cli.py', 'commands/', 'errors.py')
+    assert [line for line in _private_library_imports() if line.startswith(mine)] == []
+
+
+@pytest.mark.xfail(reason="models/*.py, insert/_stages.py, layers/{bam,cbam}.py ('placement' part of issue 18) "
+                          "and train/data.py ('trainer' part) still import timm's private modules; bam_models._compat "
+                          "already holds what has no public name", strict=False)
+def test_timm_and_huggingface_hub_private_names_only_in_compat():
+    assert _private_library_imports() == []
