@@ -83,7 +83,8 @@ def test_a_registered_tag_without_published_weights_builds_random_and_refuses_pr
     assert model.pretrained_cfg['tag'] == 'official_in1k'
     # with weights asked for, the manifest's status says why there are none and what to use instead
     for call in (lambda: check_model_name('resnet50_bam.official_in1k', pretrained=True),
-                 lambda: create_model_from_name('resnet50_bam.official_in1k')):
+                 lambda: create_model_from_name('resnet50_bam.official_in1k'),
+                 lambda: create_model_from_name('resnet50_bam')):  # its default tag
         with pytest.raises(PretrainedWeightsError, match=r'not published yet \(manifest: published=false\); use '
                                                          r'pretrained=False, the trunk tag resnet50_bam\.tv_in1k'):
             call()

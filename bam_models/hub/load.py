@@ -75,8 +75,8 @@ def _registry_tags(arch: str) -> list:
 def _check_has_weights(model_id: str) -> None:
     """A registry name without weights to load: an unpublished manifest entry, or a cfg that names none."""
     arch, tag = split_model_name_tag(model_id)
-    check_published(arch, tag or None)
     cfg = get_pretrained_cfg(model_id)
+    check_published(arch, tag or getattr(cfg, 'tag', None))  # a bare name means timm's default tag
     if cfg is None or not any(getattr(cfg, key, None) for key in WEIGHT_LOCATION_FIELDS):
         tags = ', '.join(t for t in timm.list_pretrained(f'{arch}.*') if t != model_id) or 'none'
         raise PretrainedWeightsError(
