@@ -11,13 +11,14 @@ import pytest
 import timm
 import torch
 
-import bam_models.train.checkpointer as checkpointer_module
+import bam_models.runs as runs_module
 from bam_models.cli import main
 from bam_models.errors import CheckpointError, UsageError
-from bam_models.train.checkpointer import RunFolderLock, atomic_save, check_model_fits
+from bam_models.runs import RunFolderLock, atomic_save, check_model_fits
 from bam_models.train.config import load_config
 from bam_models.train.data import DigitsDataset, build_dataset, shared_class_to_idx
-from bam_models.train.loop import NonFiniteLossError, base_weights, check_config, train
+from bam_models.train.build import base_weights, check_config
+from bam_models.train.loop import NonFiniteLossError, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import TINY_SETTINGS, make_digits_folder  # noqa: E402
@@ -76,7 +77,7 @@ def test_overwrite_replaces_the_earlier_run(run_copy, tiny_data, capsys):
 def test_a_second_run_stops_at_once_naming_the_first_runs_pid(tiny_data, tmp_path, capsys):
     output = tmp_path / 'busy'
     holder = subprocess.Popen(
-        [sys.executable, '-c', 'import time; from bam_models.train.checkpointer import RunFolderLock; '
+        [sys.executable, '-c', 'import time; from bam_models.runs import RunFolderLock; '
                                f'RunFolderLock({str(output)!r}).acquire(); print("locked", flush=True); '
                                'time.sleep(60)'],
         stdout=subprocess.PIPE, text=True, env={'PYTHONPATH': str(ROOT), 'PATH': '/usr/bin:/bin'})
@@ -138,20 +139,20 @@ def test_a_failed_write_leaves_no_tmp_and_the_previous_file_intact(tmp_path, mon
         f.write(b'partial')
         raise OSError(28, 'No space left on device')
 
-    monkeypatch.setattr(checkpointer_module.torch, 'save', disk_full)
+    monkeypatch.setattr(runs_module.torch, 'save', disk_full)
     with pytest.raises(CheckpointError, match=r'\(the disk is full\); .*last.pth still holds the previous checkpoint'):
         atomic_save({'epoch': 2}, path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ['last.pth']
 
 
 def test_non_finite_loss_before_any_checkpoint_does_not_claim_one(tiny_data, tmp_path, monkeypatch):
-    import bam_models.train.loop as loop
+    import bam_models.train.build as build
 
-    class NanLoss(loop.LabelSmoothingCrossEntropy):
+    class NanLoss(build.LabelSmoothingCrossEntropy):
         def forward(self, x, target):
             return super().forward(x, target) * float('nan')
 
-    monkeypatch.setattr(loop, 'LabelSmoothingCrossEntropy', NanLoss)
+    monkeypatch.setattr(build, 'LabelSmoothingCrossEntropy', NanLoss)
     cfg = load_config(None, [*ONE_EPOCH, f'data.dataset={tiny_data}', f'train.output={tmp_path / "run"}'])
     with pytest.raises(NonFiniteLossError) as info:
         train(cfg)
