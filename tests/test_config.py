@@ -126,3 +126,26 @@ def test_multistep_milestones_reach_the_scheduler():
                                 steps_per_epoch=4)
     lr = {epoch: scheduler._get_lr(epoch * 4)[0] for epoch in (0, 2, 3, 6, 7, 9)}
     assert lr == pytest.approx({0: 1.0, 2: 1.0, 3: 0.1, 6: 0.1, 7: 0.01, 9: 0.01})
+
+
+def _documented_keys():
+    """{key: allowed-column text} of the 'Every key' table in docs/training.md."""
+    text = (ROOT / 'docs' / 'training.md').read_text()
+    table = text[text.index('### Every key'):text.index('## Data and class names')]
+    rows = {}
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip('|').split('|')]
+        if len(cells) == 3 and cells[0].startswith('`'):
+            for key in cells[0].replace(' / ', ', ').split(', '):
+                rows[key.strip('`')] = cells[2]
+    return rows
+
+
+def test_the_docs_config_table_lists_every_key_and_every_choice():
+    """docs/training.md's table is checked against the schema, so it cannot drift from it."""
+    documented = _documented_keys()
+    assert set(documented) == {key for key, _ in _fields()}
+    for key, rule in CONSTRAINTS.items():
+        if type(rule) is tuple:
+            missing = [choice for choice in rule if f'`{choice}`' not in documented[key]]
+            assert not missing, f"{key}: the docs do not list {missing}"

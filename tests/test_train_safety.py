@@ -104,6 +104,32 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 
 # ------------------------------------------------------------------------------------------- resume
 
+def test_autocast_for_is_the_one_precision_switch():
+    from bam_models.runs import autocast_for
+    x = torch.randn(4, 4)
+    with autocast_for('cpu', 'bf16'):
+        assert (x @ x).dtype == torch.bfloat16
+    with autocast_for(torch.device('cpu'), 'auto'):  # bfloat16 off CUDA
+        assert (x @ x).dtype == torch.bfloat16
+    with autocast_for('cpu', 'none'):
+        assert (x @ x).dtype == torch.float32
+    with pytest.raises(UsageError, match="amp must be one of none, bf16, fp16, auto, got 'fp8'"):
+        autocast_for('cpu', 'fp8')
+
+
+def test_read_resume_refuses_a_changed_config_but_lets_free_keys_differ(tmp_path):
+    from bam_models.errors import ConfigError
+    from bam_models.runs import read_resume
+    saved = {'optim': {'lr': 0.1}, 'train': {'output': 'a', 'device': 'cpu'}}
+    atomic_save(dict(epoch=1, config=saved), tmp_path / 'last.pth')
+    moved = {'optim': {'lr': 0.1}, 'train': {'output': 'b', 'device': 'cuda'}}
+    state = read_resume(tmp_path / 'last.pth', ['epoch'], moved, ['train.output', 'train.device'], 'start again')
+    assert state['epoch'] == 1
+    changed = {'optim': {'lr': 0.2}, 'train': {'output': 'b', 'device': 'cpu'}}
+    with pytest.raises(ConfigError, match=r"1 keys differ \(optim.lr: 0.1 -> 0.2\); .* or start again"):
+        read_resume(tmp_path / 'last.pth', ['epoch'], changed, ['train.output'], 'start again')
+
+
 def test_resume_with_a_changed_config_lists_the_differing_keys(run_copy, tiny_data, capsys):
     err = _error(capsys, _args(tiny_data, run_copy, 'optim.lr=0.1', 'schedule.epochs=2') + ['--resume', 'auto'])
     assert 'was written with another config, 2 keys differ' in err
