@@ -21,8 +21,8 @@ import os
 import random
 import shutil
 import signal
-from pathlib import Path
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any, ContextManager, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -249,7 +249,7 @@ def autocast_for(device: Union[str, torch.device], amp: str) -> ContextManager:
     return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp])
 
 
-# ---------------------------------------------------------------------------------------------- saver
+# ---------------------------------------------------------------------------------------------- Ctrl-C and saver
 
 class StopRequest:
     """Turns the first Ctrl-C (SIGINT) into a flag the training loop checks after each step."""
@@ -269,7 +269,6 @@ class StopRequest:
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self._previous)
-
 
 
 class Checkpointer:

@@ -159,14 +159,11 @@ def _build(config: DetectionTrainConfig, device: torch.device) -> Tuple[Any, Dat
     return model, loader, num_classes, dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
 
 
-def _resume(config: DetectionTrainConfig, checkpointer: Checkpointer) -> int:
-    """Restores a checkpoint written with the same arguments (RESUME_FREE_ARGS excepted); returns the epochs it
-    finished."""
-    state = read_resume(config.resume, CHECKPOINT_KEYS, vars(config), RESUME_FREE_ARGS,
-                        "start a new run from scratch with another --out")
-    checkpointer.restore(state, config.resume, 'model', checkpointer.objects['model'])
-    print(f"resumed from {config.resume} after epoch {state['epoch']}")
-    return state['epoch']
+def _read_resume(config: DetectionTrainConfig) -> Dict[str, Any]:
+    """The checkpoint to continue from, refused before any work when it was written with other arguments
+    (RESUME_FREE_ARGS excepted)."""
+    return read_resume(config.resume, CHECKPOINT_KEYS, vars(config), RESUME_FREE_ARGS,
+                       "start a new run with another --out")
 
 
 def _train_epoch(config, objects, loader, device, epoch: int, checkpointer: Checkpointer) -> float:
@@ -194,6 +191,7 @@ def _train_epoch(config, objects, loader, device, epoch: int, checkpointer: Chec
 def train_detector(config: DetectionTrainConfig) -> Dict[str, float]:
     """Fine-tune a detector; returns the last epoch's mean loss (and validation AP when a val set is given)."""
     _check_inputs(config)
+    resumed = _read_resume(config) if config.resume else None
     out = Path(config.out)
     torch.manual_seed(config.seed)
     auto_device = 'cuda' if torch.cuda.is_available() else 'cpu'
@@ -203,7 +201,11 @@ def train_detector(config: DetectionTrainConfig) -> Dict[str, float]:
         prepare_run_folder(out, resume=bool(config.resume), overwrite=config.overwrite)
         model, loader, num_classes, objects = _build(config, device)
         checkpointer = Checkpointer(out, objects)
-        start_epoch = _resume(config, checkpointer) if config.resume else 0
+        start_epoch = 0
+        if resumed is not None:
+            checkpointer.restore(resumed, config.resume, 'model', model)
+            start_epoch = resumed['epoch']
+            print(f"resumed from {config.resume} after epoch {start_epoch}")
         for epoch in range(start_epoch, config.epochs):
             started = time.perf_counter()
             summary = {'epoch': epoch + 1, 'loss': _train_epoch(config, objects, loader, device, epoch, checkpointer)}
