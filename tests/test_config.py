@@ -108,7 +108,7 @@ def test_train_without_a_config_names_what_it_needs(capsys, tmp_path):
 
 
 def test_a_valid_tag_is_accepted_and_an_unknown_one_lists_the_real_ones(tmp_path):
-    from bam_models.train.loop import check_config
+    from bam_models.train.build import check_config
     check_config(load_config(DIGITS_YAML, ['model.name=resnet18_bam.tv_in1k']))
     with pytest.raises(ConfigError, match=r"model 'resnet18_bam' has no tag 'nope'; its tags: tv_in1k$"):
         check_config(load_config(DIGITS_YAML, ['model.name=resnet18_bam.nope']))
@@ -118,10 +118,34 @@ def test_multistep_milestones_reach_the_scheduler():
     """schedule.decay_milestones (the CIFAR recipes' uneven lr drops) set where the lr falls, in epochs."""
     import torch.nn as nn
 
-    from bam_models.train.loop import _build_optimization
+    from bam_models.train.build import build_optimizer, build_scheduler
     cfg = config_from_dict({'schedule': {'sched': 'multistep', 'epochs': 10, 'decay_milestones': [3, 7],
                                          'decay_rate': 0.1, 'warmup_epochs': 0},
                             'optim': {'lr': 1.0}})
-    _, scheduler = _build_optimization(cfg, nn.Linear(2, 2), steps_per_epoch=4)
+    scheduler = build_scheduler(build_optimizer(nn.Linear(2, 2).parameters(), cfg.optim), cfg.schedule,
+                                steps_per_epoch=4)
     lr = {epoch: scheduler._get_lr(epoch * 4)[0] for epoch in (0, 2, 3, 6, 7, 9)}
     assert lr == pytest.approx({0: 1.0, 2: 1.0, 3: 0.1, 6: 0.1, 7: 0.01, 9: 0.01})
+
+
+def _documented_keys():
+    """{key: allowed-column text} of the 'Every key' table in docs/training.md."""
+    text = (ROOT / 'docs' / 'training.md').read_text()
+    table = text[text.index('### Every key'):text.index('## Data and class names')]
+    rows = {}
+    for line in table.splitlines():
+        cells = [cell.strip() for cell in line.strip('|').split('|')]
+        if len(cells) == 3 and cells[0].startswith('`'):
+            for key in cells[0].replace(' / ', ', ').split(', '):
+                rows[key.strip('`')] = cells[2]
+    return rows
+
+
+def test_the_docs_config_table_lists_every_key_and_every_choice():
+    """docs/training.md's table is checked against the schema, so it cannot drift from it."""
+    documented = _documented_keys()
+    assert set(documented) == {key for key, _ in _fields()}
+    for key, rule in CONSTRAINTS.items():
+        if type(rule) is tuple:
+            missing = [choice for choice in rule if f'`{choice}`' not in documented[key]]
+            assert not missing, f"{key}: the docs do not list {missing}"

@@ -6,7 +6,7 @@ import json
 import numpy as np
 
 from bam_models.train.data import DigitsDataset, build_dataset
-from bam_models.train.demo import run_demo
+from bam_models.commands.demo import run_demo
 
 
 def test_digits_validation_is_carved_from_training_and_disjoint_from_test():

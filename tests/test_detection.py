@@ -6,7 +6,7 @@ import torch.nn as nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import bam_models  # noqa: F401  (registers the zoo)
-from bam_models.tasks.detection import backbone_with_fpn, fasterrcnn_fpn, maskrcnn_fpn, retinanet_fpn
+from bam_models.detection import backbone_with_fpn, fasterrcnn_fpn, maskrcnn_fpn, retinanet_fpn
 from synthetic_detection import make_dataset
 
 # small images, a narrow FPN and few proposals keep a CPU training step well under a second; these are all

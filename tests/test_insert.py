@@ -18,7 +18,7 @@ from bam_models.cli import main
 from bam_models.train.config import ConfigError, config_from_dict
 from bam_models.hub import TrunkOnlyWeightsWarning, attention_keys
 from bam_models.hub import insert_into_folder
-from bam_models.train.loop import check_config
+from bam_models.train.build import check_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import TINY_SETTINGS, make_digits_folder  # noqa: E402

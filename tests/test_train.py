@@ -14,13 +14,13 @@ import torch
 import yaml
 
 from bam_models.cli import main
-from bam_models.commands.validate import validate
+from bam_models.train.validate import validate
 from bam_models.train.config import ConfigError, config_from_dict, load_config
 from bam_models.train.data import DigitsDataset, EpochShuffleSampler
 from bam_models.hub import attention_keys
-from bam_models.train.demo import DIGITS_DEMO
-from bam_models.train.loop import (
-    NonFiniteLossError, attention_parameter_names, check_config, param_groups, train)
+from bam_models.commands.demo import DIGITS_DEMO
+from bam_models.train.build import attention_parameter_names, check_config, param_groups
+from bam_models.train.loop import NonFiniteLossError, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import TINY_SETTINGS, make_digits_folder  # noqa: E402
@@ -184,7 +184,7 @@ def test_timm_squeeze_excitation_is_trunk_not_attention():
 
 
 def test_freeze_trunk_trains_only_attention_and_head(tiny_data):
-    from bam_models.train.loop import build_model
+    from bam_models.train.build import build_model
     cfg = load_config(None, [*TINY_SETTINGS, f'data.dataset={tiny_data}', 'model.freeze=trunk'])
     model = build_model(cfg, 10)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -243,7 +243,7 @@ def test_ctrl_c_saves_last_and_resume_ends_like_an_uninterrupted_run(reference_r
 
 
 def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoint(tiny_data, tmp_path, monkeypatch):
-    import bam_models.train.loop as train_module
+    import bam_models.train.build as train_module
 
     class ExplodingLoss(train_module.LabelSmoothingCrossEntropy):
         calls = 0

@@ -11,13 +11,14 @@ import pytest
 import timm
 import torch
 
-import bam_models.train.checkpointer as checkpointer_module
+import bam_models.runs as runs_module
 from bam_models.cli import main
 from bam_models.errors import CheckpointError, UsageError
-from bam_models.train.checkpointer import RunFolderLock, atomic_save, check_model_fits
+from bam_models.runs import RunFolderLock, atomic_save, check_model_fits
 from bam_models.train.config import load_config
 from bam_models.train.data import DigitsDataset, build_dataset, shared_class_to_idx
-from bam_models.train.loop import NonFiniteLossError, base_weights, check_config, train
+from bam_models.train.build import base_weights, check_config
+from bam_models.train.loop import NonFiniteLossError, train
 
 sys.path.insert(0, str(Path(__file__).parent))
 from train_helpers import TINY_SETTINGS, make_digits_folder  # noqa: E402
@@ -76,7 +77,7 @@ def test_overwrite_replaces_the_earlier_run(run_copy, tiny_data, capsys):
 def test_a_second_run_stops_at_once_naming_the_first_runs_pid(tiny_data, tmp_path, capsys):
     output = tmp_path / 'busy'
     holder = subprocess.Popen(
-        [sys.executable, '-c', 'import time; from bam_models.train.checkpointer import RunFolderLock; '
+        [sys.executable, '-c', 'import time; from bam_models.runs import RunFolderLock; '
                                f'RunFolderLock({str(output)!r}).acquire(); print("locked", flush=True); '
                                'time.sleep(60)'],
         stdout=subprocess.PIPE, text=True, env={'PYTHONPATH': str(ROOT), 'PATH': '/usr/bin:/bin'})
@@ -102,6 +103,32 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- resume
+
+def test_autocast_for_is_the_one_precision_switch():
+    from bam_models.runs import autocast_for
+    x = torch.randn(4, 4)
+    with autocast_for('cpu', 'bf16'):
+        assert (x @ x).dtype == torch.bfloat16
+    with autocast_for(torch.device('cpu'), 'auto'):  # bfloat16 off CUDA
+        assert (x @ x).dtype == torch.bfloat16
+    with autocast_for('cpu', 'none'):
+        assert (x @ x).dtype == torch.float32
+    with pytest.raises(UsageError, match="amp must be one of none, bf16, fp16, auto, got 'fp8'"):
+        autocast_for('cpu', 'fp8')
+
+
+def test_read_resume_refuses_a_changed_config_but_lets_free_keys_differ(tmp_path):
+    from bam_models.errors import ConfigError
+    from bam_models.runs import read_resume
+    saved = {'optim': {'lr': 0.1}, 'train': {'output': 'a', 'device': 'cpu'}}
+    atomic_save(dict(epoch=1, config=saved), tmp_path / 'last.pth')
+    moved = {'optim': {'lr': 0.1}, 'train': {'output': 'b', 'device': 'cuda'}}
+    state = read_resume(tmp_path / 'last.pth', ['epoch'], moved, ['train.output', 'train.device'], 'start again')
+    assert state['epoch'] == 1
+    changed = {'optim': {'lr': 0.2}, 'train': {'output': 'b', 'device': 'cpu'}}
+    with pytest.raises(ConfigError, match=r"1 keys differ \(optim.lr: 0.1 -> 0.2\); .* or start again"):
+        read_resume(tmp_path / 'last.pth', ['epoch'], changed, ['train.output'], 'start again')
+
 
 def test_resume_with_a_changed_config_lists_the_differing_keys(run_copy, tiny_data, capsys):
     err = _error(capsys, _args(tiny_data, run_copy, 'optim.lr=0.1', 'schedule.epochs=2') + ['--resume', 'auto'])
@@ -138,20 +165,20 @@ def test_a_failed_write_leaves_no_tmp_and_the_previous_file_intact(tmp_path, mon
         f.write(b'partial')
         raise OSError(28, 'No space left on device')
 
-    monkeypatch.setattr(checkpointer_module.torch, 'save', disk_full)
+    monkeypatch.setattr(runs_module.torch, 'save', disk_full)
     with pytest.raises(CheckpointError, match=r'\(the disk is full\); .*last.pth still holds the previous checkpoint'):
         atomic_save({'epoch': 2}, path)
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ['last.pth']
 
 
 def test_non_finite_loss_before_any_checkpoint_does_not_claim_one(tiny_data, tmp_path, monkeypatch):
-    import bam_models.train.loop as loop
+    import bam_models.train.build as build
 
-    class NanLoss(loop.LabelSmoothingCrossEntropy):
+    class NanLoss(build.LabelSmoothingCrossEntropy):
         def forward(self, x, target):
             return super().forward(x, target) * float('nan')
 
-    monkeypatch.setattr(loop, 'LabelSmoothingCrossEntropy', NanLoss)
+    monkeypatch.setattr(build, 'LabelSmoothingCrossEntropy', NanLoss)
     cfg = load_config(None, [*ONE_EPOCH, f'data.dataset={tiny_data}', f'train.output={tmp_path / "run"}'])
     with pytest.raises(NonFiniteLossError) as info:
         train(cfg)

@@ -37,7 +37,7 @@ def make_digits_folder(root: Path) -> Path:
 
 def _interrupt_at(step: int, how: str):
     """Counts loss evaluations (one per training step) and sends a signal to this process at `step`."""
-    import bam_models.train.loop as train_module
+    import bam_models.train.build as train_module
     base = train_module.LabelSmoothingCrossEntropy
 
     class InterruptingLoss(base):

@@ -4,7 +4,7 @@ import dataclasses
 import os
 
 from bam_models.errors import UsageError
-from bam_models.tasks.detection_train import BUILDERS, DetectionTrainConfig, train_detector
+from bam_models.detection.train import BUILDERS, DetectionTrainConfig, train_detector
 
 
 def _check_paths(args: argparse.Namespace) -> None:

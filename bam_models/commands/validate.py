@@ -1,11 +1,9 @@
 """ `bam-models validate --model ARCH[.TAG] [--checkpoint F] --data DIR|digits`: top-1, top-5 and loss with the
-preprocessing the model was trained with (bam_models.validate). """
+preprocessing the model was trained with (bam_models.train.validate). """
 import argparse
 import json
 
-from bam_models.validate import validate
-
-__all__ = ['validate']  # re-exported: `bam_models.commands.validate.validate` is the demo's import path
+from bam_models.train.validate import validate
 
 
 def run(args: argparse.Namespace) -> int:

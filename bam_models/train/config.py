@@ -254,20 +254,23 @@ def _section_of(key: str) -> Optional[str]:
     return None
 
 
-def _check_constraint(key: str, value: Any) -> None:
-    rule = CONSTRAINTS.get(key)
+def check_constraint(key: str, value: Any, rule: Any = None, flag: Optional[str] = None) -> None:
+    """Raises ConfigError when `value` breaks `rule` (default: the key's entry in CONSTRAINTS). `flag` names a
+    command-line option that set it (detection checks its flags with these rules); default: a config key."""
+    rule = CONSTRAINTS.get(key) if rule is None else rule
     if rule is None or value is None or isinstance(value, bool):
         return
     if callable(rule):
         rule = rule()
+    what = flag or f"config key '{key}'"
     if type(rule) is tuple:  # choices (Range and the other rules are NamedTuples)
         if value not in rule:
-            raise ConfigError(f"config key '{key}' is {value!r}{_did_you_mean(str(value), rule)}")
+            raise ConfigError(f"{what} is {value!r}{_did_you_mean(str(value), rule)}")
         return
     problem = rule.violation(value)
     if problem:
-        raise ConfigError(f"config key '{key}' is {value!r} but must be {problem}; fix it in the config or with "
-                          f"--set {key}=VALUE")
+        fix = f'pass {flag} VALUE' if flag else f'fix it in the config or with --set {key}=VALUE'
+        raise ConfigError(f"{what} is {value!r} but must be {problem}; {fix}")
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -318,7 +321,7 @@ def _section_from_dict(section: str, cls, values: Any):
         if key not in fields:
             raise _unknown_key(section, str(key), list(fields))
         kwargs[key] = _coerce(f'{section}.{key}', value, getattr(defaults, key), fields[key].type)
-        _check_constraint(f'{section}.{key}', kwargs[key])
+        check_constraint(f'{section}.{key}', kwargs[key])
     return cls(**kwargs)
 
 
@@ -378,8 +381,3 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Ru
             if section in _sections() and content is not None and not isinstance(content, dict):
                 _section_from_dict(section, _sections()[section], content)
     return config_from_dict(apply_overrides(values, overrides))
-
-
-def flat_items(config: Dict[str, Any]) -> Dict[str, Any]:
-    """{'optim.lr': 0.1, ...} of a RunConfig's to_dict()."""
-    return {f'{section}.{key}': value for section, content in config.items() for key, value in content.items()}

@@ -1,14 +1,16 @@
 """ Minimal COCO-format fine-tuning of the zoo's detectors: an image folder plus an instances JSON.
 
 Data comes through torchvision.datasets.CocoDetection wrapped for transforms v2 (tv_tensors boxes and masks),
-training runs SGD with a cosine schedule and optional autocast (float16 + GradScaler on CUDA, bfloat16 on
-CPU), a checkpoint is written after every epoch and can be resumed, and a validation set is scored with
-pycocotools' COCOeval. Run folders and checkpoints follow `bam-models train`'s rules (bam_models.train.checkpointer):
-a folder that holds a run is refused unless the run resumes it or overwrites it, the folder is locked while the
-run lasts, last.pth is written atomically and read back with weights_only=True. On resume the arguments given
-now apply (the schedule is rebuilt from them) and every one that differs from the checkpoint's is printed.
+training runs SGD with momentum and a per-step cosine schedule (the optimizer and scheduler factories of
+`bam_models.train.build`) and optional autocast (`bam_models.runs.autocast_for`: float16 + GradScaler on CUDA,
+bfloat16 on CPU), a checkpoint is written after every epoch and can be resumed, and a validation set is scored
+with pycocotools' COCOeval. Arguments are checked with the range rules of the training config
+(`bam_models.train.config`). Run folders, checkpoints and resume follow `bam-models train`'s rules
+(`bam_models.runs`): a folder that holds a run is refused unless the run resumes it or overwrites it, the
+folder is locked while the run lasts, last.pth is written atomically and read back with weights_only=True, and
+a resume with other arguments than the run's is refused, listing them (only where files are, the device and
+the loader processes may change).
 """
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -20,18 +22,26 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import CocoDetection, wrap_dataset_for_transforms_v2
 from torchvision.transforms import v2 as T
 
+from bam_models.detection.backbones import NUM_STAGES, fasterrcnn_fpn, maskrcnn_fpn, retinanet_fpn
 from bam_models.errors import NonFiniteLossError, UsageError
-from bam_models.tasks.detection import fasterrcnn_fpn, maskrcnn_fpn, retinanet_fpn
-from bam_models.train.checkpointer import (
-    Checkpointer, RunFolderLock, config_changes, prepare_run_folder, read_run_checkpoint)
+from bam_models.runs import Checkpointer, RunFolderLock, autocast_for, prepare_run_folder, read_resume
+from bam_models.train.build import build_optimizer, build_scheduler
+from bam_models.train.config import NON_EMPTY, POSITIVE_INT, OptimConfig, Range, ScheduleConfig, check_constraint
 
 __all__ = ['DetectionTrainConfig', 'coco_dataset', 'train_detector', 'evaluate_coco']
 
 BUILDERS = {'fasterrcnn': fasterrcnn_fpn, 'maskrcnn': maskrcnn_fpn, 'retinanet': retinanet_fpn}
 CHECKPOINT_KEYS = ('model', 'optimizer', 'scheduler', 'scaler', 'epoch', 'config')
-# arguments that say where data and files are, not what is trained: not reported as changes on resume
-LOCATION_ARGS = ('images', 'annotations', 'out', 'resume', 'overwrite', 'workers', 'device', 'val_images',
-                 'val_annotations')
+# arguments that may differ on resume, as train's RESUME_FREE_KEYS: where the output goes, the device, loader
+# processes, the validation set scored after training, and the run controls themselves
+RESUME_FREE_ARGS = ('out', 'resume', 'overwrite', 'workers', 'device', 'val_images', 'val_annotations')
+# the rule of every argument: the training config's key of the same meaning, or a rule of its own
+ARGUMENT_RULES = {
+    'backbone': NON_EMPTY, 'detector': tuple(BUILDERS), 'trainable_stages': Range(0, NUM_STAGES + 1),
+    'fpn_channels': POSITIVE_INT, 'min_size': POSITIVE_INT, 'max_size': POSITIVE_INT,
+    'epochs': 'schedule.epochs', 'batch_size': 'data.batch_size', 'lr': 'optim.lr', 'momentum': 'optim.momentum',
+    'weight_decay': 'optim.weight_decay', 'workers': 'data.workers', 'device': 'train.device', 'seed': 'train.seed',
+}
 
 
 @dataclass
@@ -84,9 +94,8 @@ def _collate(batch):
     return tuple(zip(*batch))
 
 
-def _autocast(device: torch.device, enabled: bool):
-    dtype = torch.float16 if device.type == 'cuda' else torch.bfloat16
-    return torch.autocast(device.type, dtype=dtype, enabled=enabled)
+def _amp_mode(amp: bool) -> str:
+    return 'auto' if amp else 'none'  # float16 on CUDA, bfloat16 elsewhere
 
 
 @torch.no_grad()
@@ -98,7 +107,7 @@ def evaluate_coco(
     model.eval()
     results: List[dict] = []
     for image, target in dataset:
-        with _autocast(device, amp):
+        with autocast_for(device, _amp_mode(amp)):
             detection = model([image.to(device)])[0]
         boxes = detection['boxes'].float().cpu()
         boxes[:, 2:] -= boxes[:, :2]  # xyxy -> COCO's xywh
@@ -115,8 +124,10 @@ def evaluate_coco(
 
 
 def _check_inputs(config: DetectionTrainConfig) -> None:
-    if config.detector not in BUILDERS:
-        raise UsageError(f"detector must be one of {', '.join(BUILDERS)}, got {config.detector!r}")
+    for name, rule in ARGUMENT_RULES.items():
+        key = rule if isinstance(rule, str) else name
+        check_constraint(key, getattr(config, name), None if isinstance(rule, str) else rule,
+                         flag=f"--{name.replace('_', '-')}")
     for what, path, is_file in (('--images', config.images, False), ('--annotations', config.annotations, True),
                                 ('--val-images', config.val_images, False),
                                 ('--val-annotations', config.val_annotations, True)):
@@ -140,32 +151,29 @@ def _build(config: DetectionTrainConfig, device: torch.device) -> Tuple[Any, Dat
         min_size=config.min_size, max_size=config.max_size,
     ).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
-    total_steps = config.epochs * len(loader)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
+    # 'momentum' is plain SGD with momentum, as torchvision's detection references train ('sgd' is Nesterov's)
+    optimizer = build_optimizer(params, OptimConfig(
+        opt='momentum', lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay))
+    scheduler = build_scheduler(optimizer, ScheduleConfig(sched='cosine', epochs=config.epochs), len(loader))
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp and device.type == 'cuda')
     return model, loader, num_classes, dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
 
 
-def _resume(config: DetectionTrainConfig, checkpointer: Checkpointer) -> int:
-    """Restores a checkpoint; returns the epochs it finished. Changed arguments apply and are printed."""
-    state = read_run_checkpoint(config.resume, CHECKPOINT_KEYS)
-    checkpointer.restore(state, config.resume, 'model', checkpointer.objects['model'])
-    changes = config_changes(state['config'], vars(config), LOCATION_ARGS)
-    print(f"resumed from {config.resume} after epoch {state['epoch']}"
-          + (f"; changed since: {'; '.join(changes)}" if changes else ''))
-    return state['epoch']
+def _read_resume(config: DetectionTrainConfig) -> Dict[str, Any]:
+    """The checkpoint to continue from, refused before any work when it was written with other arguments
+    (RESUME_FREE_ARGS excepted)."""
+    return read_resume(config.resume, CHECKPOINT_KEYS, vars(config), RESUME_FREE_ARGS,
+                       "start a new run with another --out")
 
 
 def _train_epoch(config, objects, loader, device, epoch: int, checkpointer: Checkpointer) -> float:
     model, optimizer, scheduler, scaler = (objects[k] for k in ('model', 'optimizer', 'scheduler', 'scaler'))
     model.train()
     losses = []
-    for images, targets in loader:
+    for step, (images, targets) in enumerate(loader):
         images = [image.to(device) for image in images]
         targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
-        with _autocast(device, config.amp):
+        with autocast_for(device, _amp_mode(config.amp)):
             loss = sum(model(images, targets).values())
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
@@ -175,7 +183,7 @@ def _train_epoch(config, objects, loader, device, epoch: int, checkpointer: Chec
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        scheduler.step()
+        scheduler.step_update(epoch * len(loader) + step + 1)
         losses.append(loss.item())
     return sum(losses) / len(losses)
 
@@ -183,20 +191,26 @@ def _train_epoch(config, objects, loader, device, epoch: int, checkpointer: Chec
 def train_detector(config: DetectionTrainConfig) -> Dict[str, float]:
     """Fine-tune a detector; returns the last epoch's mean loss (and validation AP when a val set is given)."""
     _check_inputs(config)
+    resumed = _read_resume(config) if config.resume else None
     out = Path(config.out)
     torch.manual_seed(config.seed)
-    device = torch.device(config.device)
+    auto_device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = torch.device(auto_device if config.device == 'auto' else config.device)
     summary: Dict[str, float] = {}
     with RunFolderLock(out):
         prepare_run_folder(out, resume=bool(config.resume), overwrite=config.overwrite)
         model, loader, num_classes, objects = _build(config, device)
         checkpointer = Checkpointer(out, objects)
-        start_epoch = _resume(config, checkpointer) if config.resume else 0
+        start_epoch = 0
+        if resumed is not None:
+            checkpointer.restore(resumed, config.resume, 'model', model)
+            start_epoch = resumed['epoch']
+            print(f"resumed from {config.resume} after epoch {start_epoch}")
         for epoch in range(start_epoch, config.epochs):
             started = time.perf_counter()
             summary = {'epoch': epoch + 1, 'loss': _train_epoch(config, objects, loader, device, epoch, checkpointer)}
             print(f"epoch {epoch + 1}/{config.epochs}: loss {summary['loss']:.4f}, "
-                  f"lr {objects['scheduler'].get_last_lr()[0]:.5f}, {time.perf_counter() - started:.1f}s")
+                  f"lr {objects['optimizer'].param_groups[0]['lr']:.5f}, {time.perf_counter() - started:.1f}s")
             checkpointer.save_last(checkpointer.state(epoch=epoch + 1, num_classes=num_classes, config=vars(config)))
     if config.val_images and config.val_annotations:
         val_set = coco_dataset(config.val_images, config.val_annotations, train=False)

@@ -1,4 +1,6 @@
-""" Run folders and run checkpoints, one safety story for `bam-models train` and `bam-models detect-train`.
+""" What every trainer shares about a run: its folder, checkpoints, resume policy and precision.
+
+One safety story for `bam-models train` and `bam-models detect-train`:
 
 - A run folder holds one run: starting a run in a folder that already holds one is refused unless the run
   resumes it or the caller asks to overwrite it (then the earlier run's files are removed first).
@@ -9,13 +11,19 @@
 - Run checkpoints are read with `weights_only=True` (no pickled code runs), and a file that is not a run
   checkpoint of this job (a best.pth, a truncated file, another architecture or config) gives one clear line.
 - RNG states of every process are saved with the checkpoint, so a run resumed mid-epoch replays exactly.
+- One resume policy (`read_resume`): a run continues only with the config it was written with; the keys that
+  may differ are those that say where and how visibly it runs (paths, device, workers), never what it computes,
+  so what a run records is what it ran.
+- `autocast_for` is the one mixed-precision switch of training, evaluation and the GPU checks.
 """
 import errno
 import os
 import random
 import shutil
+import signal
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, ContextManager, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -23,10 +31,11 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from bam_models.checkpoint import describe_mismatch, key_mismatch
-from bam_models.errors import CheckpointError, UsageError
+from bam_models.errors import CheckpointError, ConfigError, UsageError
 
-__all__ = ['BEST', 'LAST', 'Checkpointer', 'RunFolderLock', 'atomic_save', 'config_changes', 'prepare_run_folder',
-           'read_run_checkpoint', 'rng_state', 'set_rng_state']
+__all__ = ['AMP_MODES', 'BEST', 'LAST', 'Checkpointer', 'RunFolderLock', 'atomic_save', 'autocast_for',
+           'config_changes', 'flat_config', 'prepare_run_folder', 'read_resume', 'read_run_checkpoint', 'rng_state',
+           'seed_epoch', 'set_rng_state', 'StopRequest']
 
 LAST, BEST = 'last.pth', 'best.pth'
 LOCK = '.lock'
@@ -152,10 +161,36 @@ def read_run_checkpoint(path: PathLike, required: Sequence[str], what: str = '--
     return state
 
 
+def flat_config(config: Mapping[str, Any], prefix: str = '') -> Dict[str, Any]:
+    """{'optim.lr': 0.1, ...}: nested sections joined with dots; a flat mapping comes back as it is."""
+    flat: Dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping):
+            flat.update(flat_config(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = value
+    return flat
+
+
 def config_changes(saved: Mapping[str, Any], current: Mapping[str, Any], ignore: Sequence[str] = ()) -> List[str]:
-    """'key: saved -> current' for every flat config key whose value differs (keys in `ignore` excepted)."""
+    """'key: saved -> current' for every config key whose value differs (keys in `ignore` excepted)."""
+    saved, current = flat_config(saved), flat_config(current)
     keys = [k for k in dict.fromkeys([*saved, *current]) if k not in ignore]
     return [f'{k}: {saved.get(k)!r} -> {current.get(k)!r}' for k in keys if saved.get(k) != current.get(k)]
+
+
+def read_resume(path: PathLike, required: Sequence[str], config: Mapping[str, Any], free_keys: Sequence[str],
+                restart_hint: str) -> Dict[str, Any]:
+    """The run checkpoint to continue from. A `config` that differs from the one the checkpoint was written with
+    (its 'config' entry) is refused, listing the keys, unless only `free_keys` differ; `restart_hint` says how
+    to start a new run from these weights instead."""
+    state = read_run_checkpoint(path, tuple(dict.fromkeys([*required, 'config'])))
+    changes = config_changes(state['config'], config, free_keys)
+    if changes:
+        raise ConfigError(
+            f"--resume {path} was written with another config, {len(changes)} keys differ ({'; '.join(changes[:6])}"
+            f"{'; ...' if len(changes) > 6 else ''}); resume with the run's own config, or {restart_hint}")
+    return state
 
 
 def check_model_fits(state_dict: Dict[str, torch.Tensor], model: nn.Module, path: PathLike) -> None:
@@ -177,6 +212,14 @@ def rng_state() -> Dict[str, Any]:
         python=random.getstate())
 
 
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Every epoch starts from RNG states that depend only on (seed, epoch, rank), so a resumed epoch replays."""
+    epoch_seed = (seed * 1_000_003 + epoch * 1009 + rank) % (2 ** 31)
+    random.seed(epoch_seed)
+    np.random.seed(epoch_seed)
+    torch.manual_seed(epoch_seed)
+
+
 def set_rng_state(state: Dict[str, Any]) -> None:
     torch.set_rng_state(state['torch'])
     if state['cuda'] and torch.cuda.is_available():
@@ -188,7 +231,45 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state['python'])
 
 
-# ---------------------------------------------------------------------------------------------- saver
+# ---------------------------------------------------------------------------------------------- precision
+
+AMP_MODES = ('none', 'bf16', 'fp16', 'auto')  # auto: fp16 on CUDA, bf16 elsewhere
+_AMP_DTYPES = {'bf16': torch.bfloat16, 'fp16': torch.float16}
+
+
+def autocast_for(device: Union[str, torch.device], amp: str) -> ContextManager:
+    """A fresh autocast context for `device` ('none': full precision, a context that does nothing)."""
+    device = torch.device(device)
+    if amp not in AMP_MODES:
+        raise UsageError(f"amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+    if amp == 'none':
+        return nullcontext()
+    if amp == 'auto':
+        amp = 'fp16' if device.type == 'cuda' else 'bf16'
+    return torch.autocast(device_type=device.type, dtype=_AMP_DTYPES[amp])
+
+
+# ---------------------------------------------------------------------------------------------- Ctrl-C and saver
+
+class StopRequest:
+    """Turns the first Ctrl-C (SIGINT) into a flag the training loop checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self._previous)
+
 
 class Checkpointer:
     """Saves and restores everything a run needs to continue exactly: the objects with a state_dict (model,
