@@ -1,9 +1,10 @@
 """ `bam-models benchmark`: what BAM and CBAM cost next to their plain trunks, measured in one run. """
 import argparse
-import json
 import sys
 
-from bam_models.benchmark import ALLOCATORS, DEFAULT_FAMILIES, BenchmarkSettings, markdown_table, run_benchmark
+from bam_models.benchmark import (
+    ALLOCATORS, DEFAULT_FAMILIES, BenchmarkSettings, markdown_table, run_benchmark, write_report,
+)
 
 _MEASURES = ('latency', 'throughput', 'train', 'memory')
 
@@ -25,18 +26,8 @@ def run(args: argparse.Namespace) -> int:
         allocator=args.allocator,
         log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else (lambda msg: None),
     )
-    try:
-        result = run_benchmark(settings)
-    except ValueError as e:
-        raise SystemExit(f'bam-models benchmark: {e}')
-    table = markdown_table(result)
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(result, f, indent=2)
-    if args.markdown:
-        with open(args.markdown, 'w') as f:
-            f.write(table + '\n')
-    print(table)
+    result = run_benchmark(settings)
+    write_report(result, markdown_table(result), args.json, args.markdown)
     return 0
 
 
