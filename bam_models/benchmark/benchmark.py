@@ -20,6 +20,9 @@ allocator's and the kernel's page granularity and varies by a few percent from r
 setting slows allocation, so memory is measured after all timings. Where a measure is unavailable its column
 stays empty.
 
+The paper columns are the BAM / CBAM papers' own figures (`bam_models.models.paper`) at their 224 x 224, with
+our count relative to theirs.
+
 Timings run with glibc set to keep freed memory for reuse (`allocator='caching'`, the default): a mmap
 threshold of 1 GiB and no heap trimming, as a caching allocator (jemalloc, TCMalloc, PyTorch's CUDA allocator)
 behaves. Under glibc's defaults every freed block above its dynamic mmap threshold goes back to the kernel and
