@@ -10,11 +10,11 @@ from .profiling import count_flops, count_params, model_stats, peak_cpu_tensor_b
 from .report import describe_machine, markdown_table, model_table, write_report
 from .subject import Inputs, Subject, create_benchmarked_model
 from .benchmark import (
-    ALLOCATORS, DEFAULT_FAMILIES, PEERS, BenchmarkSettings, paired_ratio, run_benchmark, trunk_of,
+    ALLOCATORS, DEFAULT_FAMILIES, MEASURES, PEERS, BenchmarkSettings, paired_ratio, run_benchmark, trunk_of,
 )
 
 __all__ = [
-    'ALLOCATORS', 'DEFAULT_FAMILIES', 'PEERS', 'BenchmarkSettings', 'Inputs', 'Subject', 'count_flops',
+    'ALLOCATORS', 'DEFAULT_FAMILIES', 'MEASURES', 'PEERS', 'BenchmarkSettings', 'Inputs', 'Subject', 'count_flops',
     'count_params', 'create_benchmarked_model', 'describe_machine', 'markdown_table', 'model_stats', 'model_table',
     'paired_ratio', 'peak_cpu_tensor_bytes', 'run_benchmark', 'trunk_of', 'write_report',
 ]

@@ -50,8 +50,12 @@ from bam_models.errors import UsageError
 from bam_models.models.paper import paper_figure
 
 __all__ = [
-    'ALLOCATORS', 'DEFAULT_FAMILIES', 'PEERS', 'BenchmarkSettings', 'paired_ratio', 'run_benchmark', 'trunk_of',
+    'ALLOCATORS', 'DEFAULT_FAMILIES', 'MEASURES', 'PEERS', 'BenchmarkSettings', 'paired_ratio', 'run_benchmark',
+    'trunk_of',
 ]
+
+# what a run can measure, in the order it is measured
+MEASURES = ('latency', 'throughput', 'train', 'memory')
 
 # family name -> models measured together; the first is the plain trunk every ratio refers to
 DEFAULT_FAMILIES: Dict[str, List[str]] = {
@@ -83,7 +87,7 @@ class BenchmarkSettings:
     models: Sequence[str] = ()
     peers: bool = False
     channels_last: bool = False
-    measure: Sequence[str] = ('latency', 'throughput', 'train', 'memory')
+    measure: Sequence[str] = MEASURES
     memory_steps: int = 3
     seed: int = 0
     allocator: str = 'caching'
@@ -279,7 +283,6 @@ def _add_ratios(rows: List[Dict]) -> None:
 
 def run_benchmark(settings: BenchmarkSettings) -> Dict:
     """Measure every family (or `settings.models`, trunk first) and return machine, settings and rows."""
-    import bam_models  # noqa: F401  registers the zoo models with timm
     if settings.threads:
         torch.set_num_threads(settings.threads)
     flush_denormal = torch.set_flush_denormal(True)  # False where the CPU cannot

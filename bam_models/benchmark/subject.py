@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import bam_models.models  # noqa: F401  registers the zoo models with timm, so that their names resolve
+
 __all__ = ['Inputs', 'Subject', 'create_benchmarked_model']
 
 
@@ -59,10 +61,10 @@ class Subject:
                  scaler: Optional[torch.amp.GradScaler] = None):
         self.model = model
         self.inputs = inputs
-        self.forward = forward or model
+        self.forward = model if forward is None else forward  # no truth test: it would call len(module)
         self.context = context
         self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-        self.scaler = scaler or torch.amp.GradScaler(inputs.batch.device.type, enabled=False)
+        self.scaler = torch.amp.GradScaler(inputs.batch.device.type, enabled=False) if scaler is None else scaler
 
     def train_step(self) -> None:
         """Forward, cross-entropy, backward and optimizer step on the batch, from gradients set to None."""

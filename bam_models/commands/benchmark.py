@@ -3,10 +3,8 @@ import argparse
 import sys
 
 from bam_models.benchmark import (
-    ALLOCATORS, DEFAULT_FAMILIES, BenchmarkSettings, markdown_table, run_benchmark, write_report,
+    ALLOCATORS, DEFAULT_FAMILIES, MEASURES, BenchmarkSettings, markdown_table, run_benchmark, write_report,
 )
-
-_MEASURES = ('latency', 'throughput', 'train', 'memory')
 
 
 def run(args: argparse.Namespace) -> int:
@@ -54,7 +52,7 @@ def register(subparsers) -> None:
                         help='batch-1 forwards averaged per round (default 10)')
     parser.add_argument('--threads', type=int, help='torch.set_num_threads (default: torch default)')
     parser.add_argument('--channels-last', action='store_true', help='run models and inputs channels_last')
-    parser.add_argument('--measure', nargs='+', choices=_MEASURES, default=list(_MEASURES),
+    parser.add_argument('--measure', nargs='+', choices=MEASURES, default=list(MEASURES),
                         help='what to measure (default: all)')
     parser.add_argument('--memory-steps', type=int, default=3,
                         help='training steps whose peak memory is measured; the median is reported (default 3)')
