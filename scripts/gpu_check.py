@@ -25,11 +25,10 @@ script is tested without a GPU:
     python scripts/gpu_check.py --device cpu --quick
 """
 import argparse
+import contextlib
 import copy
-import datetime
-import json
+import functools
 import os
-import platform
 import statistics
 import sys
 import time
@@ -42,8 +41,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import bam_models  # noqa: E402,F401  registers the zoo models
+from bam_models.benchmark import (  # noqa: E402
+    Inputs, Subject, describe_machine, peak_cpu_tensor_bytes, write_report,
+)
 from bam_models.layers import fused_gating  # noqa: E402
-from bam_models.profiling import peak_cpu_tensor_bytes  # noqa: E402
 
 MODELS = ('resnet50', 'resnet50_bam', 'resnet50_cbam')  # the first is the trunk every ratio refers to
 CHECKED = ('resnet50_bam', 'resnet50_cbam')
@@ -56,6 +57,7 @@ _DTYPES = {'fp32': None, 'bf16': torch.bfloat16, 'fp16': torch.float16}
 
 
 def _autocast(device: torch.device, precision: str):
+    # the one autocast call site: the merge replaces it with the trainer's autocast factory (train/)
     dtype = _DTYPES[precision]
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
@@ -190,43 +192,28 @@ def _peak_bytes(fn: Callable[[], object], device: torch.device) -> Optional[int]
     return torch.cuda.max_memory_allocated(device) - start
 
 
-class _Subject:
-    """One model in one variant, with its optimizer and a training-step and an inference callable."""
+def _new_subject(name: str, variant: str, args, device: torch.device, inputs: Inputs) -> Subject:
+    """`name` in one variant: the fused gating, the reference formulas, or torch.compile of the latter."""
+    torch.manual_seed(args.seed)
+    model = timm.create_model(name, num_classes=args.num_classes).to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    fused = variant == 'fused'
 
-    def __init__(self, name: str, variant: str, args, device: torch.device, inputs):
-        torch.manual_seed(args.seed)
-        model = timm.create_model(name, num_classes=args.num_classes).to(device)
-        if args.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        self.fused = variant == 'fused'
-        self.forward = model
-        if variant == 'compiled':
-            self.forward = torch.compile(model, backend=args.compile_backend)
-        self.device, self.precision, self.inputs = device, args.precision, inputs
-        self.scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'fp16')
+    @contextlib.contextmanager
+    def context():
+        with fused_gating(fused), _autocast(device, args.precision):
+            yield
 
-    def train_step(self) -> None:
-        x, target = self.inputs['train']
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)
-        with fused_gating(self.fused), _autocast(self.device, self.precision):
-            loss = F.cross_entropy(self.forward(x).float(), target)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-
-    def infer(self) -> None:
-        self.model.eval()
-        with torch.inference_mode(), fused_gating(self.fused), _autocast(self.device, self.precision):
-            self.forward(self.inputs['infer'])
+    compiled = torch.compile(model, backend=args.compile_backend) if variant == 'compiled' else None
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == 'fp16')
+    return Subject(model, inputs, lr=1e-3, forward=compiled, context=context, scaler=scaler)
 
 
 def _measure(name: str, variant: str, args, device: torch.device, inputs) -> Dict:
-    subject = _Subject(name, variant, args, device, inputs)
+    subject = _new_subject(name, variant, args, device, inputs)
     train_s = _timed(subject.train_step, device, args.warmup, args.steps)
-    infer_s = _timed(subject.infer, device, args.warmup, args.steps)
+    infer_s = _timed(functools.partial(subject.infer, inputs.infer_batch), device, args.warmup, args.steps)
     subject.optimizer.zero_grad(set_to_none=True)
     peak = _peak_bytes(subject.train_step, device)
     row = {'model': name, 'variant': variant, 'train_step_ms': 1e3 * train_s,
@@ -240,14 +227,8 @@ def _measure(name: str, variant: str, args, device: torch.device, inputs) -> Dic
 
 
 def run_measurements(args, device: torch.device) -> List[Dict]:
-    torch.manual_seed(args.seed)
-    size = args.img_size
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    inputs = {
-        'train': (torch.randn(args.batch_size, 3, size, size, device=device).to(memory_format=memory_format),
-                  torch.randint(0, args.num_classes, (args.batch_size,), device=device)),
-        'infer': torch.randn(args.infer_batch_size, 3, size, size, device=device).to(memory_format=memory_format),
-    }
+    inputs = Inputs.draw(args.img_size, args.batch_size, args.seed, args.channels_last, args.num_classes,
+                         infer_batch_size=args.infer_batch_size, device=device)
     rows = [_measure(name, variant, args, device, inputs) for name in MODELS for variant in args.variants]
     trunk = next(r for r in rows if r['model'] == MODELS[0] and r['variant'] == args.variants[0])
     for row in rows:
@@ -257,12 +238,6 @@ def run_measurements(args, device: torch.device) -> List[Dict]:
         have_peaks = row['peak_train_bytes'] and trunk['peak_train_bytes']
         row['peak_train_ratio'] = row['peak_train_bytes'] / trunk['peak_train_bytes'] if have_peaks else None
     return rows
-
-
-def _machine(device: torch.device) -> Dict[str, str]:
-    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else (platform.processor() or 'cpu')
-    return {'device': name, 'torch': torch.__version__, 'timm': timm.__version__, 'cuda': str(torch.version.cuda),
-            'date': datetime.date.today().isoformat(), 'threads': str(torch.get_num_threads())}
 
 
 def markdown(result: Dict) -> str:
@@ -338,19 +313,12 @@ def main(argv=None) -> int:
         return 2
     checks = [] if args.skip_checks else run_checks(args, device)
     result = {
-        'machine': _machine(device),
+        'machine': describe_machine(device),
         'settings': {k: v for k, v in vars(args).items() if k != 'log'},
         'checks': checks,
         'measurements': run_measurements(args, device),
     }
-    table = markdown(result)
-    print(table)
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(result, f, indent=2)
-    if args.markdown:
-        with open(args.markdown, 'w') as f:
-            f.write(table + '\n')
+    write_report(result, markdown(result), args.json, args.markdown)
     return 0 if all(r['ok'] for r in checks) else 1
 
 

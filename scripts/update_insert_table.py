@@ -1,6 +1,6 @@
 """Regenerate the table of architectures tested with insert_bam / insert_cbam in docs/insert.md (run after
 changing the placement rule or the list below). Parameters and FLOPs are counted as `bam-models list` counts
-them: on the meta device, one 224x224 forward pass (`bam_models.profiling`)."""
+them: on the meta device, one 224x224 forward pass (`bam_models.benchmark`)."""
 import pathlib
 import re
 from typing import Callable, Dict, List, Tuple
@@ -10,7 +10,7 @@ import torch
 import torchvision
 
 from bam_models import BAM, CBAM, insert_bam, insert_cbam
-from bam_models.profiling import count_flops, count_params
+from bam_models.benchmark import count_flops, count_params
 
 DOC = pathlib.Path(__file__).resolve().parents[1] / 'docs' / 'insert.md'
 START, END = '<!-- insert-table:start -->', '<!-- insert-table:end -->'

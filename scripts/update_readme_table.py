@@ -5,9 +5,8 @@ import pathlib
 import re
 import sys
 
-from bam_models.commands.list_models import model_table
+from bam_models.benchmark import model_stats, model_table
 from bam_models.models import list_zoo_models
-from bam_models.profiling import model_stats
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / 'README.md'

@@ -5,8 +5,15 @@ import subprocess
 import sys
 
 import pytest
+import timm
+
+import bam_models  # noqa: F401  registers the zoo models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
 
 
 @pytest.fixture(scope='module')
@@ -19,8 +26,7 @@ def tiny_run(tmp_path_factory):
         '--memory-steps', '1',
         '--json', str(out / 'bench.json'), '--markdown', str(out / 'bench.md'),
     ]
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     with open(out / 'bench.json') as f:
         result = json.load(f)
@@ -84,13 +90,32 @@ def test_markdown_table_lists_every_model_with_ratios(tiny_run):
 
 
 def test_paper_reference_columns_at_224():
-    from bam_models.benchmark import BenchmarkSettings, markdown_table, run_benchmark
+    """Ours vs paper: our counts on the meta device against the papers' printed figures (25.92M, 3.94 GFLOPs,
+    which count multiply-adds), not against a copy of our own count."""
+    from bam_models.benchmark import BenchmarkSettings, count_flops, count_params, markdown_table, run_benchmark
     result = run_benchmark(BenchmarkSettings(models=('resnet50', 'resnet50_bam'), rounds=0, measure=()))
     bam = result['rows'][1]
-    assert bam['paper_params'] == 25_915_099 and bam['paper_params_diff'] == 0.0
+    meta_model = timm.create_model('resnet50_bam', device='meta')
+    ours_params, ours_gmacs = count_params(meta_model), count_flops(meta_model) / 2e9
+    assert bam['params'] == ours_params == 25_915_099
+    assert bam['paper_params'] == 25.92e6
+    assert bam['paper_params_diff'] == pytest.approx(ours_params / 25.92e6 - 1) and bam['paper_params_diff'] < 0
     assert bam['paper_gmacs'] == 3.94
-    assert bam['paper_gmacs_diff'] == pytest.approx(bam['gmacs'] / 3.94 - 1)
-    assert '25,915,099 (+0.0%)' in markdown_table(result)
+    assert bam['paper_gmacs_diff'] == pytest.approx(ours_gmacs / 3.94 - 1)
+    table = markdown_table(result)
+    assert '| 25,915,099 | 25.92M (-0.02%) | 4.171 | 3.940 (+5.9%) |' in table
+    assert '| 25,557,032 | 25.56M (-0.01%) |' in table
+
+
+@pytest.mark.parametrize('unknown, hint', [('not_a_model', ''), ('resnet18_bamm', 'did you mean resnet18_bam')])
+def test_unknown_model_is_one_error_line_with_a_suggestion(unknown, hint, capsys):
+    from bam_models.cli import main
+    assert main(['benchmark', '--models', 'resnet18', unknown]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: unknown model '{unknown}'"), captured.err
+    assert hint in lines[0] and 'bam-models list' in lines[0]
+    assert captured.out == ''
 
 
 def test_peers_are_measured_against_the_trunk_of_their_own_implementation():
@@ -140,7 +165,7 @@ def _huge_pages_always() -> bool:
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc allocator settings')
 @pytest.mark.skipif(_huge_pages_always(), reason='2 MiB pages make fresh memory fault too rarely to count')
 def test_caching_allocator_reuses_freed_memory_without_page_faults():
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+    env = _env()
     faults = {}
     for allocator in ('caching', 'system'):
         proc = subprocess.run([sys.executable, '-c', _PAGE_FAULTS_OF_REALLOCATION, allocator],
@@ -156,16 +181,16 @@ def test_caching_allocator_reuses_freed_memory_without_page_faults():
 
 
 def test_pytorchcv_attention_resnets_get_a_trunk_of_the_same_architecture():
-    from bam_models.benchmark import PEERS, _create, trunk_of
-    from bam_models.profiling import count_flops
+    from bam_models.benchmark import PEERS, count_flops, create_benchmarked_model, trunk_of
     names = PEERS['resnet50']
     assert [trunk_of(n, names) for n in names] == ['pytorchcv:resnet50b'] * 3
     # the stride sits in the 3x3 convolution in all three: the attention adds only its own MACs
-    gmacs = {n: count_flops(_create(n, device='meta')) / 2e9 for n in names}
+    gmacs = {n: count_flops(create_benchmarked_model(n, device='meta')) / 2e9 for n in names}
     assert gmacs['pytorchcv:resnet50b'] == pytest.approx(4.089, abs=1e-3)
     assert gmacs['pytorchcv:bam_resnet50'] == pytest.approx(4.171, abs=1e-3)
     assert gmacs['pytorchcv:cbam_resnet50'] == pytest.approx(4.096, abs=1e-3)
-    assert count_flops(_create('pytorchcv:resnet50', device='meta')) / 2e9 == pytest.approx(3.858, abs=1e-3)
+    pytorchcv_v1 = create_benchmarked_model('pytorchcv:resnet50', device='meta')
+    assert count_flops(pytorchcv_v1) / 2e9 == pytest.approx(3.858, abs=1e-3)
 
 
 def test_zoo_models_and_their_pytorchcv_twins_side_by_side(tiny_run):

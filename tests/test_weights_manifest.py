@@ -10,7 +10,7 @@ from timm.models import get_pretrained_cfg
 
 import bam_models
 from bam_models.weights.manifest import PACKAGED_MANIFEST, SCHEMA_PATH, load_manifest, manifest_default_cfgs
-from bam_models.profiling import count_params
+from bam_models.benchmark import count_params
 
 ROOT_MANIFEST = Path(__file__).parents[1] / 'weights_manifest.json'
 

@@ -1,11 +1,10 @@
 """ `bam-models benchmark`: what BAM and CBAM cost next to their plain trunks, measured in one run. """
 import argparse
-import json
 import sys
 
-from bam_models.benchmark import ALLOCATORS, DEFAULT_FAMILIES, BenchmarkSettings, markdown_table, run_benchmark
-
-_MEASURES = ('latency', 'throughput', 'train', 'memory')
+from bam_models.benchmark import (
+    ALLOCATORS, DEFAULT_FAMILIES, MEASURES, BenchmarkSettings, markdown_table, run_benchmark, write_report,
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,18 +24,8 @@ def run(args: argparse.Namespace) -> int:
         allocator=args.allocator,
         log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else (lambda msg: None),
     )
-    try:
-        result = run_benchmark(settings)
-    except ValueError as e:
-        raise SystemExit(f'bam-models benchmark: {e}')
-    table = markdown_table(result)
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(result, f, indent=2)
-    if args.markdown:
-        with open(args.markdown, 'w') as f:
-            f.write(table + '\n')
-    print(table)
+    result = run_benchmark(settings)
+    write_report(result, markdown_table(result), args.json, args.markdown)
     return 0
 
 
@@ -63,7 +52,7 @@ def register(subparsers) -> None:
                         help='batch-1 forwards averaged per round (default 10)')
     parser.add_argument('--threads', type=int, help='torch.set_num_threads (default: torch default)')
     parser.add_argument('--channels-last', action='store_true', help='run models and inputs channels_last')
-    parser.add_argument('--measure', nargs='+', choices=_MEASURES, default=list(_MEASURES),
+    parser.add_argument('--measure', nargs='+', choices=MEASURES, default=list(MEASURES),
                         help='what to measure (default: all)')
     parser.add_argument('--memory-steps', type=int, default=3,
                         help='training steps whose peak memory is measured; the median is reported (default 3)')

@@ -1,33 +1,10 @@
 """ `bam-models list`: every zoo model with parameters and FLOPs measured on the meta device. """
 import argparse
 import json
-from typing import Dict, List
 
+from bam_models.benchmark import model_stats, model_table
 from bam_models.errors import UsageError
 from bam_models.models import list_zoo_models
-from bam_models.profiling import model_stats
-
-# parameters as the BAM / CBAM papers report them (the CIFAR baselines are also pytorchcv's exact counts)
-PAPER_PARAMS = {
-    'resnet50_bam': '25.92M', 'resnet50_cbam': '28.09M',
-    'mobilenetv1_100_bam': '4.32M', 'mobilenetv1_100_cbam': '5.07M',
-    'wide_resnet18_150': '25.88M', 'wide_resnet18_200': '45.62M',
-    'preresnet110_cifar': '1.73M', 'wrn28_10_cifar': '36.54M', 'resnext29_16x64d_cifar': '68.25M',
-}
-
-
-def model_table(stats: List[Dict[str, float]]) -> str:
-    """Markdown table of `model_stats` rows with the papers' figure where they give one (the generated model
-    tables of the docs are this output)."""
-    lines = [
-        '| model | params | GFLOPs | GMACs | input | params, paper |',
-        '|---|---:|---:|---:|---:|---:|',
-    ]
-    for row in stats:
-        lines.append(
-            f"| `{row['model']}` | {row['params']:,} | {row['gflops']:.3f} | {row['gmacs']:.3f} | {row['input_size']} "
-            f"| {PAPER_PARAMS.get(row['model'], '')} |")
-    return '\n'.join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
