@@ -1,22 +1,22 @@
 """ Add BAM or CBAM to a CNN you already have (timm or torchvision), in place.
 
-`insert_bam` puts one BAM at the end of every stage followed by a downsampling (the rule is written in
-`bam_models.insert._stages`), inside the stage module, so every trunk parameter keeps its name, a plain
+`insert_bam` puts one BAM at the end of every stage followed by a downsampling, configured as the zoo's
+(both by `bam_models.layers.placement`; `bam_models.insert._stages` finds the stages), inside the stage module, so every trunk parameter keeps its name, a plain
 checkpoint loads with exactly the BAM keys missing, and `features_only`, `forward_intermediates` and detection
 backbones see the refined maps. `insert_cbam` fills every block's attention slot (`bam_models.insert._slots`).
 
 For ResNets and MobileNetV1 the result is the zoo's architecture: `insert_bam(torchvision.models.resnet50())`
-has exactly the parameters (names and shapes) of `resnet50_bam`; likewise `insert_cbam` and `resnet50_cbam`.
+has exactly the parameters (names and shapes) of `resnet50_bam`, and `insert_bam(timm.create_model('resnet50',
+output_stride=8))` exactly the modules of `resnet50_bam` at output_stride 8; likewise `insert_cbam` and
+`resnet50_cbam`.
 """
 from typing import Any, Dict, Optional
 
 import torch.nn as nn
-from timm.models.resnet import BasicBlock as TimmBasicBlock, Bottleneck as TimmBottleneck
 
-from bam_models.layers import BAM, CBAM
-from bam_models.models.attention_resnet import _hand_final_relu_over
+from bam_models.layers import BAM, CBAM, cbam_layer, stage_bam
 from ._slots import NO_SLOT_HELP, cbam_slots, fill
-from ._stages import Stage, attach_after, bam_stages
+from ._stages import attach_after, bam_stages
 
 __all__ = ['insert_bam', 'insert_cbam']
 
@@ -28,17 +28,6 @@ def _model_name(model: nn.Module) -> str:
 def _factory_kwargs(model: nn.Module) -> Dict[str, Any]:
     param = next(model.parameters())
     return {'device': param.device, 'dtype': param.dtype}
-
-
-def _stage_bam_args(stage: Stage, bam_args: Optional[Dict[str, Any]]) -> Dict[str, Any]:
-    """The zoo's BAM settings: a stage's last block feeds only BAM, so in inference BAM may overwrite it; after
-    a timm ResNet block BAM takes over the block's closing ReLU (see AttentionResNet)."""
-    args = {'inplace': True, **(bam_args or {})}
-    blocks = list(stage.module.children())
-    last = blocks[-1] if blocks else None
-    if isinstance(last, (TimmBasicBlock, TimmBottleneck)) and args.setdefault('input_relu', True):
-        args['input_relu'] = _hand_final_relu_over(last)
-    return args
 
 
 def insert_bam(model: nn.Module, bam_args: Optional[Dict[str, Any]] = None) -> nn.Module:
@@ -60,8 +49,7 @@ def insert_bam(model: nn.Module, bam_args: Optional[Dict[str, Any]] = None) -> n
             f"RegNet, MobileNetV2/V3 and DenseNet families; place bam_models.BAM by hand elsewhere.")
     dd = _factory_kwargs(model)
     for stage in stages:
-        bam = BAM(stage.channels, **_stage_bam_args(stage, bam_args), **dd).train(model.training)
-        attach_after(stage, bam)
+        attach_after(stage, stage_bam(stage.module, stage.channels, bam_args, **dd).train(model.training))
     return model
 
 
@@ -88,11 +76,10 @@ def insert_cbam(
         raise ValueError(
             f"insert_cbam: the model's blocks already have an attention module ({type(occupied[0].existing).__name__}"
             f" in {len(occupied)} of {len(slots)} slots); pass replace_existing=True to replace them with CBAM.")
+    make_cbam = cbam_layer(cbam_args)
     dd = _factory_kwargs(model)
-    # a block's last BN output feeds only its CBAM, so in inference CBAM may overwrite it
-    cbam_args = {'inplace': True, **(cbam_args or {})}
     for slot in slots:
-        fill(slot, CBAM(slot.channels, **cbam_args, **dd).train(model.training))
+        fill(slot, make_cbam(slot.channels, **dd).train(model.training))
     return model
 
 
