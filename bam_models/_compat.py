@@ -6,3 +6,8 @@ from timm.models._efficientnet_builder import resolve_act_layer  # timm's act_la
 from timm.models._efficientnet_builder import resolve_bn_args  # timm's bn_* kwarg handling
 from timm.models._efficientnet_builder import round_channels  # width multiplier rounding
 from timm.models._features import feature_take_indices  # forward_intermediates index handling
+
+__all__ = [
+    'DepthwiseSeparableConv', 'decode_arch_def', 'feature_take_indices', 'resolve_act_layer', 'resolve_bn_args',
+    'round_channels',
+]

@@ -1,9 +1,10 @@
 """ Add BAM or CBAM to a CNN you already have (timm or torchvision), in place.
 
 `insert_bam` puts one BAM at the end of every stage followed by a downsampling, configured as the zoo's
-(both by `bam_models.layers.placement`; `bam_models.insert._stages` finds the stages), inside the stage module, so every trunk parameter keeps its name, a plain
-checkpoint loads with exactly the BAM keys missing, and `features_only`, `forward_intermediates` and detection
-backbones see the refined maps. `insert_cbam` fills every block's attention slot (`bam_models.insert._slots`).
+(both by `bam_models.layers.placement`; `bam_models.insert._stages` finds the stages), inside the stage module,
+so every trunk parameter keeps its name, a plain checkpoint loads with exactly the BAM keys missing, and
+`features_only`, `forward_intermediates` and detection backbones see the refined maps. `insert_cbam` fills
+every block's attention slot (`bam_models.insert._slots`) with placement's `cbam_layer`.
 
 For ResNets and MobileNetV1 the result is the zoo's architecture: `insert_bam(torchvision.models.resnet50())`
 has exactly the parameters (names and shapes) of `resnet50_bam`, and `insert_bam(timm.create_model('resnet50',
