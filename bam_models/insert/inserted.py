@@ -10,15 +10,14 @@ key checks.
 """
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Union
 
 import timm
 import torch.nn as nn
-from timm.models import register_model
-from timm.models._builder import resolve_pretrained_cfg
-from timm.models._registry import generate_default_cfgs
+from timm.models import generate_default_cfgs, register_model, resolve_pretrained_cfg, split_model_name_tag
 
 from bam_models.hub import build_model_with_weights, save_pretrained
+from .insertion import insert_bam, insert_cbam
 
 __all__ = ['ATTENTIONS', 'FolderNotEmptyError', 'insert_into_folder', 'with_attention']
 
@@ -32,16 +31,11 @@ ATTENTIONS = ('bam', 'cbam')
 
 def _base_cfg(base_model: str) -> Dict[str, Any]:
     """The base model's pretrained_cfg (preprocessing, classifier, first conv) as the inserted model's."""
-    cfg = resolve_pretrained_cfg(*_split_tag(base_model)).to_dict()
+    cfg = resolve_pretrained_cfg(*split_model_name_tag(base_model)).to_dict()
     for key in _WEIGHT_SOURCE_KEYS:
         cfg.pop(key, None)
     cfg['architecture'] = ARCHITECTURE
     return cfg
-
-
-def _split_tag(name: str) -> Tuple[str, Optional[str]]:
-    arch, _, tag = name.partition('.')
-    return arch, tag or None
 
 
 def _build(
@@ -52,7 +46,6 @@ def _build(
         trunk_pretrained: bool,
         **kwargs,
 ) -> nn.Module:
-    from . import insert_bam, insert_cbam  # the package imports this module once it defines them
     model = timm.create_model(base_model, pretrained=trunk_pretrained, **kwargs)
     if attention == 'bam':
         return insert_bam(model, bam_args=attention_args)
@@ -97,7 +90,7 @@ def with_attention(
 def _feature_cfg(base_model: str) -> Dict[str, Any]:
     """features_only through forward_intermediates, in which every stage module runs with its attention; by
     default every stage the base model describes."""
-    num_stages = len(timm.create_model(_split_tag(base_model)[0], device='meta').feature_info)
+    num_stages = len(timm.create_model(split_model_name_tag(base_model)[0], device='meta').feature_info)
     return dict(feature_cls='getter', out_indices=tuple(range(num_stages)))
 
 
