@@ -235,7 +235,7 @@ def test_mobilenetv1_cbam_after_pointwise_conv_keeps_the_skip():
     """A block with a skip (stride 1, equal widths; MobileNetV1's own blocks have none) refines the pointwise
     branch before the add and leaves the shortcut alone, in place or not, in eval and in training."""
     from functools import partial
-    from timm.models._efficientnet_builder import decode_arch_def
+    from bam_models._compat import decode_arch_def
     from bam_models.models.bam_mobilenetv1 import BamMobileNetV1, DepthwiseSeparableAttnPw
 
     def build(inplace: bool) -> BamMobileNetV1:
