@@ -6,15 +6,16 @@ timm from `timm.models` / `timm.layers` / `timm.data` and huggingface_hub from i
 """
 from huggingface_hub.utils import _http as _hf_http
 from timm.data.dataset_factory import _search_split as search_split  # the split-folder names timm accepts
-from timm.models._efficientnet_blocks import DepthwiseSeparableConv  # MobileNetV1's block
-from timm.models._efficientnet_builder import (  # MobileNetV1's arch-def decoding, as timm's own models use it
-    decode_arch_def, resolve_act_layer, resolve_bn_args, round_channels)
+from timm.models._efficientnet_blocks import DepthwiseSeparableConv  # MobileNetV1's block, subclassed for CBAM
+from timm.models._efficientnet_builder import decode_arch_def  # MobileNetV1's arch strings to block args
+from timm.models._efficientnet_builder import resolve_act_layer  # timm's act_layer kwarg handling
+from timm.models._efficientnet_builder import resolve_bn_args  # timm's bn_* kwarg handling
+from timm.models._efficientnet_builder import round_channels  # width multiplier rounding
 from timm.models._features import feature_take_indices  # forward_intermediates' index rule
 from timm.models._hub import hf_split, save_config_for_hf  # 'repo@revision' parsing; config.json without weights
-from timm.models.regnet import RegStage  # insert_bam's stage detection for RegNets
 
 __all__ = [
-    'DepthwiseSeparableConv', 'RegStage', 'current_hf_client_factory', 'decode_arch_def', 'feature_take_indices',
+    'DepthwiseSeparableConv', 'current_hf_client_factory', 'decode_arch_def', 'feature_take_indices',
     'hf_split', 'resolve_act_layer', 'resolve_bn_args', 'round_channels', 'save_config_for_hf', 'search_split',
 ]
 

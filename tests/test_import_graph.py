@@ -4,8 +4,6 @@ import ast
 from pathlib import Path
 from typing import Dict, Iterator, List, NamedTuple, Optional, Set
 
-import pytest
-
 PACKAGE = Path(__file__).parents[1] / 'bam_models'
 ROOT = '__init__'  # the package itself (`import bam_models`, `from bam_models import X` for a name of it)
 # what the layers may import: the floor below them, and themselves
@@ -139,15 +137,11 @@ def test_the_loading_floor_imports_nothing_above_it():
     assert not wrong, wrong
 
 
-@pytest.mark.xfail(reason="train/demo.py imports commands.validate (train -> commands -> train): the 'trainer' "
-                          "part of issue 18 moves the demo into commands/ and validate into train/", strict=False)
 def test_no_cycle_between_top_level_parts():
     cycle = _cycle(_graph(_all_imports()))
     assert cycle is None, ' -> '.join(cycle)
 
 
-@pytest.mark.xfail(reason="insert/__init__.py imports models.attention_resnet._hand_final_relu_over: the "
-                          "'placement' part of issue 18 replaces it with layers/placement.py", strict=False)
 def test_no_private_name_crosses_a_part():
     crossings = _private_crossings(_all_imports())
     assert not crossings, crossings
@@ -179,14 +173,5 @@ def _private_library_imports() -> List[str]:
     return found
 
 
-def test_loading_uses_public_library_names_only():
-    # the parts of the loading engineer of issue 18 are clean on every branch
-    mine = ('weights/', 'hub/', 'checkpoint.py', 'convert.py', 'cli.py', 'commands/', 'errors.py')
-    assert [line for line in _private_library_imports() if line.startswith(mine)] == []
-
-
-@pytest.mark.xfail(reason="models/*.py, insert/_stages.py, layers/{bam,cbam}.py ('placement' part of issue 18) "
-                          "and train/data.py ('trainer' part) still import timm's private modules; bam_models._compat "
-                          "already holds what has no public name", strict=False)
 def test_timm_and_huggingface_hub_private_names_only_in_compat():
     assert _private_library_imports() == []

@@ -16,8 +16,8 @@ from torchvision.models.mobilenetv3 import InvertedResidual
 from bam_models import BAM, CBAM, insert_bam, insert_cbam
 from bam_models.cli import main
 from bam_models.train.config import ConfigError, config_from_dict
-from bam_models.hub import TrunkOnlyWeightsWarning, attention_keys
-from bam_models.hub import insert_into_folder
+from bam_models.hub import TrunkOnlyWeightsWarning, insert_into_folder
+from bam_models.layers import attention_keys
 from bam_models.train.build import check_config
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -117,6 +117,53 @@ def test_torchvision_model_with_inserted_attention_computes_the_zoo_model(insert
         if isinstance(module, (BAM, CBAM)):
             module.forward = lambda t: t
     assert not torch.allclose(converted(x), zoo(x), atol=1e-3)
+
+
+def _randomize_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Non-trivial BN statistics and scales, so that an output comparison covers every layer."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.1, 0.1)
+                module.running_var.uniform_(0.5, 1.5)
+                module.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def _torchvision_dilated(builder, output_stride: int):
+    dilate = {32: [False, False, False], 16: [False, False, True], 8: [False, True, True]}[output_stride]
+    return builder(replace_stride_with_dilation=dilate)
+
+
+@pytest.mark.parametrize('output_stride', [8, 16, 32])
+@pytest.mark.parametrize('trunk, attention, library', [
+    ('resnet50', 'bam', 'timm'),
+    ('resnet18', 'bam', 'timm'),
+    ('resnet50', 'bam', 'torchvision'),
+    ('resnet18', 'cbam', 'timm'),
+    ('resnet50', 'cbam', 'torchvision'),  # torchvision's BasicBlock refuses dilation
+])
+def test_dilated_insertion_equals_the_dilated_zoo_model(trunk, attention, library, output_stride):
+    """insert_bam / insert_cbam on a ResNet at any output_stride: the zoo model's keys (a strict load of its
+    weights), for timm its modules too, and its output with those weights."""
+    zoo = _randomize_norms(timm.create_model(
+        f'{trunk}_{attention}', output_stride=output_stride, zero_init_last=False)).eval()
+    insert = insert_bam if attention == 'bam' else insert_cbam
+    if library == 'timm':
+        plain = timm.create_model(trunk, output_stride=output_stride)
+    else:
+        plain = _torchvision_dilated(getattr(torchvision.models, trunk), output_stride)
+    model = insert(plain).eval()
+    if library == 'timm':
+        assert _modules(model) == _modules(zoo)  # BAM dilation, inplace, input_relu and the handed-over ReLU
+    model.load_state_dict(zoo.state_dict(), strict=True)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), zoo(x), rtol=1e-5, atol=1e-5)
+    if attention == 'bam':
+        dilations = [m.spatial_gate.conv_dil0.dilation[0] for m in model.modules() if isinstance(m, BAM)]
+        # layer1-3 whatever the output_stride; the gate on a map k times denser dilates k times more
+        assert dilations == {32: [4, 4, 4], 16: [4, 4, 4], 8: [4, 4, 8]}[output_stride]
 
 
 # ------------------------------------------------------------------------------ the rule, beyond the zoo

@@ -3,10 +3,15 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import timm
 from timm.layers import freeze_batch_norm_2d
 from timm.layers.cbam import CbamModule
+from timm.models.resnet import BasicBlock
 
-from bam_models.layers import BAM, CBAM, GateBatchNorm2d
+from bam_models.layers import (
+    BAM, BAM_DILATION, CBAM, GateBatchNorm2d, attention_keys, bam_stage_indices, cbam_layer, hand_final_relu_over,
+    stage_bam, stage_dilation,
+)
 
 
 def _randomize(module: nn.Module) -> nn.Module:
@@ -172,3 +177,54 @@ def test_freeze_batch_norm_covers_attention(layer_cls):
     assert not any(isinstance(m, nn.BatchNorm2d) for m in layer.modules())
     x = torch.randn(1, 32, 6, 6)
     assert layer.train()(x).shape == x.shape  # frozen BN trains at batch size 1 too
+
+
+# ------------------------------------------------------------------------------ placement (layers/placement.py)
+
+def test_bam_stage_indices_follow_natural_downsampling():
+    assert bam_stage_indices((4, 8, 16, 32)) == (0, 1, 2)  # a ResNet's layer1-3
+    assert bam_stage_indices((2, 4, 8, 16, 32)) == (0, 1, 2, 3)  # MobileNetV1's blocks.0-3
+    assert bam_stage_indices((1, 2, 4)) == (0, 1)  # CIFAR pre-activation nets
+    assert bam_stage_indices((4, 4, 8, 8, 16)) == (1, 3)  # only where the next stage reduces further
+    assert bam_stage_indices((4,)) == ()
+
+
+@pytest.mark.parametrize('output_stride, dilations', [(32, [1, 1, 1, 1]), (16, [1, 1, 1, 2]), (8, [1, 1, 2, 4])])
+def test_stage_dilation_reads_the_dilation_output_stride_applied(output_stride, dilations):
+    model = timm.create_model('resnet18', output_stride=output_stride, device='meta')
+    assert [stage_dilation(getattr(model, f'layer{i}')) for i in range(1, 5)] == dilations
+
+
+def test_stage_bam_configures_the_stage_bam():
+    model = timm.create_model('resnet50', output_stride=8, device='meta')
+    bam = stage_bam(model.layer3, 1024, dict(fusion='sum'), device='meta')
+    assert bam.spatial_gate.conv_dil0.dilation == (BAM_DILATION * 2,) * 2  # layer3 is dilated 2x at stride 8
+    assert bam.inplace and bam.input_relu and bam.fusion == 'sum'
+    assert isinstance(model.layer3[-1].act3, nn.Identity)  # BAM took over the block's closing ReLU
+    kept = stage_bam(model.layer2, 512, dict(input_relu=False, inplace=False, dilation=2), device='meta')
+    assert not kept.input_relu and not kept.inplace and kept.spatial_gate.conv_dil0.dilation == (2, 2)
+    assert isinstance(model.layer2[-1].act3, nn.ReLU)
+
+
+def test_hand_final_relu_over_only_a_timm_resnet_block_with_its_own_relu():
+    block = BasicBlock(8, 8)
+    x = torch.randn(2, 8, 6, 6)
+    expected = block.eval()(x)
+    assert hand_final_relu_over(block) and isinstance(block.act2, nn.Identity)
+    torch.testing.assert_close(F.relu(block(x)), expected)
+    assert not hand_final_relu_over(BasicBlock(8, 8, act_layer=nn.SiLU))
+    assert not hand_final_relu_over(nn.Sequential(nn.Conv2d(8, 8, 3), nn.ReLU()))
+
+
+def test_cbam_layer_is_in_place_unless_told():
+    assert cbam_layer()(32).inplace
+    cbam = cbam_layer(dict(inplace=False, rd_ratio=1 / 8))(32, device='meta')
+    assert not cbam.inplace and cbam.channel_gate.fc1.out_channels == 4
+
+
+def test_attention_keys_are_the_bam_and_cbam_modules_keys():
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), BAM(16), nn.Sequential(nn.Conv2d(16, 16, 1), CBAM(16)))
+    keys = attention_keys(model)
+    assert keys and all(k.startswith(('1.', '2.1.')) for k in keys)
+    assert set(model.state_dict()) - set(keys) == {'0.weight', '0.bias', '2.0.weight', '2.0.bias'}
+    assert attention_keys(nn.Conv2d(3, 3, 1)) == []

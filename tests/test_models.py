@@ -6,15 +6,13 @@ import timm
 import torch
 import torch.nn as nn
 from pytorchcv.model_provider import get_model as pytorchcv_model
-from timm.models import create_feature_extractor, get_graph_node_names
-from timm.models._manipulate import group_parameters
+from timm.models import create_feature_extractor, get_graph_node_names, group_parameters
 
-from timm.models._efficientnet_blocks import DepthwiseSeparableConv
 from timm.models.resnet import BasicBlock, Bottleneck
 
 import bam_models
-from bam_models.hub import attention_keys
-from bam_models.layers import BAM, CBAM
+from bam_models._compat import DepthwiseSeparableConv
+from bam_models.layers import BAM, CBAM, attention_keys
 from bam_models.models import AttentionResNet
 from bam_models.models.cifar_preresnet import PreActBasicAttn
 
@@ -237,7 +235,7 @@ def test_mobilenetv1_cbam_after_pointwise_conv_keeps_the_skip():
     """A block with a skip (stride 1, equal widths; MobileNetV1's own blocks have none) refines the pointwise
     branch before the add and leaves the shortcut alone, in place or not, in eval and in training."""
     from functools import partial
-    from timm.models._efficientnet_builder import decode_arch_def
+    from bam_models._compat import decode_arch_def
     from bam_models.models.bam_mobilenetv1 import BamMobileNetV1, DepthwiseSeparableAttnPw
 
     def build(inplace: bool) -> BamMobileNetV1:
@@ -461,6 +459,22 @@ def test_torch_compile_fullgraph(name):
     x = torch.randn(*_small(name))
     compiled = torch.compile(model, fullgraph=True, dynamic=False)
     torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('name', bam_models.models.list_zoo_models())
+def test_meta_device_construction_both_spellings(name):
+    """`device='meta'` and `with torch.device('meta')` both build every zoo model, with the same parameters."""
+    by_argument = timm.create_model(name, device='meta')
+    with torch.device('meta'):
+        by_context = timm.create_model(name)
+    for model in (by_argument, by_context):
+        assert all(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    assert _shapes(by_context) == _shapes(by_argument)
+    assert sum(p.numel() for p in by_context.parameters()) == sum(p.numel() for p in by_argument.parameters())
+
+
+def _shapes(model: nn.Module):
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 @pytest.mark.parametrize('name', CONTRACT)

@@ -4,20 +4,23 @@ The rule (the papers' "bottleneck" of a network, written once for every architec
 
     Walk the model's stages in order. A stage gets one BAM on its output when it holds two or more
     convolution / linear layers (a stem holds at most one: a bare activation, norm or conv-norm-act) and the
-    stage after it downsamples.
+    stage after it downsamples, or would without output_stride (`bam_models.layers.bam_stage_indices`).
 
 timm describes its stages in `feature_info` (module, channels, reduction): the next stage downsamples when its
-reduction is larger. For torchvision the stages are the children of the trunk (`features`, `trunk_output` or
-`layer1`-`layer4`): the next one downsamples when it holds a convolution or pooling with stride > 1, and the
-channels are those its first convolution reads. For ResNets this gives layer1-3 and for MobileNetV1 blocks.0-3,
-the zoo's placement.
+natural reduction (reduction x its dilation, `bam_models.layers.stage_dilation`) is larger. For torchvision the
+stages are the children of the trunk (`features`, `trunk_output` or `layer1`-`layer4`): the next one
+downsamples when it holds a convolution or pooling with stride > 1 or is more dilated, and the channels are
+those its first convolution reads. For ResNets this gives layer1-3 (at any output_stride) and for MobileNetV1
+blocks.0-3, the zoo's placement; how each BAM is configured is `bam_models.layers.stage_bam`.
 """
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch.nn as nn
-from timm.models._features import FeatureInfo
+from timm.models import FeatureInfo
 from timm.models.regnet import RegStage
+
+from bam_models.layers import bam_stage_indices, stage_dilation
 
 __all__ = ['Stage', 'bam_stages', 'attach_after']
 
@@ -54,6 +57,11 @@ def _downsamples(module: nn.Module) -> bool:
     return False
 
 
+def _downsamples_after(stage: nn.Module, successor: nn.Module) -> bool:
+    """True where `successor` halves the map or, dilated by output_stride, would have."""
+    return _downsamples(successor) or stage_dilation(successor) > stage_dilation(stage)
+
+
 def _channels_read_by(units: List[nn.Module]) -> Optional[int]:
     """Input channels of the first convolution in `units`: the width of the map that reaches them."""
     return next((m.in_channels for unit in units for m in unit.modules() if isinstance(m, nn.Conv2d)), None)
@@ -80,12 +88,14 @@ def _successor(model: nn.Module, module: nn.Module) -> Optional[nn.Module]:
 
 
 def _timm_stages(model: nn.Module, info: List[Dict]) -> List[Stage]:
+    modules = [_resolve(model, entry['module']) for entry in info]
+    natural = [entry['reduction'] * (stage_dilation(m) if m is not None else 1) for entry, m in zip(info, modules)]
     stages = []
-    for entry, nxt in zip(info, info[1:]):
-        module = _resolve(model, entry['module'])
-        if module is None or nxt['reduction'] <= entry['reduction'] or not _holds_blocks(module):
+    for index in bam_stage_indices(natural):
+        module = modules[index]
+        if module is None or not _holds_blocks(module):
             continue
-        stages.append(Stage(entry['module'], module, entry['num_chs'], _successor(model, module)))
+        stages.append(Stage(info[index]['module'], module, info[index]['num_chs'], _successor(model, module)))
     return stages
 
 
@@ -101,7 +111,7 @@ def _torchvision_stages(model: nn.Module) -> List[Stage]:
     stages = []
     for index, (name, module) in enumerate(units[:-1]):
         following = [unit for _, unit in units[index + 1:]]
-        if not _holds_blocks(module) or not _downsamples(following[0]):
+        if not _holds_blocks(module) or not _downsamples_after(module, following[0]):
             continue
         channels = _channels_read_by(following)
         if channels is not None:

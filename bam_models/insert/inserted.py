@@ -16,6 +16,7 @@ import torch.nn as nn
 from timm.models import generate_default_cfgs, register_model
 
 from bam_models.weights import WEIGHT_LOCATION_FIELDS, build_model_with_weights
+from .insertion import insert_bam, insert_cbam
 
 __all__ = ['ARCHITECTURE', 'ATTENTIONS', 'with_attention']
 
@@ -45,7 +46,6 @@ def _build(
         trunk_pretrained: bool,
         **kwargs,
 ) -> nn.Module:
-    from . import insert_bam, insert_cbam  # the package imports this module once it defines them
     model = timm.create_model(base_model, pretrained=trunk_pretrained, **kwargs)
     if attention == 'bam':
         return insert_bam(model, bam_args=attention_args)

@@ -2,4 +2,6 @@ from .bam import BAM, BamChannelGate, BamSpatialGate, DilatedConv2d, GateBatchNo
 from .cbam import CBAM, CbamChannelGate, CbamSpatialGate
 from .config import FusedGatingError, fused_gating, set_fused_gating, use_fused_gating
 from .gating_tuning import TUNING, GatingTuning, tuning_for
-from .placement import attention_keys
+from .placement import (
+    BAM_DILATION, attention_keys, bam_stage_indices, cbam_layer, hand_final_relu_over, stage_bam, stage_dilation,
+)

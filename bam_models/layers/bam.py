@@ -17,8 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from timm.layers import make_divisible
-from timm.layers._fx import register_notrace_module
+from timm.layers import make_divisible, register_notrace_module
 
 from .config import use_fused_gating
 from .fused_gates import bam_refine, bam_single_branch

@@ -16,8 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from timm.layers import make_divisible
-from timm.layers._fx import register_notrace_module
+from timm.layers import make_divisible, register_notrace_module
 
 from .config import use_fused_gating
 from .fused_gates import cbam_refine

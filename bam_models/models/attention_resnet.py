@@ -4,8 +4,10 @@ BAM (Park et al. 2018) refines the output of layer1, layer2 and layer3, just bef
 The module lives inside the stage it refines (`layer1.bam`), so every trunk parameter keeps timm's (and
 torchvision's) name, plain-trunk checkpoints load with only the BAM keys missing, and every features_only
 wrapper and forward_intermediates return BAM-refined maps. Each BAM applies the ReLU that ends the block
-before it (that block's last activation is an identity; see `_hand_final_relu_over`), which leaves every
-output unchanged and keeps one full-size tensor fewer for backward.
+before it (that block's last activation is an identity; see `bam_models.layers.hand_final_relu_over`), which
+leaves every output unchanged and keeps one full-size tensor fewer for backward. Where BAM goes and how each is
+configured (dilation under output_stride < 32 included) is `bam_models.layers.placement`, which insert_bam
+follows too.
 
 CBAM (Woo et al. 2018) sits in every residual block after the last BN and before the residual add, which is
 timm's block attention slot (`layer1.0.se`).
@@ -14,59 +16,25 @@ timm's block attention slot (`layer1.0.se`).
 every stage 1.5x / 2x wider (96-192-384-768 / 128-256-512-1024 channels) and the stem unchanged. They are
 registered with their BAM and CBAM twins, as the papers compare them.
 """
-from functools import partial
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn as nn
 
-from timm.models import register_model
-from timm.models._manipulate import checkpoint_seq
-from timm.models._registry import generate_default_cfgs
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from bam_models.weights import build_model_with_weights
-from bam_models.layers import BAM, CBAM
+from bam_models.layers import bam_stage_indices, cbam_layer, stage_bam
 from bam_models.weights import manifest_default_cfgs
-from ._checks import check_image_batch
+from ._contract import AttentionModelContract, total_stride
 
-# FX patches wrapped names in the globals of the module that calls them, so each calling module wraps it
-torch.fx.wrap('check_image_batch')
+__all__ = ['AttentionResNet', 'bam_resnet_args', 'cbam_resnet_args']
 
-__all__ = ['AttentionResNet']
-
-BAM_STAGES = (1, 2, 3)
-BAM_DILATION = 4  # BAM's default spatial-gate dilation (the paper's)
+# layer1-3: the stages followed by a downsampling (bam_stage_indices of timm's 4-8-16-32 stage reductions)
+BAM_STAGES = tuple(stage + 1 for stage in bam_stage_indices((4, 8, 16, 32)))
 
 
-def _stage_bam_args(bam_args: Optional[Dict[str, Any]], natural_stride: int, stride: int) -> Dict[str, Any]:
-    """BAM arguments for the BAM after a stage's last block, in a stage that output_stride < 32 may have dilated.
-
-    A dilated stage samples its maps `natural_stride / stride` times more densely; widening the spatial gate's
-    dilation by that factor keeps its receptive field in image pixels the one it was trained with. BAM is the
-    only reader of the last block's output, so in inference it may overwrite it.
-    """
-    bam_args = dict(bam_args or {})
-    bam_args['dilation'] = bam_args.get('dilation', BAM_DILATION) * max(natural_stride // stride, 1)
-    bam_args.setdefault('inplace', True)
-    return bam_args
-
-
-def _hand_final_relu_over(block: nn.Module) -> bool:
-    """Make a block's closing ReLU an identity, for the BAM after it to apply (True), where it is a plain ReLU.
-
-    The output of that ReLU is BAM's input; apart from BAM only the ReLU's backward would keep it. BAM applying
-    the ReLU itself keeps only its own output, which the next stage keeps anyway: the BAM network's training
-    memory stays that of the plain trunk plus BAM's small branches. Parameters and outputs do not change.
-    """
-    name = 'act3' if isinstance(block, Bottleneck) else 'act2'
-    if type(getattr(block, name, None)) is not nn.ReLU:
-        return False
-    setattr(block, name, nn.Identity())
-    return True
-
-
-class AttentionResNet(ResNet):
+class AttentionResNet(AttentionModelContract, ResNet):
     """timm's ResNet with BAM inside the stages named by `bam_stages` (CBAM goes in through `block_args`).
 
     Args:
@@ -87,24 +55,14 @@ class AttentionResNet(ResNet):
         for stage in bam_stages:
             if stage not in (1, 2, 3, 4):
                 raise ValueError(f"bam_stages entries must be ResNet stages 1-4, got {stage}.")
-            stage_channels = self.feature_info[stage]['num_chs']
-            stage_bam_args = _stage_bam_args(bam_args, 2 ** (stage + 1), self.feature_info[stage]['reduction'])
             layer = getattr(self, f'layer{stage}')
-            if stage_bam_args.setdefault('input_relu', True):
-                stage_bam_args['input_relu'] = _hand_final_relu_over(layer[-1])
-            layer.add_module('bam', BAM(stage_channels, **stage_bam_args, **dd))
+            layer.add_module('bam', stage_bam(layer, self.feature_info[stage]['num_chs'], bam_args, **dd))
         self.bam_stages = tuple(bam_stages)
-        self.min_input_size = kwargs.get('output_stride', 32)
+        self.min_input_size = total_stride(self.feature_info)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        if coarse:
-            return dict(stem=r'^conv1|bn1|maxpool', blocks=r'^layer(\d+)')
-        # a stage's BAM joins the group of that stage's last block rather than the head
-        return dict(
-            stem=r'^conv1|bn1|maxpool',
-            blocks=[(r'^layer(\d+)\.bam', (99999,)), (r'^layer(\d+)\.(\d+)', None)],
-        )
+        return self.attention_group_matcher(coarse, stem=r'^conv1|bn1|maxpool', stage=r'^layer(\d+)')
 
     def forward_intermediates(
             self,
@@ -115,7 +73,7 @@ class AttentionResNet(ResNet):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        check_image_batch(x, self.in_chans, self.min_input_size)
+        self.check_input(x)
         return super().forward_intermediates(
             x, indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
             intermediates_only=intermediates_only,
@@ -123,7 +81,7 @@ class AttentionResNet(ResNet):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         # timm's body plus the input check; TorchScript cannot compile a super() call here
-        check_image_batch(x, self.in_chans, self.min_input_size)
+        self.check_input(x)
         x = self.conv1(x)
         x = self.bn1(x)
         x = self.act1(x)
@@ -142,18 +100,15 @@ def _create_resnet_attn(variant: str, pretrained: bool = False, **kwargs) -> Att
     return build_model_with_weights(AttentionResNet, variant, pretrained, **kwargs)
 
 
-def _bam_args(block, layers, **kwargs) -> Dict[str, Any]:
+def bam_resnet_args(block, layers, **kwargs) -> Dict[str, Any]:
     """Architecture kwargs of a BAM ResNet; user kwargs (e.g. bam_args=dict(fusion='sum')) win."""
     return dict(dict(block=block, layers=layers, bam_stages=BAM_STAGES), **kwargs)
 
 
-def _cbam_args(block, layers, **kwargs) -> Dict[str, Any]:
-    """Architecture kwargs of a CBAM ResNet; `cbam_args` configure every block's CBAM."""
-    # a block's last BN output feeds only its CBAM, so in inference CBAM may overwrite it
-    cbam_args = {'inplace': True, **(kwargs.pop('cbam_args', None) or {})}
-    attn_layer = partial(CBAM, **cbam_args)
+def cbam_resnet_args(block, layers, **kwargs) -> Dict[str, Any]:
+    """Architecture kwargs of a CBAM ResNet; `cbam_args` configure every block's CBAM (timm's `attn_layer`)."""
     block_args = dict(kwargs.pop('block_args', None) or {})
-    block_args.setdefault('attn_layer', attn_layer)
+    block_args.setdefault('attn_layer', cbam_layer(kwargs.pop('cbam_args', None)))
     return dict(block=block, layers=layers, block_args=block_args, **kwargs)
 
 
@@ -206,45 +161,45 @@ WIDE18_200_CHANNELS = (128, 256, 512, 1024)
 @register_model
 def resnet18_bam(pretrained: bool = False, **kwargs) -> AttentionResNet:
     """ResNet-18 with BAM after layer1-3."""
-    return _create_resnet_attn('resnet18_bam', pretrained, **_bam_args(BasicBlock, (2, 2, 2, 2), **kwargs))
+    return _create_resnet_attn('resnet18_bam', pretrained, **bam_resnet_args(BasicBlock, (2, 2, 2, 2), **kwargs))
 
 
 @register_model
 def resnet34_bam(pretrained: bool = False, **kwargs) -> AttentionResNet:
     """ResNet-34 with BAM after layer1-3."""
-    return _create_resnet_attn('resnet34_bam', pretrained, **_bam_args(BasicBlock, (3, 4, 6, 3), **kwargs))
+    return _create_resnet_attn('resnet34_bam', pretrained, **bam_resnet_args(BasicBlock, (3, 4, 6, 3), **kwargs))
 
 
 @register_model
 def resnet50_bam(pretrained: bool = False, **kwargs) -> AttentionResNet:
     """ResNet-50 with BAM after layer1-3 (the authors' ImageNet architecture)."""
-    return _create_resnet_attn('resnet50_bam', pretrained, **_bam_args(Bottleneck, (3, 4, 6, 3), **kwargs))
+    return _create_resnet_attn('resnet50_bam', pretrained, **bam_resnet_args(Bottleneck, (3, 4, 6, 3), **kwargs))
 
 
 @register_model
 def resnet101_bam(pretrained: bool = False, **kwargs) -> AttentionResNet:
     """ResNet-101 with BAM after layer1-3."""
-    return _create_resnet_attn('resnet101_bam', pretrained, **_bam_args(Bottleneck, (3, 4, 23, 3), **kwargs))
+    return _create_resnet_attn('resnet101_bam', pretrained, **bam_resnet_args(Bottleneck, (3, 4, 23, 3), **kwargs))
 
 
 @register_model
 def resnet152_bam(pretrained: bool = False, **kwargs) -> AttentionResNet:
     """ResNet-152 with BAM after layer1-3."""
-    return _create_resnet_attn('resnet152_bam', pretrained, **_bam_args(Bottleneck, (3, 8, 36, 3), **kwargs))
+    return _create_resnet_attn('resnet152_bam', pretrained, **bam_resnet_args(Bottleneck, (3, 8, 36, 3), **kwargs))
 
 
 @register_model
 def wide_resnet50_2_bam(pretrained: bool = False, **kwargs) -> AttentionResNet:
     """Wide ResNet-50-2 with BAM after layer1-3."""
     return _create_resnet_attn(
-        'wide_resnet50_2_bam', pretrained, **_bam_args(Bottleneck, (3, 4, 6, 3), base_width=128, **kwargs))
+        'wide_resnet50_2_bam', pretrained, **bam_resnet_args(Bottleneck, (3, 4, 6, 3), base_width=128, **kwargs))
 
 
 @register_model
 def wide_resnet101_2_bam(pretrained: bool = False, **kwargs) -> AttentionResNet:
     """Wide ResNet-101-2 with BAM after layer1-3."""
     return _create_resnet_attn(
-        'wide_resnet101_2_bam', pretrained, **_bam_args(Bottleneck, (3, 4, 23, 3), base_width=128, **kwargs))
+        'wide_resnet101_2_bam', pretrained, **bam_resnet_args(Bottleneck, (3, 4, 23, 3), base_width=128, **kwargs))
 
 
 @register_model
@@ -252,7 +207,7 @@ def resnext50_32x4d_bam(pretrained: bool = False, **kwargs) -> AttentionResNet:
     """ResNeXt-50 32x4d with BAM after layer1-3."""
     return _create_resnet_attn(
         'resnext50_32x4d_bam', pretrained,
-        **_bam_args(Bottleneck, (3, 4, 6, 3), cardinality=32, base_width=4, **kwargs))
+        **bam_resnet_args(Bottleneck, (3, 4, 6, 3), cardinality=32, base_width=4, **kwargs))
 
 
 @register_model
@@ -260,7 +215,7 @@ def resnext101_32x4d_bam(pretrained: bool = False, **kwargs) -> AttentionResNet:
     """ResNeXt-101 32x4d with BAM after layer1-3."""
     return _create_resnet_attn(
         'resnext101_32x4d_bam', pretrained,
-        **_bam_args(Bottleneck, (3, 4, 23, 3), cardinality=32, base_width=4, **kwargs))
+        **bam_resnet_args(Bottleneck, (3, 4, 23, 3), cardinality=32, base_width=4, **kwargs))
 
 
 @register_model
@@ -268,44 +223,44 @@ def resnext101_32x8d_bam(pretrained: bool = False, **kwargs) -> AttentionResNet:
     """ResNeXt-101 32x8d with BAM after layer1-3."""
     return _create_resnet_attn(
         'resnext101_32x8d_bam', pretrained,
-        **_bam_args(Bottleneck, (3, 4, 23, 3), cardinality=32, base_width=8, **kwargs))
+        **bam_resnet_args(Bottleneck, (3, 4, 23, 3), cardinality=32, base_width=8, **kwargs))
 
 
 @register_model
 def resnet18_cbam(pretrained: bool = False, **kwargs) -> AttentionResNet:
     """ResNet-18 with CBAM in every block."""
-    return _create_resnet_attn('resnet18_cbam', pretrained, **_cbam_args(BasicBlock, (2, 2, 2, 2), **kwargs))
+    return _create_resnet_attn('resnet18_cbam', pretrained, **cbam_resnet_args(BasicBlock, (2, 2, 2, 2), **kwargs))
 
 
 @register_model
 def resnet34_cbam(pretrained: bool = False, **kwargs) -> AttentionResNet:
     """ResNet-34 with CBAM in every block."""
-    return _create_resnet_attn('resnet34_cbam', pretrained, **_cbam_args(BasicBlock, (3, 4, 6, 3), **kwargs))
+    return _create_resnet_attn('resnet34_cbam', pretrained, **cbam_resnet_args(BasicBlock, (3, 4, 6, 3), **kwargs))
 
 
 @register_model
 def resnet50_cbam(pretrained: bool = False, **kwargs) -> AttentionResNet:
     """ResNet-50 with CBAM in every block (the authors' ImageNet architecture)."""
-    return _create_resnet_attn('resnet50_cbam', pretrained, **_cbam_args(Bottleneck, (3, 4, 6, 3), **kwargs))
+    return _create_resnet_attn('resnet50_cbam', pretrained, **cbam_resnet_args(Bottleneck, (3, 4, 6, 3), **kwargs))
 
 
 @register_model
 def resnet101_cbam(pretrained: bool = False, **kwargs) -> AttentionResNet:
     """ResNet-101 with CBAM in every block."""
-    return _create_resnet_attn('resnet101_cbam', pretrained, **_cbam_args(Bottleneck, (3, 4, 23, 3), **kwargs))
+    return _create_resnet_attn('resnet101_cbam', pretrained, **cbam_resnet_args(Bottleneck, (3, 4, 23, 3), **kwargs))
 
 
 @register_model
 def resnet152_cbam(pretrained: bool = False, **kwargs) -> AttentionResNet:
     """ResNet-152 with CBAM in every block."""
-    return _create_resnet_attn('resnet152_cbam', pretrained, **_cbam_args(Bottleneck, (3, 8, 36, 3), **kwargs))
+    return _create_resnet_attn('resnet152_cbam', pretrained, **cbam_resnet_args(Bottleneck, (3, 8, 36, 3), **kwargs))
 
 
 @register_model
 def wide_resnet50_2_cbam(pretrained: bool = False, **kwargs) -> AttentionResNet:
     """Wide ResNet-50-2 with CBAM in every block."""
     return _create_resnet_attn(
-        'wide_resnet50_2_cbam', pretrained, **_cbam_args(Bottleneck, (3, 4, 6, 3), base_width=128, **kwargs))
+        'wide_resnet50_2_cbam', pretrained, **cbam_resnet_args(Bottleneck, (3, 4, 6, 3), base_width=128, **kwargs))
 
 
 @register_model
@@ -313,7 +268,7 @@ def resnext50_32x4d_cbam(pretrained: bool = False, **kwargs) -> AttentionResNet:
     """ResNeXt-50 32x4d with CBAM in every block."""
     return _create_resnet_attn(
         'resnext50_32x4d_cbam', pretrained,
-        **_cbam_args(Bottleneck, (3, 4, 6, 3), cardinality=32, base_width=4, **kwargs))
+        **cbam_resnet_args(Bottleneck, (3, 4, 6, 3), cardinality=32, base_width=4, **kwargs))
 
 
 @register_model
@@ -321,14 +276,14 @@ def resnext101_32x8d_cbam(pretrained: bool = False, **kwargs) -> AttentionResNet
     """ResNeXt-101 32x8d with CBAM in every block."""
     return _create_resnet_attn(
         'resnext101_32x8d_cbam', pretrained,
-        **_cbam_args(Bottleneck, (3, 4, 23, 3), cardinality=32, base_width=8, **kwargs))
+        **cbam_resnet_args(Bottleneck, (3, 4, 23, 3), cardinality=32, base_width=8, **kwargs))
 
 
 @register_model
 def wide_resnet101_2_cbam(pretrained: bool = False, **kwargs) -> AttentionResNet:
     """Wide ResNet-101-2 with CBAM in every block."""
     return _create_resnet_attn(
-        'wide_resnet101_2_cbam', pretrained, **_cbam_args(Bottleneck, (3, 4, 23, 3), base_width=128, **kwargs))
+        'wide_resnet101_2_cbam', pretrained, **cbam_resnet_args(Bottleneck, (3, 4, 23, 3), base_width=128, **kwargs))
 
 
 @register_model
@@ -336,7 +291,7 @@ def resnext101_32x4d_cbam(pretrained: bool = False, **kwargs) -> AttentionResNet
     """ResNeXt-101 32x4d with CBAM in every block."""
     return _create_resnet_attn(
         'resnext101_32x4d_cbam', pretrained,
-        **_cbam_args(Bottleneck, (3, 4, 23, 3), cardinality=32, base_width=4, **kwargs))
+        **cbam_resnet_args(Bottleneck, (3, 4, 23, 3), cardinality=32, base_width=4, **kwargs))
 
 
 @register_model
@@ -358,7 +313,7 @@ def wide_resnet18_150_bam(pretrained: bool = False, **kwargs) -> AttentionResNet
     """WideResNet-18 (widen 1.5) with BAM after layer1-3."""
     return _create_resnet_attn(
         'wide_resnet18_150_bam', pretrained,
-        **_bam_args(BasicBlock, (2, 2, 2, 2), channels=WIDE18_150_CHANNELS, **kwargs))
+        **bam_resnet_args(BasicBlock, (2, 2, 2, 2), channels=WIDE18_150_CHANNELS, **kwargs))
 
 
 @register_model
@@ -366,7 +321,7 @@ def wide_resnet18_200_bam(pretrained: bool = False, **kwargs) -> AttentionResNet
     """WideResNet-18 (widen 2.0) with BAM after layer1-3."""
     return _create_resnet_attn(
         'wide_resnet18_200_bam', pretrained,
-        **_bam_args(BasicBlock, (2, 2, 2, 2), channels=WIDE18_200_CHANNELS, **kwargs))
+        **bam_resnet_args(BasicBlock, (2, 2, 2, 2), channels=WIDE18_200_CHANNELS, **kwargs))
 
 
 @register_model
@@ -374,7 +329,7 @@ def wide_resnet18_150_cbam(pretrained: bool = False, **kwargs) -> AttentionResNe
     """WideResNet-18 (widen 1.5) with CBAM in every block."""
     return _create_resnet_attn(
         'wide_resnet18_150_cbam', pretrained,
-        **_cbam_args(BasicBlock, (2, 2, 2, 2), channels=WIDE18_150_CHANNELS, **kwargs))
+        **cbam_resnet_args(BasicBlock, (2, 2, 2, 2), channels=WIDE18_150_CHANNELS, **kwargs))
 
 
 @register_model
@@ -382,4 +337,4 @@ def wide_resnet18_200_cbam(pretrained: bool = False, **kwargs) -> AttentionResNe
     """WideResNet-18 (widen 2.0) with CBAM in every block."""
     return _create_resnet_attn(
         'wide_resnet18_200_cbam', pretrained,
-        **_cbam_args(BasicBlock, (2, 2, 2, 2), channels=WIDE18_200_CHANNELS, **kwargs))
+        **cbam_resnet_args(BasicBlock, (2, 2, 2, 2), channels=WIDE18_200_CHANNELS, **kwargs))

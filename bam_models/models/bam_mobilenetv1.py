@@ -17,27 +17,22 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from timm.models import register_model
-from timm.models._efficientnet_blocks import DepthwiseSeparableConv
-from timm.models._efficientnet_builder import decode_arch_def, resolve_act_layer, resolve_bn_args, round_channels
-from timm.models._manipulate import checkpoint_seq
-from timm.models._registry import generate_default_cfgs
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models.efficientnet import EfficientNet
 
+from bam_models._compat import (
+    DepthwiseSeparableConv, decode_arch_def, resolve_act_layer, resolve_bn_args, round_channels,
+)
 from bam_models.errors import ConfigError
 from bam_models.weights import build_model_with_weights
-from bam_models.layers import BAM, CBAM
+from bam_models.layers import CBAM, bam_stage_indices, cbam_layer, stage_bam
 from bam_models.weights import manifest_default_cfgs
-from ._checks import check_image_batch
-from .attention_resnet import _stage_bam_args
-
-# FX patches wrapped names in the globals of the module that calls them, so each calling module wraps it
-torch.fx.wrap('check_image_batch')
+from ._contract import AttentionModelContract, total_stride
 
 __all__ = ['BamMobileNetV1', 'DepthwiseSeparableAttnPw']
 
-# stages 0-3 feed the four stride-2 stages 1-4
-BAM_STAGES = (0, 1, 2, 3)
+# stages 0-3, the stages followed by a downsampling (MobileNetV1's five stages reduce by 2, 4, 8, 16, 32)
+BAM_STAGES = bam_stage_indices((2, 4, 8, 16, 32))
 
 _MOBILENETV1_ARCH = [
     ['dsa_r1_k3_s1_c64'],
@@ -84,7 +79,7 @@ class DepthwiseSeparableAttnPw(DepthwiseSeparableConv):
         return x
 
 
-class BamMobileNetV1(EfficientNet):
+class BamMobileNetV1(AttentionModelContract, EfficientNet):
     """timm's EfficientNet (built as MobileNetV1) with BAM at the end of the stages in `bam_stages`; with
     `se_layer` and `pw_attn_layer` (and `bam_stages=()`) it is the CBAM MobileNetV1.
 
@@ -109,20 +104,15 @@ class BamMobileNetV1(EfficientNet):
         for stage in bam_stages:
             if not 0 <= stage < len(self.blocks):
                 raise ValueError(f"bam_stages entries must be stage indices 0-{len(self.blocks) - 1}, got {stage}.")
-            stage_channels = self.feature_info[stage]['num_chs']
-            stage_bam_args = _stage_bam_args(bam_args, 2 ** (stage + 1), self.feature_info[stage]['reduction'])
-            self.blocks[stage].add_module('bam', BAM(stage_channels, **stage_bam_args, **dd))
+            layer = self.blocks[stage]
+            layer.add_module('bam', stage_bam(layer, self.feature_info[stage]['num_chs'], bam_args, **dd))
         self.bam_stages = tuple(bam_stages)
-        self.min_input_size = kwargs.get('output_stride', 32)
+        self.min_input_size = total_stride(self.feature_info)
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        if coarse:
-            blocks = [(r'^blocks\.(\d+)', None)]
-        else:
-            # a stage's BAM joins the group of that stage's last block rather than the head
-            blocks = [(r'^blocks\.(\d+)\.bam', (99999,)), (r'^blocks\.(\d+)\.(\d+)', None)]
-        return dict(stem=r'^conv_stem|bn1', blocks=blocks + [(r'conv_head|bn2', (99999,))])
+        return self.attention_group_matcher(
+            coarse, stem=r'^conv_stem|bn1', stage=r'^blocks\.(\d+)', tail=(r'conv_head|bn2',))
 
     def forward_intermediates(
             self,
@@ -134,7 +124,7 @@ class BamMobileNetV1(EfficientNet):
             intermediates_only: bool = False,
             extra_blocks: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        check_image_batch(x, self.in_chans, self.min_input_size)
+        self.check_input(x)
         return super().forward_intermediates(
             x, indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
             intermediates_only=intermediates_only, extra_blocks=extra_blocks,
@@ -163,7 +153,7 @@ class BamMobileNetV1(EfficientNet):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         # timm's body plus the input check; TorchScript cannot compile a super() call here
-        check_image_batch(x, self.in_chans, self.min_input_size)
+        self.check_input(x)
         x = self.conv_stem(x)
         x = self.bn1(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -175,10 +165,11 @@ class BamMobileNetV1(EfficientNet):
         return x
 
 
-def _cbam_in_block(channels: int, act_layer=None, **kwargs) -> CBAM:
-    """CBAM for either of a block's attention positions; the block's activation (ReLU6) is not CBAM's, whose MLP
-    uses ReLU. In place is safe at both: nothing else reads bn1's or bn2's output."""
-    return CBAM(channels, inplace=True, **kwargs)
+def _cbam_in_block(channels: int, act_layer=None, cbam_args: Optional[Dict[str, Any]] = None, **kwargs) -> CBAM:
+    """CBAM (placement's `cbam_layer`) for either of a block's attention positions; the block's activation
+    (ReLU6) is not CBAM's, whose MLP uses ReLU. In place is safe at both: nothing else reads bn1's or bn2's
+    output."""
+    return cbam_layer(cbam_args)(channels, **kwargs)
 
 
 def _create_mobilenetv1_bam(
@@ -198,8 +189,8 @@ def _create_mobilenetv1_bam(
         arch = [[f'{block}_se{1 / 16}' for block in stage] for stage in _MOBILENETV1_ARCH]
         cbam_args = kwargs.pop('cbam_args', None) or {}
         kwargs.setdefault('bam_stages', ())
-        kwargs.setdefault('se_layer', partial(_cbam_in_block, **cbam_args))
-        kwargs.setdefault('pw_attn_layer', partial(_cbam_in_block, **cbam_args))
+        kwargs.setdefault('se_layer', partial(_cbam_in_block, cbam_args=cbam_args))
+        kwargs.setdefault('pw_attn_layer', partial(_cbam_in_block, cbam_args=cbam_args))
     model_kwargs = dict(
         block_args=decode_arch_def(arch if cbam else _MOBILENETV1_ARCH),
         num_features=0,

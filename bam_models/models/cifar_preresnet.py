@@ -23,20 +23,15 @@ import torch
 import torch.nn as nn
 
 from timm.layers import BatchNormAct2d, ClassifierHead, create_conv2d
-from timm.models import register_model
-from timm.models._features import feature_take_indices
-from timm.models._registry import generate_default_cfgs
+from timm.models import generate_default_cfgs, register_model
 from timm.models.resnetv2 import PreActBasic, ResNetStage
 
+from bam_models._compat import feature_take_indices
 from bam_models.weights import build_model_with_weights
 from bam_models.weights import manifest_default_cfgs
-from bam_models.layers import BAM, CBAM
-from ._checks import check_image_batch
-from .attention_resnet import _stage_bam_args
+from bam_models.layers import BAM, bam_stage_indices, cbam_layer, stage_bam
+from ._contract import AttentionModelContract, stage_drop_path_rates, total_stride
 from .cifar_resnet import CIFAR100_MEAN, CIFAR100_STD
-
-# FX patches wrapped names in the globals of the module that calls them, so each calling module wraps it
-torch.fx.wrap('check_image_batch')
 
 __all__ = ['CifarPreActResNet', 'PreActBasicAttn']
 
@@ -56,8 +51,13 @@ class PreActBasicAttn(PreActBasic):
         return self.drop_path(self.se(x)) + shortcut
 
 
-class CifarPreActResNet(nn.Module):
+class CifarPreActResNet(AttentionModelContract, nn.Module):
     """Pre-activation ResNet for 32x32 images: stem conv, stride 1/2/2 stages, final BN-ReLU, pool, fc.
+
+    Not a subclass of timm's `ResNetV2`, whose stages and blocks it uses: every ResNetV2 stem (`stem_type`)
+    reduces by 4 with a 7x7 or deep conv stem, and its stage strides are fixed at 1-2-2-2, while this network
+    (and pytorchcv's CIFAR trunks, whose weights `convert` maps) has a bare 3x3 stride-1 conv stem and three
+    stages; a subclass would replace the stem, feature_info and forward_intermediates, i.e. all ResNetV2 adds.
 
     Args:
         layers: blocks per stage.
@@ -95,21 +95,21 @@ class CifarPreActResNet(nn.Module):
         self.feature_info = [dict(num_chs=stem_width, reduction=1, module='stem.conv')]
         self.stages = nn.Sequential()
         prev_chs, stride = stem_width, 1
-        depth_rates = torch.linspace(0, drop_path_rate, sum(layers)).split(list(layers))
+        depth_rates = stage_drop_path_rates(drop_path_rate, layers)
         for index, (depth, out_chs, rates) in enumerate(zip(layers, channels, depth_rates)):
             stage_stride = 1 if index == 0 else 2
             stage = ResNetStage(
                 prev_chs, out_chs, stride=stage_stride, dilation=1, depth=depth, bottle_ratio=1.0,
-                block_dpr=rates.tolist(), block_fn=PreActBasicAttn, act_layer=act_layer, conv_layer=create_conv2d,
+                block_dpr=rates, block_fn=PreActBasicAttn, act_layer=act_layer, conv_layer=create_conv2d,
                 norm_layer=norm_layer, **(block_args or {}), **dd)
             stride *= stage_stride
             if index in bam_stages:
-                stage.blocks.add_module('bam', BAM(out_chs, **_stage_bam_args(bam_args, stride, stride), **dd))
+                stage.blocks.add_module('bam', stage_bam(stage.blocks, out_chs, bam_args, **dd))
             self.stages.add_module(str(index), stage)
             self.feature_info.append(dict(num_chs=out_chs, reduction=stride, module=f'stages.{index}'))
             prev_chs = out_chs
         self.bam_stages = tuple(bam_stages)
-        self.min_input_size = stride
+        self.min_input_size = total_stride(self.feature_info)
         self.num_features = self.head_hidden_size = prev_chs
         self.norm = norm_layer(prev_chs, **dd)
         self.head = ClassifierHead(prev_chs, num_classes, pool_type=global_pool, drop_rate=drop_rate, **dd)
@@ -125,12 +125,8 @@ class CifarPreActResNet(nn.Module):
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
-        if coarse:
-            return dict(stem=r'^stem', blocks=[(r'^stages\.(\d+)', None), (r'^norm', (99999,))])
-        # a stage's BAM joins the group of that stage's last block rather than the head
-        return dict(stem=r'^stem', blocks=[
-            (r'^stages\.(\d+)\.blocks\.bam', (99999,)), (r'^stages\.(\d+)\.blocks\.(\d+)', None),
-            (r'^norm', (99999,))])
+        return self.attention_group_matcher(
+            coarse, stem=r'^stem', stage=r'^stages\.(\d+)', blocks=r'\.blocks', tail=(r'^norm',))
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -157,7 +153,7 @@ class CifarPreActResNet(nn.Module):
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """Taps: the stem conv, then each stage (the last one through the final BN-ReLU if `norm`)."""
         assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
-        check_image_batch(x, self.in_chans, self.min_input_size)
+        self.check_input(x)
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         x = self.stem(x)
         intermediates = [x] if 0 in take_indices else []
@@ -190,7 +186,7 @@ class CifarPreActResNet(nn.Module):
         return take_indices
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_batch(x, self.in_chans, self.min_input_size)
+        self.check_input(x)
         return self.norm(self.stages(self.stem(x)))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
@@ -209,11 +205,12 @@ def _create_cifar_preresnet(variant: str, pretrained: bool = False, **kwargs) ->
 def _arch(layers: Sequence[int], channels: Sequence[int], attn: str, **kwargs) -> Dict[str, Any]:
     """Model kwargs for `attn` '' (plain), 'bam' (after stages 0 and 1) or 'cbam' (every block)."""
     if attn == 'bam':
-        kwargs.setdefault('bam_stages', (0, 1))
+        # stage strides 1, 2, 2: BAM after every stage but the last
+        reductions = [2 ** index for index in range(len(layers))]
+        kwargs.setdefault('bam_stages', bam_stage_indices(reductions))
     if attn == 'cbam':
-        # a block's last conv output feeds only its CBAM, so in inference CBAM may overwrite it
-        cbam_args = {'inplace': True, **(kwargs.pop('cbam_args', None) or {})}
-        kwargs['block_args'] = {'attn_layer': partial(CBAM, **cbam_args), **(kwargs.get('block_args') or {})}
+        attn_layer = cbam_layer(kwargs.pop('cbam_args', None))
+        kwargs['block_args'] = {'attn_layer': attn_layer, **(kwargs.get('block_args') or {})}
     return dict(layers=layers, channels=channels, **kwargs)
 
 

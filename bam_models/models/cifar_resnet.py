@@ -17,19 +17,15 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from timm.models import register_model
-from timm.models._features import feature_take_indices
-from timm.models._manipulate import checkpoint_seq
-from timm.models._registry import generate_default_cfgs
+from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck
 
+from bam_models._compat import feature_take_indices
 from bam_models.weights import build_model_with_weights
+from bam_models.layers import bam_stage_indices
 from bam_models.weights import manifest_default_cfgs
-from ._checks import check_image_batch
-from .attention_resnet import AttentionResNet, _cbam_args
-
-# FX patches wrapped names in the globals of the module that calls them, so each calling module wraps it
-torch.fx.wrap('check_image_batch')
+from ._contract import total_stride
+from .attention_resnet import AttentionResNet, cbam_resnet_args
 
 __all__ = ['CifarResNet', 'CIFAR100_MEAN', 'CIFAR100_STD']
 
@@ -40,6 +36,9 @@ STAGE_NAMES = ('layer1', 'layer2', 'layer3', 'layer4')
 
 class CifarResNet(AttentionResNet):
     """AttentionResNet with a CIFAR stem (3x3 stride-1 conv, no max-pool) and three or four stages.
+
+    A subclass of timm's `ResNet` (through AttentionResNet): timm builds every stage and block exactly as the
+    authors' CIFAR ResNet has them, so only the stem, the stage count and the taps are replaced here.
 
     The network's total stride is 2 ** (stages - 1): 8 for four stages, 4 for three. Arguments are
     AttentionResNet's; `output_stride` (dilated stages) is not offered, the maps are already large.
@@ -65,7 +64,7 @@ class CifarResNet(AttentionResNet):
             self.layer4 = nn.Sequential()
         for info in self.feature_info:  # timm's stem reduces by 4, this one by 1
             info['reduction'] = max(info['reduction'] // 4, 1)
-        self.min_input_size = self.feature_info[-1]['reduction']
+        self.min_input_size = total_stride(self.feature_info)
         self.stage_names = STAGE_NAMES[:self.num_stages]
 
     def forward_intermediates(
@@ -79,7 +78,7 @@ class CifarResNet(AttentionResNet):
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """timm's ResNet.forward_intermediates for any number of stages (taps: stem, then each stage)."""
         assert output_fmt == 'NCHW', 'Output shape must be NCHW.'
-        check_image_batch(x, self.in_chans, self.min_input_size)
+        self.check_input(x)
         take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
         intermediates = []
         x = self.act1(self.bn1(self.conv1(x)))
@@ -121,9 +120,11 @@ def _create_cifar_resnet(variant: str, pretrained: bool = False, **kwargs) -> Ci
 def _arch(block, layers: Sequence[int], attn: str, **kwargs) -> Dict:
     """Model kwargs for `attn` '' (plain), 'bam' (after every stage but the last) or 'cbam' (every block)."""
     if attn == 'cbam':
-        return _cbam_args(block, layers, **kwargs)
+        return cbam_resnet_args(block, layers, **kwargs)
     if attn == 'bam':
-        kwargs.setdefault('bam_stages', tuple(range(1, len(layers))))
+        # the stem does not reduce, each stage after the first halves the map: BAM after every stage but the last
+        reductions = [2 ** index for index in range(len(layers))]
+        kwargs.setdefault('bam_stages', tuple(index + 1 for index in bam_stage_indices(reductions)))
     return dict(block=block, layers=layers, **kwargs)
 
 

@@ -18,9 +18,11 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_dataset, create_transform
+from timm.data.readers.reader_image_folder import find_images_and_targets
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, CIFAR100
 
+from bam_models._compat import search_split
 from bam_models.errors import ConfigError
 
 DIGITS = 'digits'
@@ -65,9 +67,7 @@ class DigitsDataset(torch.utils.data.Dataset):
 def folder_class_to_idx(root: str, split: str) -> Dict[str, int]:
     """The class -> index mapping timm's folder reader builds for a split: only folders that hold images, in
     natural order ('1', '2', '10'). Reads file names only, no image."""
-    from timm.data.dataset_factory import _search_split
-    from timm.data.readers.reader_image_folder import find_images_and_targets
-    split_dir = _search_split(root, split)
+    split_dir = search_split(root, split)
     if os.path.normpath(split_dir) == os.path.normpath(root) or not os.path.isdir(split_dir):
         raise FileNotFoundError(os.path.join(root, split))
     return find_images_and_targets(split_dir)[1]
