@@ -12,7 +12,8 @@ import bam_models  # noqa: F401
 from bam_models.cli import main as cli_main
 from bam_models.convert import ConversionError, convert_state_dict, read_checkpoint, to_official_state_dict
 from bam_models.models.cifar_preresnet import CifarPreActResNet
-from bam_models.hub import TrunkOnlyWeightsWarning, attention_keys
+from bam_models.hub import TrunkOnlyWeightsWarning
+from bam_models.layers import attention_keys
 
 pytorchcv_provider = pytest.importorskip('pytorchcv.model_provider')
 

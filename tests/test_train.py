@@ -17,7 +17,7 @@ from bam_models.cli import main
 from bam_models.train.validate import validate
 from bam_models.train.config import ConfigError, config_from_dict, load_config
 from bam_models.train.data import DigitsDataset, EpochShuffleSampler
-from bam_models.hub import attention_keys
+from bam_models.layers import attention_keys
 from bam_models.commands.demo import DIGITS_DEMO
 from bam_models.train.build import attention_parameter_names, check_config, param_groups
 from bam_models.train.loop import NonFiniteLossError, train

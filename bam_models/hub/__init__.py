@@ -4,14 +4,13 @@ with its model card, `publish` / `push_files` of a manifest entry, `insert_into_
 from and how they are verified is `bam_models.weights`, below the models; this package sits above them. """
 from bam_models.checkpoint import model_from_checkpoint
 from bam_models.errors import PretrainedWeightsError
-from bam_models.layers import attention_keys
 from bam_models.hub.load import check_model_name, create_model_from_name
 from bam_models.hub.save import (
     insert_into_folder, model_card, new_or_empty_folder, publish, push_files, save_pretrained)
 from bam_models.weights import TrunkOnlyWeightsWarning, UnverifiedWeightsWarning, build_model_with_weights, file_sha256
 
 __all__ = [
-    'PretrainedWeightsError', 'TrunkOnlyWeightsWarning', 'UnverifiedWeightsWarning', 'attention_keys',
+    'PretrainedWeightsError', 'TrunkOnlyWeightsWarning', 'UnverifiedWeightsWarning',
     'build_model_with_weights', 'check_model_name', 'create_model_from_name', 'file_sha256', 'insert_into_folder',
     'model_card', 'model_from_checkpoint', 'new_or_empty_folder', 'publish', 'push_files', 'save_pretrained',
 ]
