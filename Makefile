@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # checks that torchvision's compiled ops load against the installed torch
 TORCH_PAIR_CHECK := import torch, torchvision; torchvision.ops.nms(torch.zeros(1, 4), torch.zeros(1), 0.5)
 
-.PHONY: demo test lint venv clean
+.PHONY: demo test test-fast lint venv clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,10 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest -n 2 --durations=15
+
+# the suite without the tests marked slow (subprocesses, torch.compile, the demo, the GPU check)
+test-fast: lint
+	$(PY) -m pytest -n 2 -m "not slow"
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -164,6 +164,7 @@ def _huge_pages_always() -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc allocator settings')
 @pytest.mark.skipif(_huge_pages_always(), reason='2 MiB pages make fresh memory fault too rarely to count')
+@pytest.mark.slow  # a subprocess or torch.compile
 def test_caching_allocator_reuses_freed_memory_without_page_faults():
     env = _env()
     faults = {}

@@ -22,6 +22,8 @@ from bam_models.export import load_exported, trace_size
 from bam_models.hub.load import create_model_from_name
 from bam_models.visualize import load_images
 
+from _assertions import assert_one_error_line
+
 ARCH = 'resnet18_bam'
 _ZERO_KIND = re.compile(r'\b0 (missing|unexpected|mismatched)|\(e\.g\. \[\]\)')
 
@@ -29,14 +31,7 @@ _ZERO_KIND = re.compile(r'\b0 (missing|unexpected|mismatched)|\(e\.g\. \[\]\)')
 def _one_error(capsys, argv, *patterns) -> str:
     """Runs the CLI; asserts exit 2 and exactly one `error: ...; ...` line matching every pattern."""
     code = main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith('error:')]
-    assert code == 2, err
-    assert len(errors) == 1 and 'Traceback' not in err, err
-    line = errors[0]
-    assert '; ' in line, line
-    for pattern in patterns:
-        assert re.search(pattern, line), (pattern, line)
+    line = assert_one_error_line(code, capsys.readouterr().err, *patterns)
     assert not _ZERO_KIND.search(line), line
     return line
 
@@ -246,13 +241,7 @@ def _cli_process(args, tmp_path, **env):
 
 
 def _one_error_line(proc, *patterns) -> str:
-    assert proc.returncode == 2, proc.stderr
-    assert 'Traceback' not in proc.stderr, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith('error: ') and '; ' in lines[0], proc.stderr
-    for pattern in patterns:
-        assert re.search(pattern, lines[0]), (pattern, lines[0])
-    return lines[0]
+    return assert_one_error_line(proc.returncode, proc.stderr, *patterns, alone=True)
 
 
 @pytest.mark.parametrize('env, pattern', [
@@ -262,6 +251,7 @@ def _one_error_line(proc, *patterns) -> str:
     (dict(BAM_MODELS_MANIFEST='{tmp}/broken.json'), r'broken\.json is not valid JSON'),
     (dict(BAM_MODELS_MANIFEST='{tmp}/partial.json'), r"entry 'resnet18_bam\.tv_in1k' lacks kind, published"),
 ])
+@pytest.mark.slow  # a subprocess or torch.compile
 def test_bad_settings_read_at_import_are_one_error_line(tmp_path, env, pattern):
     (tmp_path / 'broken.json').write_text('{"weights": ')
     (tmp_path / 'partial.json').write_text(json.dumps(
@@ -277,6 +267,7 @@ def test_a_bad_manifest_fails_as_manifest_error_where_weights_are_read(tmp_path,
         timm.create_model('resnet18_bam.tv_in1k', pretrained=True)
 
 
+@pytest.mark.slow  # a subprocess or torch.compile
 def test_insert_errors_are_one_line_from_the_cli(tmp_path):
     (tmp_path / 'full').mkdir()
     (tmp_path / 'full' / 'notes.txt').write_text('keep me')

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import timm
 
 import bam_models
@@ -14,6 +15,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, '-m', 'bam_models.cli', *args], capture_output=True, text=True, check=False)
 
 
+@pytest.mark.slow  # a subprocess or torch.compile
 def test_list_prints_every_zoo_model_with_counts():
     result = _cli('list', '--json')
     assert result.returncode == 0, result.stderr
@@ -33,6 +35,7 @@ def test_flop_overheads_match_the_papers():
     assert 0.0 < cbam / plain - 1 < 0.005
 
 
+@pytest.mark.slow  # a subprocess or torch.compile
 def test_unknown_pattern_fails_with_a_hint():
     result = _cli('list', '*_nonexistent')
     assert result.returncode != 0

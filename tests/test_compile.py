@@ -2,12 +2,14 @@
 are slow). """
 import copy
 
+import pytest
 import timm
 import torch
 
 import bam_models  # noqa: F401  (registers the zoo)
 
 
+@pytest.mark.slow  # a subprocess or torch.compile
 def test_compiled_model_matches_eager_in_training_and_eval():
     eager = timm.create_model('resnet18_bam', num_classes=10).train()
     compiled_copy = copy.deepcopy(eager)

@@ -10,6 +10,8 @@ from bam_models.cli import main
 from bam_models.train.config import (
     CONSTRAINTS, ConfigError, Pair, PerChannel, Range, RunConfig, config_from_dict, load_config)
 
+from _assertions import assert_one_error_line
+
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_YAML = str(ROOT / 'configs/digits.yaml')
 
@@ -22,9 +24,7 @@ def _fields():
 
 def _one_error_line(capsys, args, tmp_path):
     output = tmp_path / 'out'
-    assert main([*args, '--set', f'train.output={output}']) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith('error: ') and '\n' not in err and 'Traceback' not in err, err
+    err = assert_one_error_line(main([*args, '--set', f'train.output={output}']), capsys.readouterr().err, alone=True)
     assert not output.exists()  # refused before any work
     return err
 

@@ -15,6 +15,8 @@ from bam_models.models.cifar_preresnet import CifarPreActResNet
 from bam_models.hub import TrunkOnlyWeightsWarning
 from bam_models.layers import attention_keys
 
+from _weights import randomize_
+
 pytorchcv_provider = pytest.importorskip('pytorchcv.model_provider')
 
 PYTORCHCV_TO_OURS = {
@@ -23,26 +25,6 @@ PYTORCHCV_TO_OURS = {
     'bam_resnet101': 'resnet101_bam',
     'cbam_resnet50': 'resnet50_cbam',
 }
-
-
-def randomize_(model: nn.Module) -> nn.Module:
-    """Every parameter and BN statistic random (a default-initialised net leaves too many of them 0/1 to tell a
-    wrong mapping apart), scaled so that deep nets keep finite, O(1) activations."""
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d) or isinstance(module, nn.BatchNorm1d):
-                module.weight.uniform_(0.2, 0.5, generator=generator)
-                module.bias.uniform_(-0.2, 0.2, generator=generator)
-                module.running_mean.uniform_(-0.2, 0.2, generator=generator)
-                module.running_var.uniform_(0.5, 1.5, generator=generator)
-                module.num_batches_tracked.fill_(7)
-            elif isinstance(module, (nn.Conv2d, nn.Linear)):
-                fan_in = module.weight[0].numel()
-                module.weight.normal_(0, (2 / fan_in) ** 0.5, generator=generator)
-                if module.bias is not None:
-                    module.bias.uniform_(-0.2, 0.2, generator=generator)
-    return model.eval()
 
 
 @functools.lru_cache(maxsize=None)

@@ -3,10 +3,13 @@ test digits once, with the reloaded Hub folder and best.pth agreeing; epochs are
 summary.json and best.pth alike. """
 import json
 
+import pytest
 import numpy as np
 
 from bam_models.train.data import DigitsDataset, build_dataset
 from bam_models.commands.demo import run_demo
+
+pytestmark = pytest.mark.slow  # the whole module runs a CLI end to end
 
 
 def test_digits_validation_is_carved_from_training_and_disjoint_from_test():

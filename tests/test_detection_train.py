@@ -84,6 +84,7 @@ def test_arguments_are_checked_with_the_training_configs_rules(tmp_path, capsys,
     assert not (out / 'last.pth').exists()
 
 
+@pytest.mark.slow  # a subprocess or torch.compile
 def test_script_wrapper_shows_the_command_help():
     result = subprocess.run(
         [sys.executable, str(ROOT / 'scripts' / 'train_detection.py'), '--help'],

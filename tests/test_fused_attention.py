@@ -353,6 +353,7 @@ def test_scripted_module_matches_eager(cls):
 
 
 @pytest.mark.parametrize('cls', [BAM, CBAM])
+@pytest.mark.slow  # a subprocess or torch.compile
 def test_compiled_module_matches_eager(cls):
     torch._dynamo.reset()
     module = cls(16).train()

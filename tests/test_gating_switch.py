@@ -46,6 +46,7 @@ def test_switch_context_manager_and_module_override():
         set_fused_gating(True)
 
 
+@pytest.mark.slow  # a subprocess or torch.compile
 def test_environment_variable_is_read_on_first_use_and_checked():
     # one interpreter: imported with 0, then the module re-read with a value that is not 0 or 1, which the
     # import accepts (nothing could report it as one line there) and the first use refuses

@@ -3,7 +3,10 @@ import importlib.util
 import json
 import os
 
+import pytest
 import torch
+
+pytestmark = pytest.mark.slow  # the whole module runs a CLI end to end
 
 _SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts', 'gpu_check.py')
 

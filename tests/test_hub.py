@@ -15,30 +15,13 @@ from safetensors.torch import save_file
 import bam_models  # noqa: F401
 from bam_models.cli import main as cli_main
 from bam_models.hub import PretrainedWeightsError, TrunkOnlyWeightsWarning, UnverifiedWeightsWarning, file_sha256
-from bam_models.weights.manifest import PACKAGED_MANIFEST, load_manifest, update_manifest_entry
+from bam_models.weights.manifest import load_manifest, update_manifest_entry
 
 from _hub_server import LocalHub
-from test_convert import randomize_  # random BN statistics too; default-init nets also run slowly on CPU
+from _weights import randomize_  # random BN statistics too; default-init nets also run slowly on CPU
 
 OFFICIAL = 'resnet50_bam.official_in1k'
 TRUNK = 'resnet18_bam.tv_in1k'
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """A local Hub, a private HF cache and a private copy of the manifest, all wired in for this test."""
-    with LocalHub(tmp_path / 'hub') as server:
-        # huggingface_hub reads these at import; the subprocess test covers the environment variables themselves
-        monkeypatch.setattr(hf_constants, 'ENDPOINT', server.endpoint)
-        monkeypatch.setattr(hf_constants, 'HUGGINGFACE_CO_URL_TEMPLATE',
-                            server.endpoint + '/{repo_id}/resolve/{revision}/{filename}')
-        monkeypatch.setattr(hf_constants, 'HF_HUB_CACHE', str(tmp_path / 'hf_cache'))
-        monkeypatch.setattr(hf_constants, 'HF_HUB_OFFLINE', False)
-        manifest = tmp_path / 'manifest.json'
-        manifest.write_text(PACKAGED_MANIFEST.read_text())
-        monkeypatch.setenv('BAM_MODELS_MANIFEST', str(manifest))
-        server.manifest = manifest
-        yield server
 
 
 def publish_fake_timm_trunk(hub: LocalHub, tmp_path: Path, plain: str = 'resnet18',
@@ -196,6 +179,7 @@ def test_local_files_with_other_class_counts(tmp_path):
                           pretrained_cfg_overlay=dict(file=str(tmp_path / 'ten.safetensors')))
 
 
+@pytest.mark.slow  # a subprocess or torch.compile
 def test_environment_variables_select_endpoint_cache_and_manifest(hub, tmp_path):
     """HF_ENDPOINT, HF_HOME and BAM_MODELS_MANIFEST as a user sets them, read at import by a fresh process."""
     publish_fake_timm_trunk(hub, tmp_path)

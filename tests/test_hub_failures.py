@@ -14,7 +14,6 @@ import bam_models  # noqa: F401
 from bam_models.hub import PretrainedWeightsError, UnverifiedWeightsWarning
 from bam_models.weights.manifest import PACKAGED_MANIFEST
 
-from test_hub import hub  # noqa: F401  the local Hub fixture
 
 TRUNK = 'resnet18_bam.tv_in1k'  # a manifest entry on timm/resnet18.tv_in1k
 BODY_SIZE = 1 << 20
@@ -125,7 +124,7 @@ def test_budget_and_timeout_must_be_positive(limits, monkeypatch):
         timm.create_model(TRUNK, pretrained=True)
 
 
-def test_damaged_cached_copy_of_an_unverified_file_is_evicted(hub, tmp_path):  # noqa: F811
+def test_damaged_cached_copy_of_an_unverified_file_is_evicted(hub, tmp_path):
     model = timm.create_model('resnet18_bam', num_classes=3)
     timm.models.save_for_hf(model, tmp_path / 'repo', safe_serialization=True)
     hub.commit('someone/unverified', tmp_path / 'repo')

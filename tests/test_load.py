@@ -15,7 +15,6 @@ from bam_models.hub import (
     UnverifiedWeightsWarning, check_model_name, create_model_from_name, insert_into_folder, model_from_checkpoint,
     save_pretrained)
 
-from test_hub import hub  # noqa: F401  the local Hub fixture
 
 
 @pytest.fixture(scope='module')
@@ -33,7 +32,7 @@ def same(a, b) -> bool:
     return all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
 
 
-def test_every_name_form_with_and_without_checkpoint(trained, hub, tmp_path):  # noqa: F811
+def test_every_name_form_with_and_without_checkpoint(trained, hub, tmp_path):
     model, folder, other, checkpoint = trained
     assert same(create_model_from_name(f'local-dir:{folder}'), model)
     assert same(create_model_from_name(f'local-dir:{folder}', checkpoint), other)
@@ -57,7 +56,7 @@ def test_every_name_form_with_and_without_checkpoint(trained, hub, tmp_path):  #
     ('local-dir:{tmp}', UsageError, r'the folder has no config\.json'),
     ('hf-hub:me/absent', PretrainedWeightsError, r'hf-hub:me/absent: repository me/absent does not exist'),
 ])
-def test_names_that_cannot_work_fail_in_one_line(hub, tmp_path, name, error, message):  # noqa: F811
+def test_names_that_cannot_work_fail_in_one_line(hub, tmp_path, name, error, message):
     with pytest.raises(error, match=message) as raised:
         create_model_from_name(name.format(tmp=tmp_path))
     assert '\n' not in str(raised.value)
@@ -101,7 +100,7 @@ def test_the_name_check_raises_the_callers_error(name, error, message):
         check_model_name(name, where=where, error=error)
 
 
-def test_hub_names_keep_the_dots_of_their_repo(hub, tmp_path):  # noqa: F811
+def test_hub_names_keep_the_dots_of_their_repo(hub, tmp_path):
     # `hf-hub:ORG/NAME.TAG` is a repo name, not ARCH.TAG: nothing may cut it at the dot
     plain = timm.create_model('mobilenetv3_small_050', num_classes=4).eval()
     timm.models.save_for_hf(plain, tmp_path / 'repo', safe_serialization=True)

@@ -454,6 +454,7 @@ def test_fx_trace_matches_eager(name):
 
 
 @pytest.mark.parametrize('name', ['resnet18_bam', 'resnet18_cbam'])
+@pytest.mark.slow  # a subprocess or torch.compile
 def test_torch_compile_fullgraph(name):
     model = timm.create_model(name, num_classes=4).eval()
     x = torch.randn(*_small(name))

@@ -31,6 +31,7 @@ def test_wheel_contents(wheel):
     assert 'bam-models = bam_models.cli:main' in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
+@pytest.mark.slow  # a subprocess or torch.compile
 def test_wheel_installs_and_registers_models(wheel, tmp_path):
     target = tmp_path / 'site'
     subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '-q', '--target', str(target), str(wheel)],

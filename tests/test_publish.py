@@ -14,7 +14,6 @@ from bam_models.errors import CheckpointError, UsageError
 from bam_models.hub import model_card, save_pretrained
 from bam_models.weights.manifest import PACKAGED_MANIFEST, load_manifest
 
-from test_hub import hub  # noqa: F401  the local Hub fixture
 
 ENTRY = 'resnet18_bam.tv_in1k'  # a trunk entry, refused; the tests publish a full entry added to a copy
 FULL = 'resnet18_bam.test_in1k'
@@ -77,7 +76,7 @@ def test_model_card_usage_loads_the_folder_and_fine_tuned_only_when_it_was(tmp_p
     assert "timm.create_model('hf-hub:me/mine', pretrained=True)" in hub_card and 'runs/a/best.pth' in hub_card
 
 
-def test_push_uploads_exactly_the_written_files_and_pins_the_commit(hub, tmp_path, checkpoint, capsys):  # noqa: F811
+def test_push_uploads_exactly_the_written_files_and_pins_the_commit(hub, tmp_path, checkpoint, capsys):
     data = json.loads(hub.manifest.read_text())
     data['weights'][FULL] = dict(data['weights']['resnet50_bam.official_in1k'], architecture='resnet18_bam',
                                  tag='test_in1k', hf_hub_id='bam-models/resnet18_bam.test_in1k', default=False)

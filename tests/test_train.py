@@ -23,7 +23,7 @@ from bam_models.train.build import attention_parameter_names, check_config, para
 from bam_models.train.loop import NonFiniteLossError, train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_helpers import TINY_SETTINGS, make_digits_folder  # noqa: E402
+from train_helpers import TINY_SETTINGS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / 'configs').glob('*.yaml'))
@@ -52,11 +52,6 @@ def _train_args(data, output, *extra):
 
 def _log(output):
     return [json.loads(line) for line in (Path(output) / 'log.jsonl').read_text().splitlines()]
-
-
-@pytest.fixture(scope='module')
-def tiny_data(tmp_path_factory):
-    return make_digits_folder(tmp_path_factory.mktemp('digits_folder'))
 
 
 @pytest.fixture(scope='module')
@@ -218,6 +213,7 @@ def test_run_writes_logs_checkpoints_and_a_hub_folder_timm_loads(reference_run, 
     assert math.isclose(from_checkpoint['loss'], reloaded['loss'], rel_tol=1e-6)
 
 
+@pytest.mark.slow  # a subprocess or torch.compile
 def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(reference_run, tiny_data, tmp_path):
     args = _train_args(tiny_data, tmp_path)
     killed = _run(args, how='kill', step=STEPS_PER_EPOCH + 2, check=False)  # epoch 2, step 2
@@ -230,6 +226,7 @@ def test_sigkill_mid_epoch_then_resume_ends_like_an_uninterrupted_run(reference_
         for r, s in zip(_log(reference_run), _log(tmp_path))]
 
 
+@pytest.mark.slow  # a subprocess or torch.compile
 def test_ctrl_c_saves_last_and_resume_ends_like_an_uninterrupted_run(reference_run, tiny_data, tmp_path):
     args = _train_args(tiny_data, tmp_path)
     interrupted = _run(args, how='sigint', step=STEPS_PER_EPOCH + 3, check=False)
@@ -263,6 +260,7 @@ def test_non_finite_loss_stops_with_epoch_and_step_and_keeps_last_good_checkpoin
     assert all(torch.isfinite(v).all() for v in last['state_dict'].values() if v.is_floating_point())
 
 
+@pytest.mark.slow  # a subprocess or torch.compile
 def test_two_gloo_processes_match_one_process(tiny_data, tmp_path):
     # frozen BN: per-process batch statistics would otherwise differ (SyncBatchNorm is GPU-only)
     sets = [*TINY_SETTINGS, f'data.dataset={tiny_data}', 'schedule.epochs=1', 'model.freeze=bn']

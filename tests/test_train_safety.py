@@ -21,7 +21,7 @@ from bam_models.train.build import base_weights, check_config
 from bam_models.train.loop import NonFiniteLossError, train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_helpers import TINY_SETTINGS, make_digits_folder  # noqa: E402
+from train_helpers import TINY_SETTINGS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ONE_EPOCH = [*TINY_SETTINGS, 'schedule.epochs=1']
@@ -37,11 +37,6 @@ def _error(capsys, argv) -> str:
     err = capsys.readouterr().err.strip()
     assert err.startswith('error: ') and '\n' not in err, err
     return err
-
-
-@pytest.fixture(scope='module')
-def tiny_data(tmp_path_factory):
-    return make_digits_folder(tmp_path_factory.mktemp('digits_folder'))
 
 
 @pytest.fixture(scope='module')
@@ -74,6 +69,7 @@ def test_overwrite_replaces_the_earlier_run(run_copy, tiny_data, capsys):
     assert sorted(p.name for p in run_copy.iterdir()) == ['best.pth', 'hub', 'last.pth', 'log.jsonl', 'summary.json']
 
 
+@pytest.mark.slow  # a subprocess or torch.compile
 def test_a_second_run_stops_at_once_naming_the_first_runs_pid(tiny_data, tmp_path, capsys):
     output = tmp_path / 'busy'
     holder = subprocess.Popen(
@@ -91,6 +87,7 @@ def test_a_second_run_stops_at_once_naming_the_first_runs_pid(tiny_data, tmp_pat
         holder.wait()
 
 
+@pytest.mark.slow  # a subprocess or torch.compile
 def test_a_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
     dead = subprocess.Popen([sys.executable, '-c', 'pass'])
     dead.wait()

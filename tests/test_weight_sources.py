@@ -13,7 +13,6 @@ import bam_models  # noqa: F401
 from bam_models.errors import CheckpointError
 from bam_models.hub import PretrainedWeightsError, UnverifiedWeightsWarning, model_from_checkpoint
 
-from test_hub import hub  # noqa: F401  the local Hub fixture
 
 ARCH = 'resnet18_bam'
 
@@ -47,7 +46,7 @@ def outsider_fields(tmp_path: Path, outsider) -> dict:
 
 
 @pytest.mark.parametrize('field', ['file', 'url', 'state_dict', 'hf_hub_filename'])
-def test_hub_config_naming_a_weight_source_is_refused(hub, tmp_path, model_and_outsider, field):  # noqa: F811
+def test_hub_config_naming_a_weight_source_is_refused(hub, tmp_path, model_and_outsider, field):
     model, outsider = model_and_outsider
     fields = outsider_fields(tmp_path, outsider)
     folder = write_folder(model, tmp_path / 'repo', **{field: fields[field]})
@@ -59,7 +58,7 @@ def test_hub_config_naming_a_weight_source_is_refused(hub, tmp_path, model_and_o
     assert not any('outside' in r for r in hub.requests)
 
 
-def test_hub_config_hf_hub_id_and_source_are_ignored(hub, tmp_path, model_and_outsider):  # noqa: F811
+def test_hub_config_hf_hub_id_and_source_are_ignored(hub, tmp_path, model_and_outsider):
     model, outsider = model_and_outsider
     hub.commit('evil/outside', write_folder(outsider, tmp_path / 'evil'))
     hub.commit('org/repo', write_folder(model, tmp_path / 'repo', hf_hub_id='evil/outside', source='local-dir'))
@@ -104,7 +103,7 @@ def damaged(model, kind: str):
 
 
 @pytest.mark.parametrize('kind', ['values', 'dtypes'])
-def test_damaged_weights_are_refused_from_every_source(hub, tmp_path, model_and_outsider, kind):  # noqa: F811
+def test_damaged_weights_are_refused_from_every_source(hub, tmp_path, model_and_outsider, kind):
     model, _ = model_and_outsider
     state, keys = damaged(model, kind)
     folder = tmp_path / 'run'
