@@ -102,7 +102,7 @@ def test_yaml_error_names_the_line(tmp_path):
 
 def test_train_without_a_config_names_what_it_needs(capsys, tmp_path):
     err = _one_error_line(capsys, ['train'], tmp_path)
-    assert 'train needs a config: pass --config FILE' in err and '--set model.name=ARCH' in err
+    assert 'train needs a config; pass --config FILE' in err and '--set model.name=ARCH' in err
     err = _one_error_line(capsys, ['train', '--set', 'model.name=resnet18_bam'], tmp_path)
     assert 'data.dataset' in err
 

@@ -14,7 +14,7 @@ def require_job(config: Optional[str], overrides: List[str]) -> None:
     would start a 90-epoch 224 px ImageNet-style run on the digits data."""
     named = {item.partition('=')[0].strip() for item in overrides}
     if config is None and not {'model.name', 'data.dataset'} <= named:
-        raise UsageError("train needs a config: pass --config FILE (see configs/), or name at least the model and "
+        raise UsageError("train needs a config; pass --config FILE (see configs/), or name at least the model and "
                          "the data with --set model.name=ARCH --set data.dataset=DIR|digits")
 
 

@@ -297,8 +297,10 @@ def _coerce(key: str, value: Any, default: Any, hint: Any) -> Any:
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         return [float(v) for v in value]
     if expected in (list, Optional[List[float]], List[float]):
-        raise ConfigError(f"config key '{key}' must be a list of numbers such as [0.5, 1.0], got {value!r}")
-    raise ConfigError(f"config key '{key}' must be {_type_name(expected)}, got {value!r}")
+        raise ConfigError(f"config key '{key}' must be a list of numbers such as [0.5, 1.0], got {value!r}; "
+                          f"fix it in the config or with --set {key}=VALUE")
+    raise ConfigError(f"config key '{key}' must be {_type_name(expected)}, got {value!r}; "
+                      f"fix it in the config or with --set {key}=VALUE")
 
 
 def _unknown_key(section: str, key: str, options: Sequence[str]) -> ConfigError:
