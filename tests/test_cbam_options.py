@@ -3,6 +3,7 @@ closed form, outputs against a transcription of the authors' formulas (written h
 gating_reference), the path each configuration takes, and the options reaching the zoo and insert_cbam. """
 import itertools
 import math
+from pathlib import Path
 
 import pytest
 import timm
@@ -13,7 +14,10 @@ import torchvision
 import bam_models  # noqa: F401  (registers the zoo)
 from bam_models import insert_cbam
 from bam_models.layers import CBAM, fused_gating
+from bam_models.benchmark import count_flops, count_params
 from bam_models.layers.gating_reference import cbam_channel_descriptors
+from bam_models.train.build import attention_kwargs, check_config
+from bam_models.train.config import ConfigError, load_config
 
 C, RD = 32, 4
 POOL_SUBSETS = [p for n in range(1, 5) for p in itertools.combinations(('avg', 'max', 'lp', 'lse'), n)]
@@ -199,3 +203,41 @@ def test_every_option_exports_to_onnx_and_matches_in_onnxruntime(kwargs, tmp_pat
     for sample in (x, other):
         got = session.run(None, {'x': sample.numpy()})[0]
         torch.testing.assert_close(torch.from_numpy(got), cbam(sample), rtol=1e-4, atol=1e-4)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ablation_rows():
+    text = (ROOT / 'docs/layers.md').read_text()
+    table = text[text.index('<!-- cbam-ablations:start -->'):text.index('<!-- cbam-ablations:end -->')]
+    for line in table.splitlines()[3:]:
+        cells = [c.strip() for c in line.strip('|').split('|')]
+        yield cells[1].strip('`'), int(cells[3].replace(',', '')), float(cells[4])
+
+
+@pytest.mark.parametrize('config, params, gmacs', list(_ablation_rows()), ids=lambda v: str(v))
+def test_every_ablation_config_passes_the_check_and_builds_the_documented_model(config, params, gmacs):
+    if config.startswith('—'):
+        model = timm.create_model('resnet50', device='meta')
+    else:
+        cfg = load_config(str(ROOT / 'configs' / config), ['data.dataset=digits', 'model.num_classes=null'])
+        check_config(cfg)  # the check a run makes before any work
+        model = timm.create_model(cfg.model.name, device='meta', num_classes=1000, **attention_kwargs(cfg))
+    assert count_params(model) == params
+    assert round(count_flops(model, (3, 224, 224)) / 2e9, 3) == gmacs
+
+
+def test_every_ablation_config_is_in_the_table():
+    documented = {row[0] for row in _ablation_rows()}
+    assert {p.name for p in (ROOT / 'configs').glob('resnet50_cbam_ablation_*.yaml')} <= documented
+
+
+@pytest.mark.parametrize('sets, message', [
+    (['model.name=resnet18_cbam', 'model.cbam_args={pool_types: [median]}'], 'pool_types must be a non-empty subset'),
+    (['model.name=resnet18_cbam', 'model.cbam_args={kernel: 3}'], r"keyword arguments of CBAM .*unknown: kernel"),
+    (['model.name=resnet18', 'model.cbam_args={arrangement: parallel}'], 'cannot build resnet18:'),
+])
+def test_bad_cbam_args_in_a_config_are_one_line(sets, message, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        check_config(load_config(None, ['data.dataset=digits', *sets]))
