@@ -22,14 +22,18 @@ CBAM (Woo et al., ECCV 2018), channel gate then spatial gate:
     F'     = Mc(F) * F
     Ms(F') = sigmoid(BN(f_7x7([MaxPool_c(F'); AvgPool_c(F')])))      (B, 1, H, W), max first as released
     F''    = Ms(F') * F'
+
+with the authors' pooling options for Mc (`pool_types`, each descriptor through the shared MLP, summed):
+'avg', 'max', 'lp' = sqrt(sum over H, W of F^2) (their `F.lp_pool2d(x, 2, (H, W))`: the sum, not the mean) and
+'lse' = log(sum over H, W of exp(F)) (their max-shifted `logsumexp_2d`).
 """
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
 __all__ = [
-    'bam_attention_logits', 'bam_refine_reference', 'cbam_channel_descriptors', 'cbam_spatial_descriptors',
-    'mlp_pool_sum',
+    'CBAM_POOL_TYPES', 'bam_attention_logits', 'bam_refine_reference', 'cbam_channel_descriptors',
+    'cbam_spatial_descriptors', 'mlp_pool_sum',
 ]
 
 
@@ -52,15 +56,30 @@ def bam_refine_reference(features: torch.Tensor, logits: torch.Tensor) -> torch.
     return features * (1. + torch.sigmoid(logits))
 
 
-def cbam_channel_descriptors(x: torch.Tensor) -> torch.Tensor:
-    """[AvgPool(F); MaxPool(F)] over H, W stacked along the batch, (2B, C): both go through the shared MLP."""
-    return torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=0)
+CBAM_POOL_TYPES = ('avg', 'max', 'lp', 'lse')
 
 
-def mlp_pool_sum(mlp_out: torch.Tensor) -> torch.Tensor:
-    """sigmoid(MLP(AvgPool(F)) + MLP(MaxPool(F))) as (B, C, 1, 1) from the MLP's (2B, C) output."""
-    batch = mlp_out.shape[0] // 2
-    return torch.sigmoid(mlp_out[:batch] + mlp_out[batch:]).view(batch, mlp_out.shape[1], 1, 1)
+def _pool(x: torch.Tensor, pool_type: str) -> torch.Tensor:
+    """One channel descriptor (B, C) of `x` pooled over H, W."""
+    if pool_type == 'avg':
+        return x.mean((2, 3))
+    if pool_type == 'max':
+        return x.amax((2, 3))
+    if pool_type == 'lp':
+        return x.square().sum((2, 3)).sqrt()
+    return torch.logsumexp(x.flatten(2), dim=2)  # 'lse'
+
+
+def cbam_channel_descriptors(x: torch.Tensor, pool_types: List[str]) -> torch.Tensor:
+    """The descriptors of `pool_types` over H, W stacked along the batch, (len(pool_types) * B, C): all go
+    through the shared MLP as one batch."""
+    return torch.cat([_pool(x, pool_type) for pool_type in pool_types], dim=0)
+
+
+def mlp_pool_sum(mlp_out: torch.Tensor, num_pools: int = 2) -> torch.Tensor:
+    """sigmoid(sum over the pool types of MLP(Pool(F))) as (B, C, 1, 1) from the MLP's (num_pools * B, C) output."""
+    batch = mlp_out.shape[0] // num_pools
+    return torch.sigmoid(mlp_out.view(num_pools, batch, mlp_out.shape[1]).sum(0)).view(batch, mlp_out.shape[1], 1, 1)
 
 
 def cbam_spatial_descriptors(x: torch.Tensor) -> torch.Tensor:

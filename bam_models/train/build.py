@@ -61,6 +61,7 @@ def _wants_cuda(device: str) -> bool:
 def check_config(cfg: RunConfig) -> List[str]:
     """Rejects a configuration that cannot run, before any work; returns the class names of the data."""
     _check_model_name(cfg.model.name)
+    _check_attention_args(cfg)
     if cfg.model.checkpoint and not os.path.isfile(cfg.model.checkpoint):
         raise ConfigError(f"model.checkpoint {cfg.model.checkpoint} does not exist")
     classes = data_classes(cfg)
@@ -77,10 +78,29 @@ def check_config(cfg: RunConfig) -> List[str]:
 
 # ---------------------------------------------------------------------------------------------- model
 
+def attention_kwargs(cfg: RunConfig) -> Dict[str, Any]:
+    """model.bam_args / model.cbam_args as the model builders' keyword arguments (only those that are set)."""
+    return {key: getattr(cfg.model, key) for key in ('bam_args', 'cbam_args') if getattr(cfg.model, key)}
+
+
+def _check_attention_args(cfg: RunConfig) -> None:
+    """Builds the model on the meta device with model.bam_args / cbam_args, so that a value the layers refuse (or
+    a model that takes no such arguments) is one line before any work."""
+    kwargs = attention_kwargs(cfg)
+    if not kwargs:
+        return
+    try:
+        timm.create_model(cfg.model.name, device='meta', **kwargs)
+    except (TypeError, ValueError) as e:
+        keys = ' / '.join(f'model.{key}' for key in kwargs)
+        raise ConfigError(f"{keys} cannot build {cfg.model.name}: {str(e).splitlines()[0]}; fix {keys} "
+                          f"(docs/layers.md lists every option)") from None
+
+
 def build_model(cfg: RunConfig, num_classes: int) -> nn.Module:
     model = timm.create_model(
         cfg.model.name, pretrained=cfg.model.pretrained, num_classes=num_classes,
-        drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate)
+        drop_rate=cfg.model.drop_rate, drop_path_rate=cfg.model.drop_path_rate, **attention_kwargs(cfg))
     if cfg.model.checkpoint:
         load_start_weights(model, cfg.model.checkpoint)
     if cfg.model.freeze == 'bn':

@@ -2,6 +2,7 @@
 that reject a bad configuration with one clear line before any work starts. """
 import dataclasses
 import difflib
+import inspect
 import math
 import os
 import re
@@ -11,6 +12,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import yaml
 
 from bam_models.errors import ConfigError
+from bam_models.layers import BAM, CBAM
 
 
 @dataclass
@@ -25,6 +27,8 @@ class ModelConfig:
     sync_bn: bool = False  # SyncBatchNorm when training on several processes
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    bam_args: Optional[Dict[str, Any]] = None  # keyword arguments of every BAM (bam_models.layers.BAM)
+    cbam_args: Optional[Dict[str, Any]] = None  # of every CBAM: the CBAM paper's ablations (docs/layers.md)
 
 
 @dataclass
@@ -158,6 +162,18 @@ class Increasing(NamedTuple):
         return f"a non-empty list of increasing numbers, each {self.each.describe()}"
 
 
+class Keywords(NamedTuple):
+    """A mapping of keyword arguments of `layer`'s constructor (its own checks run when the model is built)."""
+    layer: Any
+
+    def violation(self, value: Dict[str, Any]) -> Optional[str]:
+        accepted = [name for name in inspect.signature(self.layer).parameters if name not in _BUILD_ARGS]
+        unknown = [key for key in value if key not in accepted]
+        if not unknown:
+            return None
+        return f"keyword arguments of {self.layer.__name__} ({', '.join(accepted)}); unknown: {', '.join(unknown)}"
+
+
 class Pattern(NamedTuple):
     """A string matching `regex`; `hint` names the accepted forms."""
     regex: str
@@ -167,6 +183,8 @@ class Pattern(NamedTuple):
         return None if re.fullmatch(self.regex, value) else self.hint
 
 
+# constructor arguments the model builder sets itself, not a config
+_BUILD_ARGS = ('channels', 'device', 'dtype', 'fused')
 NON_NEGATIVE, POSITIVE, POSITIVE_INT = Range(0), Range(0, low_open=True), Range(1)
 FRACTION, FRACTION_BELOW_1 = Range(0, 1), Range(0, 1, high_open=True)
 NON_EMPTY = Pattern(r'.+', 'a non-empty string')
@@ -181,6 +199,8 @@ CONSTRAINTS: Dict[str, Any] = {
     'model.freeze': ('none', 'bn', 'trunk'),
     'model.drop_rate': FRACTION_BELOW_1,
     'model.drop_path_rate': FRACTION_BELOW_1,
+    'model.bam_args': Keywords(BAM),
+    'model.cbam_args': Keywords(CBAM),
     'data.dataset': NON_EMPTY,
     'data.train_split': NON_EMPTY,
     'data.val_split': NON_EMPTY,
@@ -296,6 +316,8 @@ def _coerce(key: str, value: Any, default: Any, hint: Any) -> Any:
     if expected in (list, Optional[List[float]], List[float]) and isinstance(value, (list, tuple)) and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
         return [float(v) for v in value]
+    if expected in (dict, Optional[Dict[str, Any]]) and isinstance(value, dict):
+        return {str(k): v for k, v in value.items()}
     if expected in (list, Optional[List[float]], List[float]):
         raise ConfigError(f"config key '{key}' must be a list of numbers such as [0.5, 1.0], got {value!r}; "
                           f"fix it in the config or with --set {key}=VALUE")
