@@ -9,6 +9,8 @@ import importlib
 import sys
 from typing import List, Optional
 
+from PIL import Image
+
 from bam_models.errors import BamModelsError
 from bam_models.layers.config import fused_gating_from_env
 from bam_models.weights.manifest import load_manifest
@@ -64,6 +66,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f'error: {error}', file=sys.stderr)
         return error.exit_code
+    except Image.DecompressionBombError:
+        # raised by Pillow while a data loader opens an image, inside timm's dataset (a worker's copy too)
+        print(f"error: an image of the data has more pixels than Pillow's decompression-bomb limit "
+              f"({Image.MAX_IMAGE_PIXELS:,}); remove or shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS for data "
+              f"you trust", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -45,6 +45,15 @@ PathLike = Union[str, Path]
 
 # ---------------------------------------------------------------------------------------------- folder
 
+def check_output_folder(output: PathLike) -> None:
+    """Refuses an output folder that is a file or lies under one, before anything is written."""
+    output = Path(output)
+    blocking = next((p for p in (output, *output.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UsageError(f"output folder {output} cannot be created: {blocking} is a file; choose another "
+                         f"output folder (train.output / --out)")
+
+
 def prepare_run_folder(output: PathLike, *, resume: bool, overwrite: bool) -> None:
     """Refuses to start a new run over an earlier one unless `overwrite` (which removes the earlier files)."""
     output = Path(output)
@@ -86,6 +95,7 @@ class RunFolderLock:
             return None
 
     def acquire(self) -> 'RunFolderLock':
+        check_output_folder(self.path.parent)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         for _ in range(3):  # a stale lock is removed, then created again; another run may win that race
             try:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from bam_models.errors import UsageError, did_you_mean
 from bam_models.layers import BAM, CBAM
+from bam_models.train.data import image_as_rgb
 
 __all__ = [
     'AttentionMap', 'AttentionCapture', 'capture_attention', 'class_names', 'grad_cam', 'default_cam_layer',
@@ -216,7 +217,10 @@ def load_images(model: nn.Module, paths: Sequence[str], img_size: Optional[int] 
             raise UsageError(f"image {path} is not an existing file; pass the path of an image file")
         try:
             with Image.open(path) as image:
-                images.append(transform(image.convert('RGB')))
+                images.append(transform(image_as_rgb(image)))
+        except Image.DecompressionBombError:
+            raise UsageError(f"image {path} has more pixels than Pillow's decompression-bomb limit "
+                             f"({Image.MAX_IMAGE_PIXELS:,}); pass a smaller image") from None
         except (UnidentifiedImageError, OSError) as error:
             raise UsageError(f"image {path} could not be read as an image ({type(error).__name__}); "
                              f"pass a PNG, JPEG or another format Pillow reads") from None

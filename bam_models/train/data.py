@@ -64,12 +64,51 @@ class DigitsDataset(torch.utils.data.Dataset):
         return image, int(self.targets[index])
 
 
+# Pillow's modes of single-channel images deeper than 8 bits, which `convert('RGB')` clips to 0..255 instead of
+# scaling (a 16-bit PNG turns almost white)
+_DEEP_GREY_MODES = ('I', 'I;16', 'I;16B', 'I;16L', 'I;16N')
+
+
+def image_as_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB, as the image means it: 16-bit grey (and 32-bit integer grey holding 16-bit values,
+    as Pillow opens some 16-bit PNGs) scaled by 255 / 65535 rather than clipped; anything else by Pillow."""
+    if image.mode in _DEEP_GREY_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        scaled = np.clip(values * (255.0 / 65535.0), 0, 255).round().astype(np.uint8)
+        return Image.fromarray(scaled, mode='L').convert('RGB')
+    if image.mode == 'F':  # floating-point grey, by convention 0..1
+        return Image.fromarray((np.clip(np.asarray(image), 0, 1) * 255).round().astype(np.uint8), 'L').convert('RGB')
+    return image.convert('RGB')
+
+
+def decode_as_rgb(dataset) -> None:
+    """Makes a timm folder dataset decode its images with `image_as_rgb` before its transform (set the transform
+    first), instead of its own `convert('RGB')`, which clips 16-bit images."""
+    if getattr(dataset, 'input_img_mode', None):
+        dataset.input_img_mode = None
+        dataset.transform = transforms.Compose([transforms.Lambda(image_as_rgb), dataset.transform])
+
+
+def check_no_symlink_loop(root: str) -> None:
+    """Refuses a data folder in which a folder link points back at a folder that holds it: timm's reader
+    follows links, and a loop would list every image below it many times over."""
+    for folder, subfolders, _ in os.walk(root):
+        for name in subfolders:
+            path = os.path.join(folder, name)
+            if os.path.islink(path):
+                target = os.path.realpath(path)
+                if os.path.realpath(folder) == target or os.path.realpath(folder).startswith(target + os.sep):
+                    raise ConfigError(f"data folder {root} has a link {path} -> {target}, a folder above it, so its "
+                                      f"images would be read again and again; remove the link")
+
+
 def folder_class_to_idx(root: str, split: str) -> Dict[str, int]:
     """The class -> index mapping timm's folder reader builds for a split: only folders that hold images, in
     natural order ('1', '2', '10'). Reads file names only, no image."""
     split_dir = search_split(root, split)
     if os.path.normpath(split_dir) == os.path.normpath(root) or not os.path.isdir(split_dir):
         raise FileNotFoundError(os.path.join(root, split))
+    check_no_symlink_loop(split_dir)
     return find_images_and_targets(split_dir)[1]
 
 
@@ -134,6 +173,11 @@ def pad_crop_transform(data_config: dict, padding: int, hflip: float) -> transfo
         transforms.ToTensor(),
         transforms.Normalize(data_config['mean'], data_config['std']),
     ])
+
+
+def dataset_name(dataset: str) -> str:
+    """What a model card calls the data: 'digits', or the folder's own name, never the path on this machine."""
+    return dataset if dataset == DIGITS else os.path.basename(os.path.normpath(dataset))
 
 
 def build_dataset(dataset: str, split: str, train_split: str = 'train', val_split: str = 'validation',
@@ -213,6 +257,8 @@ def create_train_eval_loaders(
         data_config['input_size'], is_training=False, interpolation=data_config['interpolation'],
         mean=data_config['mean'], std=data_config['std'], crop_pct=data_config['crop_pct'],
         crop_mode=data_config.get('crop_mode'))
+    decode_as_rgb(train_set)
+    decode_as_rgb(val_set)
     common = dict(num_workers=cfg_data.workers, pin_memory=pin_memory,
                   # workers restart every epoch so their seeds derive from the epoch's seed (exact resume)
                   persistent_workers=False)

@@ -30,6 +30,7 @@ from bam_models.runs import (
     seed_epoch, set_rng_state)
 from bam_models.train.build import Run, base_weights, build_run, check_config
 from bam_models.train.config import RunConfig
+from bam_models.train.data import dataset_name
 
 __all__ = ['RESUME_FREE_KEYS', 'evaluate', 'export_best', 'train', 'train_one_epoch']
 
@@ -192,7 +193,7 @@ def _export_run(run: Run, output: Path, best: Dict[str, Any]) -> Path:
         raise CheckpointError(f"{output / BEST} does not fit {cfg.model.name}: {describe_mismatch(mismatch)}; "
                               f"the run wrote another model than its config names")
     model.load_state_dict(state, strict=False)
-    metrics = dict(dataset=cfg.data.dataset, epoch=best['epoch'], top1=round(best['top1'], 3),
+    metrics = dict(dataset=dataset_name(cfg.data.dataset), epoch=best['epoch'], top1=round(best['top1'], 3),
                    top5=round(best['top5'], 3))
     return export_best(model, str(output / 'hub'), metrics, run.data_config, label_names=run.classes,
                        base=base_weights(cfg))

@@ -9,7 +9,7 @@ from timm.data import create_transform, resolve_data_config
 
 from bam_models.errors import UsageError
 from bam_models.hub.load import create_model_from_name
-from bam_models.train.data import DIGITS, build_dataset, dataset_classes
+from bam_models.train.data import DIGITS, build_dataset, dataset_classes, decode_as_rgb
 from bam_models.train.loop import evaluate
 
 __all__ = ['validate']
@@ -58,6 +58,7 @@ def validate(model_name: str, data: str, checkpoint: Optional[str] = None, split
         raise UsageError(f"{data} has {len(classes)} classes but {model_name} predicts {model.num_classes}; "
                          f"pass the checkpoint trained on this data")
     dataset.transform = create_transform(**data_config, is_training=False)
+    decode_as_rgb(dataset)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
     metrics = evaluate(model, loader, torch.device('cpu'))
     return dict(model=model_name, checkpoint=checkpoint, data=data, input_size=list(data_config['input_size']),

@@ -173,8 +173,12 @@ def _refuse_redirection(cfg: Any) -> None:
 def _local_dir_weights(folder: Path, source: _WeightSource) -> Dict[str, torch.Tensor]:
     """The weight file of a Hub-format folder, read from that folder only."""
     for name in (HUB_FILENAME, 'pytorch_model.bin'):
-        if (folder / name).is_file():
-            return read_state_dict(folder / name, source.what, PretrainedWeightsError)
+        path = folder / name
+        if path.is_file():
+            if folder.resolve() not in path.resolve().parents:
+                raise source.error(f"{name} links to {path.resolve()}, outside the folder",
+                                   "a local-dir: folder is read on its own: copy the weights file into it")
+            return read_state_dict(path, source.what, PretrainedWeightsError)
     raise source.error(f"the folder has no {HUB_FILENAME} (nor pytorch_model.bin)",
                        "pass a folder written by `bam-models convert`/`publish`/`train` (model.safetensors + "
                        "config.json)")
