@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from timm.models import load_state_dict
 
-from bam_models.errors import BamModelsError, CheckpointError
+from bam_models.errors import BamModelsError, CheckpointError, count
 
 __all__ = [
     'KeyMismatch', 'check_state_dict', 'create_sized_model', 'describe_mismatch', 'head_classes', 'key_mismatch',
@@ -30,6 +30,15 @@ __all__ = [
 
 PathLike = Union[str, Path]
 _EXAMPLES = 3  # keys named per kind of problem; the counts say how many there are in all
+
+
+def _overclaimed(state_dict: Dict[str, torch.Tensor]) -> List[str]:
+    """Keys whose shape needs more bytes than the storage saved for them: checking or loading their values
+    would materialise what the file never held (an expanded tensor of 80 KB on disk can claim gigabytes)."""
+    return [f'{key} ({tuple(value.shape)}, {value.numel() * value.element_size():,} bytes from '
+            f'{value.untyped_storage().nbytes():,} stored)'
+            for key, value in state_dict.items()
+            if value.numel() * value.element_size() > value.untyped_storage().nbytes()]
 
 
 def _bad_values(state_dict: Dict[str, torch.Tensor]) -> List[str]:
@@ -50,9 +59,14 @@ def check_state_dict(
 ) -> Dict[str, torch.Tensor]:
     """The tensors of `state_dict` (other entries dropped), refused with `error` if any holds impossible values."""
     tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    overclaimed = _overclaimed(tensors)
+    if overclaimed:
+        raise error(f"{what} has {count(len(overclaimed), 'tensor')} whose shape claims more data than the file holds: "
+                    f"{_examples(overclaimed)}; it was saved from expanded or strided views, not weights: save "
+                    f"the weights with .contiguous() (or safetensors)")
     bad = _bad_values(tensors)
     if bad:
-        raise error(f"{what} holds values no trained network has in {len(bad)} tensors: "
+        raise error(f"{what} holds values no trained network has in {count(len(bad), 'tensor')}: "
                     f"{_examples(bad)}; the file is damaged or was saved mid-divergence")
     return tensors
 
@@ -132,9 +146,9 @@ def _examples(keys: Sequence[str]) -> str:
 
 def describe_mismatch(mismatch: KeyMismatch) -> str:
     """'12 missing keys (e.g. a, b, c, ... (9 more)); 3 unexpected keys (...)': only the kinds that occur."""
-    parts = [f'{len(keys)} {kind} (e.g. {_examples(keys)})' for kind, keys in (
-        ('missing keys', mismatch.missing), ('unexpected keys', mismatch.unexpected),
-        ('mismatched tensors', mismatch.mismatched)) if keys]
+    parts = [f'{count(len(keys), kind)} (e.g. {_examples(keys)})' for kind, keys in (
+        ('missing key', mismatch.missing), ('unexpected key', mismatch.unexpected),
+        ('mismatched tensor', mismatch.mismatched)) if keys]
     return '; '.join(parts)
 
 

@@ -14,7 +14,7 @@ from typing import Any, Iterable
 __all__ = [
     'BamModelsError', 'CheckpointError', 'ConfigError', 'ConversionError', 'ExportError', 'FusedGatingError',
     'ManifestError', 'NonFiniteLossError', 'OutputExistsError', 'PretrainedWeightsError', 'UsageError',
-    'did_you_mean', 'excerpt',
+    'count', 'did_you_mean', 'excerpt',
 ]
 
 
@@ -84,3 +84,8 @@ def excerpt(value: Any, limit: int = _EXCERPT_CHARS) -> str:
     except ValueError:  # an int of more digits than Python converts to text
         text = f'<{type(value).__name__} too long to print>'
     return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+def count(number: int, noun: str, plural: str = '') -> str:
+    """'1 key', '3 keys': a count with its noun in the right number (`plural` where it is not noun + 's')."""
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"
