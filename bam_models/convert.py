@@ -151,7 +151,7 @@ def read_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
 
 def _fit_shapes(state_dict, expected) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """Tensors reshaped where only the layout differs (2-D FC weights for 1x1 convs); the keys that still do
-    not fit, in `describe_mismatch`'s format."""
+    not fit (shape, or an integer tensor where the model has a float one), in `describe_mismatch`'s format."""
     out, mismatched = {}, []
     for key, value in state_dict.items():
         shape = expected[key].shape
@@ -161,6 +161,8 @@ def _fit_shapes(state_dict, expected) -> Tuple[Dict[str, torch.Tensor], List[str
                 value = value.reshape(shape)
             else:
                 mismatched.append(f'{key}: checkpoint {tuple(value.shape)}, model {tuple(shape)}')
+        elif expected[key].is_floating_point() and not value.is_floating_point():  # what loading refuses too
+            mismatched.append(f'{key}: checkpoint {value.dtype}, model {expected[key].dtype}')
         out[key] = value
     return out, mismatched
 
