@@ -14,7 +14,7 @@ export, detection).
 - `read_data_config`: the preprocessing a `bam-models train` checkpoint was trained with.
 """
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Type, Union
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Type, Union
 
 import timm
 import torch
@@ -157,6 +157,10 @@ def _classifier(model: nn.Module) -> Sequence[str]:
     return (names,) if isinstance(names, str) else tuple(names)
 
 
+def _architecture(model: nn.Module) -> str:
+    return getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
+
+
 def load_strict(
         model: nn.Module,
         state_dict: Dict[str, torch.Tensor],
@@ -178,8 +182,7 @@ def load_strict(
         state_dict = {k: v for k, v in state_dict.items() if k not in head_keys}
     mismatch = key_mismatch(state_dict, model, ignore=head_keys if fresh_head else ())
     if mismatch:
-        arch = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
-        raise error(f"{source} does not fit {arch}: {describe_mismatch(mismatch)}; {advice}")
+        raise error(f"{source} does not fit {_architecture(model)}: {describe_mismatch(mismatch)}; {advice}")
     model.load_state_dict(state_dict, strict=not fresh_head)
     return model
 
@@ -193,16 +196,28 @@ def create_sized_model(model_name: str, state_dict: Dict[str, torch.Tensor], **m
     return timm.create_model(model_name, pretrained=False, **dict(model_kwargs, num_classes=classes))
 
 
-def model_from_checkpoint(model_name: str, checkpoint: PathLike, **model_kwargs) -> nn.Module:
+def model_from_checkpoint(
+        model_name: str,
+        checkpoint: PathLike,
+        suggest: Optional[Callable[[Dict[str, torch.Tensor], str], Optional[str]]] = None,
+        **model_kwargs,
+) -> nn.Module:
     """`model_name` built without downloads, with a local checkpoint loaded strictly.
 
     The file is read by `read_state_dict` (no pickled code runs), the size of its classifier sets
     `num_classes`, and a checkpoint of another architecture raises a `CheckpointError` that counts and names
-    missing and unexpected keys.
+    missing and unexpected keys, and the architecture they fit when `suggest(state_dict, architecture)` finds one.
     """
     state_dict = read_state_dict(checkpoint)
     model = create_sized_model(model_name, state_dict, **model_kwargs)
-    return load_strict(model, state_dict, f'checkpoint {checkpoint}', 'pass the architecture it was trained as')
+    advice = 'pass the architecture it was trained as'
+    try:
+        return load_strict(model, state_dict, f'checkpoint {checkpoint}', advice)
+    except CheckpointError as e:
+        guess = suggest(state_dict, _architecture(model)) if suggest else None
+        if guess is None:
+            raise
+        raise CheckpointError(f"{str(e)[:-len(advice)]}its keys fit {guess}: pass that model name") from None
 
 
 def read_data_config(path: PathLike) -> Optional[Dict[str, Any]]:

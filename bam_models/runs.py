@@ -188,7 +188,8 @@ def read_resume(path: PathLike, required: Sequence[str], config: Mapping[str, An
     changes = config_changes(state['config'], config, free_keys)
     if changes:
         raise ConfigError(
-            f"--resume {path} was written with another config, {count(len(changes), 'key differs', 'keys differ')} ({'; '.join(changes[:6])}"
+            f"--resume {path} was written with another config, {count(len(changes), 'key differs', 'keys differ')} "
+            f"({'; '.join(changes[:6])}"
             f"{'; ...' if len(changes) > 6 else ''}); resume with the run's own config, or {restart_hint}")
     return state
 
