@@ -14,7 +14,7 @@ def run(args: argparse.Namespace) -> int:
     except BamModelsError:  # the folder is not empty, the download failed: the CLI prints it
         raise
     except (TypeError, ValueError) as e:  # no stage / slot for the attention, or inserted twice
-        raise UsageError(str(e).rstrip('.')) from None
+        raise UsageError(str(e).rstrip('.').replace('replace_existing=True', '--replace-existing')) from None
     except (RuntimeError, OSError) as e:  # timm found no weights, or could not download them
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PretrainedWeightsError(
