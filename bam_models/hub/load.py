@@ -28,9 +28,9 @@ from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, parse_mode
 
 from bam_models._compat import hf_split
 from bam_models.checkpoint import head_classes, key_mismatch, model_from_checkpoint, read_data_config
-from bam_models.errors import BamModelsError, PretrainedWeightsError, UsageError, did_you_mean
+from bam_models.errors import BamModelsError, PretrainedWeightsError, UsageError, did_you_mean, excerpt
 from bam_models.models import list_zoo_models
-from bam_models.weights import WEIGHT_LOCATION_FIELDS, check_published
+from bam_models.weights import HUB_FILENAME, WEIGHT_LOCATION_FIELDS, check_published
 from bam_models.weights.download import bounded_downloads, describe_hub_error
 
 __all__ = ['check_model_name', 'create_model_from_name', 'fitting_architecture']
@@ -60,6 +60,28 @@ def _check_local_dir(name: str, folder: Path, error: Type[BamModelsError]) -> No
     if not isinstance(config, dict) or not isinstance(config.get('architecture'), str):
         raise error(f"{name}: {config_file} names no architecture; {_WRITTEN_BY}")
     _check_architecture(config['architecture'], f' named in {config_file}', error)
+    _check_size_against_weights(name, folder, error)
+
+
+def _check_size_against_weights(name: str, folder: Path, error: Type[BamModelsError]) -> None:
+    """A folder whose config.json describes far more parameters than its weights file holds (at least one byte
+    each) is refused before the model is allocated: counted on the meta device."""
+    weights = next((folder / f for f in (HUB_FILENAME, 'pytorch_model.bin') if (folder / f).is_file()), None)
+    if weights is None:  # nothing to compare with; loading pretrained weights reports the missing file
+        return
+    try:
+        model = timm.create_model(name, device='meta')
+    except BamModelsError:
+        raise
+    except (TypeError, ValueError) as e:  # model_args the architecture does not take
+        raise error(f"{name}: the config.json's model_args cannot build {excerpt(str(e), 200)}; {_WRITTEN_BY}"
+                    ) from None
+    num_params = sum(p.numel() for p in model.parameters())
+    size = weights.stat().st_size
+    if num_params > size:
+        raise error(f"{name}: its config.json describes a model of {num_params:,} parameters but {weights.name} "
+                    f"holds {size:,} bytes, less than one per parameter; the config.json was changed after the "
+                    f"weights were written: {_WRITTEN_BY}")
 
 
 def _source_and_id(name: str, error: Type[BamModelsError]) -> Tuple[Optional[str], str]:
