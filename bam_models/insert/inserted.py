@@ -196,10 +196,12 @@ def _check_on_meta(base_model: str, attention: str, attention_args: Dict[str, An
                        **meta_kwargs)
     except BamModelsError:
         raise
-    except (TypeError, ValueError) as e:
-        message = str(e).rstrip('.').replace('replace_existing=True', 'replace_existing: true in model_args')
-        raise UsageError(f"with_attention with base_model {excerpt(base_model)}: {message[:300]}; "
-                         f"fix or remove that argument (config.json's model_args)") from None
+    except ValueError as e:  # the layers' and the insertion's own checks say what to do
+        raise UsageError(f"with_attention with base_model {excerpt(base_model)}: {str(e).rstrip('.')[:300]}"
+                         ) from None
+    except TypeError as e:  # an argument the base model does not take
+        raise UsageError(f"with_attention with base_model {excerpt(base_model)}: {str(e)[:300]}; fix or remove "
+                         f"that argument (config.json's model_args)") from None
     _check_widths(model)
 
 
