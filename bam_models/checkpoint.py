@@ -14,14 +14,14 @@ export, detection).
 - `read_data_config`: the preprocessing a `bam-models train` checkpoint was trained with.
 """
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, NamedTuple, Optional, Sequence, Type, Union
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Type, Union
 
 import timm
 import torch
 import torch.nn as nn
 from timm.models import load_state_dict
 
-from bam_models.errors import BamModelsError, CheckpointError
+from bam_models.errors import BamModelsError, CheckpointError, count
 
 __all__ = [
     'KeyMismatch', 'check_state_dict', 'create_sized_model', 'describe_mismatch', 'head_classes', 'key_mismatch',
@@ -30,6 +30,15 @@ __all__ = [
 
 PathLike = Union[str, Path]
 _EXAMPLES = 3  # keys named per kind of problem; the counts say how many there are in all
+
+
+def _overclaimed(state_dict: Dict[str, torch.Tensor]) -> List[str]:
+    """Keys whose shape needs more bytes than the storage saved for them: checking or loading their values
+    would materialise what the file never held (an expanded tensor of 80 KB on disk can claim gigabytes)."""
+    return [f'{key} ({tuple(value.shape)}, {value.numel() * value.element_size():,} bytes from '
+            f'{value.untyped_storage().nbytes():,} stored)'
+            for key, value in state_dict.items()
+            if value.numel() * value.element_size() > value.untyped_storage().nbytes()]
 
 
 def _bad_values(state_dict: Dict[str, torch.Tensor]) -> List[str]:
@@ -50,9 +59,14 @@ def check_state_dict(
 ) -> Dict[str, torch.Tensor]:
     """The tensors of `state_dict` (other entries dropped), refused with `error` if any holds impossible values."""
     tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    overclaimed = _overclaimed(tensors)
+    if overclaimed:
+        raise error(f"{what} has {count(len(overclaimed), 'tensor')} whose shape claims more data than the file holds: "
+                    f"{_examples(overclaimed)}; it was saved from expanded or strided views, not weights: save "
+                    f"the weights with .contiguous() (or safetensors)")
     bad = _bad_values(tensors)
     if bad:
-        raise error(f"{what} holds values no trained network has in {len(bad)} tensors: "
+        raise error(f"{what} holds values no trained network has in {count(len(bad), 'tensor')}: "
                     f"{_examples(bad)}; the file is damaged or was saved mid-divergence")
     return tensors
 
@@ -132,15 +146,19 @@ def _examples(keys: Sequence[str]) -> str:
 
 def describe_mismatch(mismatch: KeyMismatch) -> str:
     """'12 missing keys (e.g. a, b, c, ... (9 more)); 3 unexpected keys (...)': only the kinds that occur."""
-    parts = [f'{len(keys)} {kind} (e.g. {_examples(keys)})' for kind, keys in (
-        ('missing keys', mismatch.missing), ('unexpected keys', mismatch.unexpected),
-        ('mismatched tensors', mismatch.mismatched)) if keys]
+    parts = [f'{count(len(keys), kind)} (e.g. {_examples(keys)})' for kind, keys in (
+        ('missing key', mismatch.missing), ('unexpected key', mismatch.unexpected),
+        ('mismatched tensor', mismatch.mismatched)) if keys]
     return '; '.join(parts)
 
 
 def _classifier(model: nn.Module) -> Sequence[str]:
     names = getattr(model, 'pretrained_cfg', {}).get('classifier') or 'fc'
     return (names,) if isinstance(names, str) else tuple(names)
+
+
+def _architecture(model: nn.Module) -> str:
+    return getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
 
 
 def load_strict(
@@ -164,8 +182,7 @@ def load_strict(
         state_dict = {k: v for k, v in state_dict.items() if k not in head_keys}
     mismatch = key_mismatch(state_dict, model, ignore=head_keys if fresh_head else ())
     if mismatch:
-        arch = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
-        raise error(f"{source} does not fit {arch}: {describe_mismatch(mismatch)}; {advice}")
+        raise error(f"{source} does not fit {_architecture(model)}: {describe_mismatch(mismatch)}; {advice}")
     model.load_state_dict(state_dict, strict=not fresh_head)
     return model
 
@@ -179,16 +196,28 @@ def create_sized_model(model_name: str, state_dict: Dict[str, torch.Tensor], **m
     return timm.create_model(model_name, pretrained=False, **dict(model_kwargs, num_classes=classes))
 
 
-def model_from_checkpoint(model_name: str, checkpoint: PathLike, **model_kwargs) -> nn.Module:
+def model_from_checkpoint(
+        model_name: str,
+        checkpoint: PathLike,
+        suggest: Optional[Callable[[Dict[str, torch.Tensor], str], Optional[str]]] = None,
+        **model_kwargs,
+) -> nn.Module:
     """`model_name` built without downloads, with a local checkpoint loaded strictly.
 
     The file is read by `read_state_dict` (no pickled code runs), the size of its classifier sets
     `num_classes`, and a checkpoint of another architecture raises a `CheckpointError` that counts and names
-    missing and unexpected keys.
+    missing and unexpected keys, and the architecture they fit when `suggest(state_dict, architecture)` finds one.
     """
     state_dict = read_state_dict(checkpoint)
     model = create_sized_model(model_name, state_dict, **model_kwargs)
-    return load_strict(model, state_dict, f'checkpoint {checkpoint}', 'pass the architecture it was trained as')
+    advice = 'pass the architecture it was trained as'
+    try:
+        return load_strict(model, state_dict, f'checkpoint {checkpoint}', advice)
+    except CheckpointError as e:
+        guess = suggest(state_dict, _architecture(model)) if suggest else None
+        if guess is None:
+            raise
+        raise CheckpointError(f"{str(e)[:-len(advice)]}its keys fit {guess}: pass that model name") from None
 
 
 def read_data_config(path: PathLike) -> Optional[Dict[str, Any]]:

@@ -29,8 +29,8 @@ import torch.nn as nn
 from bam_models.checkpoint import KeyMismatch, create_sized_model, describe_mismatch, head_classes, read_state_dict
 from bam_models.errors import CheckpointError, ConversionError
 from bam_models.hub import new_or_empty_folder, save_pretrained
+from bam_models.hub.load import fitting_architecture
 from bam_models.layers import attention_keys
-from bam_models.models import list_zoo_models
 
 __all__ = ['SOURCES', 'ConversionError', 'read_checkpoint', 'convert_state_dict', 'to_official_state_dict',
            'convert_checkpoint']
@@ -151,7 +151,7 @@ def read_checkpoint(path: Union[str, Path]) -> Dict[str, torch.Tensor]:
 
 def _fit_shapes(state_dict, expected) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """Tensors reshaped where only the layout differs (2-D FC weights for 1x1 convs); the keys that still do
-    not fit, in `describe_mismatch`'s format."""
+    not fit (shape, or an integer tensor where the model has a float one), in `describe_mismatch`'s format."""
     out, mismatched = {}, []
     for key, value in state_dict.items():
         shape = expected[key].shape
@@ -161,6 +161,8 @@ def _fit_shapes(state_dict, expected) -> Tuple[Dict[str, torch.Tensor], List[str
                 value = value.reshape(shape)
             else:
                 mismatched.append(f'{key}: checkpoint {tuple(value.shape)}, model {tuple(shape)}')
+        elif expected[key].is_floating_point() and not value.is_floating_point():  # what loading refuses too
+            mismatched.append(f'{key}: checkpoint {value.dtype}, model {expected[key].dtype}')
         out[key] = value
     return out, mismatched
 
@@ -193,31 +195,9 @@ def _convert(state_dict: Dict[str, torch.Tensor], source: str, arch: str):
     return {k: converted[k] for k in expected if k in converted}, KeyMismatch(missing, sorted(unknown), mismatched)
 
 
-_STEM_KEYS = ('conv1.weight', 'features.init_block.conv.conv.weight', 'features.init_block.conv.weight',
-              'features.init_block.weight')
-
-
-def _candidates(state_dict: Dict[str, torch.Tensor], arch: str) -> List[str]:
-    """Zoo models worth trying for a checkpoint that did not fit `arch`: those with its attention kind, and the
-    CIFAR networks only for a 3x3 stem conv."""
-    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
-    keys = ' '.join(state_dict)
-    kind = '_cbam' if 'cbam' in keys else '_bam' if 'bam' in keys else ''
-    stem = next((state_dict[k] for k in _STEM_KEYS if k in state_dict), None)
-    cifar = stem is not None and stem.dim() == 4 and stem.shape[-1] == 3
-    return [name for name in list_zoo_models() if name != arch and ('_cifar' in name) == cifar
-            and (name.endswith(kind) if kind else not name.endswith(('_bam', '_cbam')))]
-
-
 def _matching_zoo_model(state_dict: Dict[str, torch.Tensor], source: str, arch: str) -> Optional[str]:
     """The zoo model the checkpoint converts into without a single mismatch, if there is one."""
-    for name in _candidates(state_dict, arch):
-        try:
-            if not _convert(state_dict, source, name)[1]:
-                return name
-        except (RuntimeError, ValueError, KeyError):  # a layout this source's rules cannot build
-            continue
-    return None
+    return fitting_architecture(state_dict, arch, fits=lambda name: not _convert(state_dict, source, name)[1])
 
 
 def convert_state_dict(

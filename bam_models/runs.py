@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from bam_models.checkpoint import describe_mismatch, key_mismatch
-from bam_models.errors import CheckpointError, ConfigError, UsageError
+from bam_models.errors import CheckpointError, ConfigError, UsageError, count
 
 __all__ = ['AMP_MODES', 'BEST', 'LAST', 'Checkpointer', 'RunFolderLock', 'atomic_save', 'autocast_for',
            'config_changes', 'flat_config', 'prepare_run_folder', 'read_resume', 'read_run_checkpoint', 'rng_state',
@@ -198,7 +198,8 @@ def read_resume(path: PathLike, required: Sequence[str], config: Mapping[str, An
     changes = config_changes(state['config'], config, free_keys)
     if changes:
         raise ConfigError(
-            f"--resume {path} was written with another config, {len(changes)} keys differ ({'; '.join(changes[:6])}"
+            f"--resume {path} was written with another config, {count(len(changes), 'key differs', 'keys differ')} "
+            f"({'; '.join(changes[:6])}"
             f"{'; ...' if len(changes) > 6 else ''}); resume with the run's own config, or {restart_hint}")
     return state
 

@@ -176,11 +176,11 @@ def test_convert_cli_writes_hub_folder_and_aborts_on_foreign_keys(tmp_path, caps
                      str(tmp_path / 'bad')]) == 2
     error = capsys.readouterr().err
     assert error.startswith('error: pytorchcv checkpoint does not fit resnet18_bam: ')
-    assert '1 missing keys (e.g. layer2.bam.channel_gate.fc2.bias)' in error
-    assert '1 unexpected keys (e.g. features.stage2.unit1.bam.extra.weight)' in error
+    assert '1 missing key (e.g. layer2.bam.channel_gate.fc2.bias)' in error
+    assert '1 unexpected key (e.g. features.stage2.unit1.bam.extra.weight)' in error
     assert not (tmp_path / 'bad').exists()
     del state['features.stage2.unit1.bam.extra.weight']
-    with pytest.raises(ConversionError, match=r'1 missing keys \(e\.g\. layer2\.bam\.channel_gate\.fc2\.bias\)'):
+    with pytest.raises(ConversionError, match=r'1 missing key \(e\.g\. layer2\.bam\.channel_gate\.fc2\.bias\)'):
         convert_state_dict(state, 'pytorchcv', 'resnet18_bam')
     # a checkpoint of another depth fails on shapes/keys, never loads half-way
     with pytest.raises(ConversionError):

@@ -123,7 +123,7 @@ def test_read_resume_refuses_a_changed_config_but_lets_free_keys_differ(tmp_path
     state = read_resume(tmp_path / 'last.pth', ['epoch'], moved, ['train.output', 'train.device'], 'start again')
     assert state['epoch'] == 1
     changed = {'optim': {'lr': 0.2}, 'train': {'output': 'b', 'device': 'cpu'}}
-    with pytest.raises(ConfigError, match=r"1 keys differ \(optim.lr: 0.1 -> 0.2\); .* or start again"):
+    with pytest.raises(ConfigError, match=r"1 key differs \(optim.lr: 0.1 -> 0.2\); .* or start again"):
         read_resume(tmp_path / 'last.pth', ['epoch'], changed, ['train.output'], 'start again')
 
 

@@ -13,6 +13,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         model = create_model_for_export(args.model, checkpoint=args.checkpoint, random_init=args.random_init)
     except PretrainedWeightsError as error:
+        if '--random-init' in str(error):  # the message suggests it already
+            raise
         raise PretrainedWeightsError(
             f"{error}, or --random-init to export random weights (e.g. to test a deployment pipeline)") from error
     size = tuple(args.input_size) if args.input_size else None

@@ -11,10 +11,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         info = insert_into_folder(
             args.arch, args.attention, args.out, pretrained=args.pretrained, replace_existing=args.replace_existing)
+    except UsageError as e:  # no stage / slot for the attention, or inserted twice: said in the CLI's terms
+        raise UsageError(str(e).replace('replace_existing=True', '--replace-existing')) from None
     except BamModelsError:  # the folder is not empty, the download failed: the CLI prints it
         raise
-    except (TypeError, ValueError) as e:  # no stage / slot for the attention, or inserted twice
-        raise UsageError(str(e).rstrip('.')) from None
+    except (TypeError, ValueError) as e:
+        raise UsageError(str(e).rstrip('.').replace('replace_existing=True', '--replace-existing')) from None
     except (RuntimeError, OSError) as e:  # timm found no weights, or could not download them
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise PretrainedWeightsError(

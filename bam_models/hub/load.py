@@ -19,19 +19,21 @@ from what the name names (a registry tag, the folder, the repo), else the model 
 """
 import json
 from pathlib import Path
-from typing import Optional, Tuple, Type, Union
+from typing import Callable, Dict, List, Optional, Tuple, Type, Union
 
 import timm
+import torch
 import torch.nn as nn
 from timm.models import get_arch_pretrained_cfgs, get_pretrained_cfg, parse_model_name, split_model_name_tag
 
 from bam_models._compat import hf_split
-from bam_models.checkpoint import model_from_checkpoint, read_data_config
-from bam_models.errors import BamModelsError, PretrainedWeightsError, UsageError, did_you_mean
-from bam_models.weights import WEIGHT_LOCATION_FIELDS, check_published
+from bam_models.checkpoint import head_classes, key_mismatch, model_from_checkpoint, read_data_config
+from bam_models.errors import BamModelsError, PretrainedWeightsError, UsageError, did_you_mean, excerpt
+from bam_models.models import list_zoo_models
+from bam_models.weights import HUB_FILENAME, WEIGHT_LOCATION_FIELDS, check_published
 from bam_models.weights.download import bounded_downloads, describe_hub_error
 
-__all__ = ['check_model_name', 'create_model_from_name']
+__all__ = ['check_model_name', 'create_model_from_name', 'fitting_architecture']
 
 _OWN_WEIGHTS = ('pass your weights with --checkpoint FILE, name a local-dir:PATH / hf-hub:ORG/NAME model, or use '
                 'random weights (pretrained=False, --random-init)')
@@ -58,6 +60,28 @@ def _check_local_dir(name: str, folder: Path, error: Type[BamModelsError]) -> No
     if not isinstance(config, dict) or not isinstance(config.get('architecture'), str):
         raise error(f"{name}: {config_file} names no architecture; {_WRITTEN_BY}")
     _check_architecture(config['architecture'], f' named in {config_file}', error)
+    _check_size_against_weights(name, folder, error)
+
+
+def _check_size_against_weights(name: str, folder: Path, error: Type[BamModelsError]) -> None:
+    """A folder whose config.json describes far more parameters than its weights file holds (at least one byte
+    each) is refused before the model is allocated: counted on the meta device."""
+    weights = next((folder / f for f in (HUB_FILENAME, 'pytorch_model.bin') if (folder / f).is_file()), None)
+    if weights is None:  # nothing to compare with; loading pretrained weights reports the missing file
+        return
+    try:
+        model = timm.create_model(name, device='meta')
+    except BamModelsError:
+        raise
+    except (TypeError, ValueError) as e:  # model_args the architecture does not take
+        raise error(f"{name}: the config.json's model_args cannot build {excerpt(str(e), 200)}; {_WRITTEN_BY}"
+                    ) from None
+    num_params = sum(p.numel() for p in model.parameters())
+    size = weights.stat().st_size
+    if num_params > size:
+        raise error(f"{name}: its config.json describes a model of {num_params:,} parameters but {weights.name} "
+                    f"holds {size:,} bytes, less than one per parameter; the config.json was changed after the "
+                    f"weights were written: {_WRITTEN_BY}")
 
 
 def _source_and_id(name: str, error: Type[BamModelsError]) -> Tuple[Optional[str], str]:
@@ -112,8 +136,48 @@ def check_model_name(
     return None
 
 
+_STEM_KEYS = ('conv1.weight', 'features.init_block.conv.conv.weight', 'features.init_block.conv.weight',
+              'features.init_block.weight', 'stem.conv.weight')
+
+
+def _zoo_candidates(state_dict: Dict[str, torch.Tensor], exclude: str) -> List[str]:
+    """Zoo models worth trying for a checkpoint that did not fit `exclude`: those with its attention kind, and the
+    CIFAR networks only for a 3x3 stem conv."""
+    state_dict = {k[len('module.'):] if k.startswith('module.') else k: v for k, v in state_dict.items()}
+    keys = ' '.join(state_dict)
+    kind = '_cbam' if 'cbam' in keys or '.se.spatial_gate' in keys else '_bam' if 'bam' in keys else ''
+    stem = next((state_dict[k] for k in _STEM_KEYS if k in state_dict), None)
+    cifar = stem is not None and stem.dim() == 4 and stem.shape[-1] == 3
+    return [name for name in list_zoo_models() if name != exclude and ('_cifar' in name) == cifar
+            and (name.endswith(kind) if kind else not name.endswith(('_bam', '_cbam')))]
+
+
+def _fits_as_is(state_dict: Dict[str, torch.Tensor], name: str) -> bool:
+    classifier = timm.create_model(name, device='meta').pretrained_cfg.get('classifier')
+    classes = head_classes(state_dict, classifier) or 0
+    return not key_mismatch(state_dict, timm.create_model(name, device='meta', num_classes=classes))
+
+
+def fitting_architecture(
+        state_dict: Dict[str, torch.Tensor],
+        exclude: str,
+        fits: Optional[Callable[[str], bool]] = None,
+) -> Optional[str]:
+    """The zoo model other than `exclude` whose keys, shapes and dtypes `state_dict` fits exactly, if one does:
+    what a message suggests for a checkpoint given with the wrong architecture. `fits(name)` decides for a
+    state dict of another layout (convert's sources); by default it is loaded as it is (on the meta device)."""
+    fits = fits or (lambda name: _fits_as_is(state_dict, name))
+    for name in _zoo_candidates(state_dict, exclude):
+        try:
+            if fits(name):
+                return name
+        except (RuntimeError, ValueError, KeyError):  # a layout this candidate cannot be built or sized for
+            continue
+    return None
+
+
 def _from_checkpoint(name: str, checkpoint: Union[str, Path], **model_kwargs) -> nn.Module:
-    model = model_from_checkpoint(name, checkpoint, **model_kwargs)
+    model = model_from_checkpoint(name, checkpoint, suggest=fitting_architecture, **model_kwargs)
     data_config = read_data_config(checkpoint)
     if data_config:  # preprocess as in training: resolve_data_config(model=model) reads the pretrained_cfg
         model.pretrained_cfg = model.default_cfg = dict(model.pretrained_cfg, **data_config)

@@ -37,6 +37,10 @@ def new_or_empty_folder(path: PathLike, label: str, why: str) -> Path:
     folder = Path(path)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise OutputExistsError(f"{label} {folder} is not an empty folder; {why}: pass a new or empty folder")
+    blocking = next((parent for parent in folder.absolute().parents if parent.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise UsageError(f"{label} {folder} lies under {blocking}, which is a file, so no folder can be "
+                                f"made there; pass a new or empty folder elsewhere")
     return folder
 
 
@@ -186,8 +190,9 @@ def publish(
 
     Returns save_pretrained's result (`files`: the names written, and uploaded with `push`), plus `revision`
     when pushed."""
+    fix = 'pass --manifest the path of a valid weights manifest (JSON)' if manifest else None
     manifest = Path(manifest or manifest_path())
-    entries = load_manifest(manifest)['weights']
+    entries = load_manifest(manifest, fix)['weights']
     if arch_tag not in entries:
         raise UsageError(f"{arch_tag} has no entry in {manifest}; add one first (copy resnet50_bam.official_in1k's "
                          f"and edit it)")

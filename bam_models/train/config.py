@@ -11,7 +11,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import yaml
 
-from bam_models.errors import ConfigError
+from bam_models.errors import ConfigError, excerpt
 from bam_models.layers import BAM, CBAM
 
 
@@ -235,7 +235,7 @@ CONSTRAINTS: Dict[str, Any] = {
     'schedule.decay_epochs': POSITIVE,
     'schedule.decay_rate': Range(0, 1, low_open=True),
     'schedule.decay_milestones': Increasing(NON_NEGATIVE),
-    'train.seed': NON_NEGATIVE,
+    'train.seed': Range(0, 2 ** 32 - 1),  # numpy's seed range; the samplers' derived seeds stay in 64 bits
     'train.amp': ('none', 'bf16', 'fp16'),
     'train.label_smoothing': FRACTION_BELOW_1,
     'train.mixup': NON_NEGATIVE,
@@ -285,12 +285,12 @@ def check_constraint(key: str, value: Any, rule: Any = None, flag: Optional[str]
     what = flag or f"config key '{key}'"
     if type(rule) is tuple:  # choices (Range and the other rules are NamedTuples)
         if value not in rule:
-            raise ConfigError(f"{what} is {value!r}{_did_you_mean(str(value), rule)}")
+            raise ConfigError(f"{what} is {excerpt(value)}{_did_you_mean(excerpt(value), rule)}")
         return
     problem = rule.violation(value)
     if problem:
         fix = f'pass {flag} VALUE' if flag else f'fix it in the config or with --set {key}=VALUE'
-        raise ConfigError(f"{what} is {value!r} but must be {problem}; {fix}")
+        raise ConfigError(f"{what} is {excerpt(value)} but must be {problem}; {fix}")
 
 
 # ---------------------------------------------------------------------------------------------- parsing
@@ -319,9 +319,9 @@ def _coerce(key: str, value: Any, default: Any, hint: Any) -> Any:
     if expected in (dict, Optional[Dict[str, Any]]) and isinstance(value, dict):
         return {str(k): v for k, v in value.items()}
     if expected in (list, Optional[List[float]], List[float]):
-        raise ConfigError(f"config key '{key}' must be a list of numbers such as [0.5, 1.0], got {value!r}; "
+        raise ConfigError(f"config key '{key}' must be a list of numbers such as [0.5, 1.0], got {excerpt(value)}; "
                           f"fix it in the config or with --set {key}=VALUE")
-    raise ConfigError(f"config key '{key}' must be {_type_name(expected)}, got {value!r}; "
+    raise ConfigError(f"config key '{key}' must be {_type_name(expected)}, got {excerpt(value)}; "
                       f"fix it in the config or with --set {key}=VALUE")
 
 
@@ -336,14 +336,14 @@ def _unknown_key(section: str, key: str, options: Sequence[str]) -> ConfigError:
 def _section_from_dict(section: str, cls, values: Any):
     if not isinstance(values, dict):
         example = 'model:\\n  name: resnet18_bam' if section == 'model' else f'{section}:\\n  KEY: VALUE'
-        raise ConfigError(f"config section '{section}' must be a mapping of keys to values, got {values!r}; a "
+        raise ConfigError(f"config section '{section}' must be a mapping of keys to values, got {excerpt(values)}; a "
                           f"config is sectioned, e.g. '{example}'")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     defaults = cls()
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            raise _unknown_key(section, str(key), list(fields))
+            raise _unknown_key(section, excerpt(key).strip("'"), list(fields))
         kwargs[key] = _coerce(f'{section}.{key}', value, getattr(defaults, key), fields[key].type)
         check_constraint(f'{section}.{key}', kwargs[key])
     return cls(**kwargs)
@@ -356,24 +356,61 @@ def config_from_dict(values: Dict[str, Any]) -> RunConfig:
     kwargs = {}
     for section, content in values.items():
         if section not in sections:
-            home = _section_of(str(section))
+            section = excerpt(section).strip("'")
+            home = _section_of(section)
             if home is not None:
                 raise ConfigError(f"'{section}' at the top level of the config is a key of section '{home}'; "
                                   f"a config is sectioned: write it under '{home}:'")
-            raise ConfigError(f"unknown config section '{section}'{_did_you_mean(str(section), list(sections))}")
+            raise ConfigError(f"unknown config section '{section}'{_did_you_mean(section, list(sections))}")
         kwargs[section] = _section_from_dict(section, sections[section], {} if content is None else content)
-    return RunConfig(**kwargs)
+    config = RunConfig(**kwargs)
+    _check_warmup(config.schedule)
+    return config
+
+
+def _check_warmup(schedule: ScheduleConfig) -> None:
+    """A warmup as long as the run would train the whole run at the warmup learning rate."""
+    if schedule.warmup_epochs and schedule.warmup_epochs >= schedule.epochs:
+        raise ConfigError(f"config key 'schedule.warmup_epochs' is {schedule.warmup_epochs} but the run has only "
+                          f"{schedule.epochs} epochs (schedule.epochs), so it would never leave the warmup; set "
+                          f"schedule.warmup_epochs below schedule.epochs")
+
+
+# far more values than any configuration has: YAML aliases can make a few hundred bytes mean billions of them
+MAX_YAML_VALUES = 10_000
+
+
+def _check_expansion(value: Any, where: str) -> None:
+    """Refuses a parsed document that holds more than MAX_YAML_VALUES values once its aliases are expanded
+    (a "billion laughs"), or refers to itself; counted without expanding anything, stopping at the bound."""
+    pending, seen = [value], 0
+    while pending:
+        item = pending.pop()
+        seen += 1
+        if seen > MAX_YAML_VALUES:
+            raise ConfigError(f"{where} expands to more than {MAX_YAML_VALUES:,} values (YAML aliases '*' repeat "
+                              f"or nest anchors); write the values out instead of nesting aliases")
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
 
 
 def _parse_yaml(text: str, where: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        values = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, 'problem_mark', None)
         at = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
         problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
         raise ConfigError(f"{where} is not valid YAML ({problem}{at}); fix the syntax (quote strings that "
                           f"hold ':' or brackets)") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise ConfigError(f"{where} holds a value that cannot be read ({excerpt(str(e))}); write a shorter "
+                          f"value") from None
+    _check_expansion(values, where)
+    return values
 
 
 def apply_overrides(values: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
@@ -383,12 +420,12 @@ def apply_overrides(values: Dict[str, Any], overrides: Sequence[str]) -> Dict[st
     for item in overrides:
         key, sep, raw = item.partition('=')
         if not sep or key.count('.') != 1:
-            raise ConfigError(f"--set expects section.key=value (e.g. optim.lr=0.05), got {item!r}")
+            raise ConfigError(f"--set expects section.key=value (e.g. optim.lr=0.05), got {excerpt(item)}")
         section, name = key.strip().split('.')
         content = values.setdefault(section, {})
         if not isinstance(content, dict):
             content = values[section] = {}  # the section check reports a non-mapping section of the file
-        content[name] = _parse_yaml(raw, f'the value of --set {item}')
+        content[name] = _parse_yaml(raw, f'the value of --set {key}')
     return values
 
 

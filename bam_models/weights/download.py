@@ -6,7 +6,9 @@ not cached, and a body download resumes without end as long as each attempt rece
 `HF_HUB_ETAG_TIMEOUT` nor `HF_HUB_DOWNLOAD_TIMEOUT` bounds that loop. Inside `bounded_downloads()` two event
 hooks on huggingface_hub's HTTP client (installed through its public `set_client_factory`, inert outside the
 context) cap every request's timeouts at `BAM_MODELS_DOWNLOAD_TIMEOUT` and at the time left, and stop any
-request or body chunk once `BAM_MODELS_DOWNLOAD_BUDGET` has run out, with a `PretrainedWeightsError`.
+request or body chunk once `BAM_MODELS_DOWNLOAD_BUDGET` has run out, with a `PretrainedWeightsError`; a host
+that gave no answer to a request (refused, or silent past the connect timeout) is not asked again in the same
+load, so an unreachable Hub fails within one connect timeout instead of huggingface_hub's five retries.
 huggingface_hub then removes its temporary `.incomplete` file as on any failed download.
 
 `describe_hub_error` is the one translation of a failed Hub download into "what went wrong; what to do", used
@@ -17,8 +19,8 @@ import threading
 import time
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import Iterator, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Set, Tuple
 
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
@@ -115,6 +117,18 @@ class _Budget:
     timeout: float
     budget: float
     deadline: float
+    # hosts whose last request got no response (connection refused or timed out): huggingface_hub retries
+    # those 5 times with 1-8 s sleeps (28 s for a refused connection), which one load does not wait for
+    unanswered: Set[str] = field(default_factory=set)
+
+    def refuse_unreachable(self, url) -> None:
+        host = url.host
+        if host in self.unanswered:
+            raise PretrainedWeightsError(
+                f"the Hub could not be reached at {url.scheme}://{host}{_port(url)} (no answer to the first "
+                f"request, within the {self.timeout:g} s connect timeout); check the network and HF_ENDPOINT, set "
+                f"HF_HUB_OFFLINE=1 to use only the cache, or raise {TIMEOUT_ENV}")
+        self.unanswered.add(host)
 
     def time_left(self, url) -> float:
         left = self.deadline - time.monotonic()
@@ -146,10 +160,15 @@ class _BudgetedStream(_httpx.SyncByteStream):
         return getattr(self._stream, name)
 
 
+def _port(url) -> str:
+    return f':{url.port}' if url.port else ''
+
+
 def _limit_request(request) -> None:
     budget = _ACTIVE.get()
     if budget is None:
         return
+    budget.refuse_unreachable(request.url)
     cap = min(budget.timeout, budget.time_left(request.url))
     timeouts = request.extensions.get('timeout') or {}
     request.extensions['timeout'] = {
@@ -160,6 +179,7 @@ def _limit_request(request) -> None:
 def _limit_response(response) -> None:
     budget = _ACTIVE.get()
     if budget is not None:
+        budget.unanswered.discard(response.request.url.host)
         response.stream = _BudgetedStream(response.stream, budget, response.request.url)
 
 

@@ -33,11 +33,11 @@ def manifest_path() -> Path:
     return Path(os.environ.get(MANIFEST_ENV) or PACKAGED_MANIFEST)
 
 
-def load_manifest(path: Optional[Union[str, Path]] = None) -> Dict[str, Any]:
+def load_manifest(path: Optional[Union[str, Path]] = None, fix: Optional[str] = None) -> Dict[str, Any]:
     """Read (never cache: tests and `publish` rewrite it) and sanity-check a manifest; `ManifestError` if it
-    cannot be used."""
+    cannot be used, ending in `fix` (default: how to set the active manifest)."""
     path = Path(path) if path is not None else manifest_path()
-    fix = f"unset {MANIFEST_ENV} to use the packaged manifest, or point it at a valid manifest file"
+    fix = fix or f"unset {MANIFEST_ENV} to use the packaged manifest, or point it at a valid manifest file"
     try:
         manifest = json.loads(path.read_text(encoding='utf-8'))
     except OSError as e:
