@@ -12,3 +12,7 @@ torch.set_num_threads(int(os.environ.get('BAM_MODELS_TEST_THREADS', _DEFAULT_THR
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: starts subprocesses, compiles, or takes over ~10 s')

@@ -19,8 +19,8 @@ from torch.utils.checkpoint import checkpoint
 
 from timm.layers import make_divisible, register_notrace_module
 
-from .config import use_fused_gating
-from .fused_gates import bam_refine, bam_single_branch
+from .config import use_fused_gating, use_gate_ops
+from .fused_gates import bam_gate, bam_refine, bam_single_branch
 from .gating_reference import bam_attention_logits, bam_refine_reference
 from .gating_tuning import tuning_for
 
@@ -358,10 +358,21 @@ class BAM(nn.Module):
         return bam_refine_reference(features, self._logits(features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting() or not use_fused_gating(self.fused) or x.shape[0] == 0:
+        if torch.jit.is_scripting() or x.shape[0] == 0:
             # an empty batch has nothing to save memory on
             return self.forward_reference(x)
-        return self._forward_fused(x)
+        if use_fused_gating(self.fused):
+            return self._forward_fused(x)
+        if self.channel_gate is not None and self.spatial_gate is not None and use_gate_ops(self.fused):
+            return self._forward_gate_op(x)
+        return self.forward_reference(x)
+
+    @torch.jit.unused
+    def _forward_gate_op(self, x: torch.Tensor) -> torch.Tensor:
+        """Under torch.compile: the branches as plain ops for the compiler, the full-size step as the custom op
+        `bam_models::bam_gate`, so backward keeps no full-size gate."""
+        features = F.relu(x) if self.input_relu else x
+        return bam_gate(features, self.channel_gate(features), self.spatial_gate(features), self.fusion)
 
     @torch.jit.unused
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
