@@ -97,3 +97,43 @@ def test_compiled_training_step_keeps_the_fused_paths_tensor_peak():
     ratio = _compiled_step_peak('resnet18_bam') / _compiled_step_peak('resnet18')
     torch._dynamo.reset()
     assert ratio <= 1.02, ratio
+
+
+def _with_nontrivial_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Random BN statistics and affine parameters, so that a dropped or misplaced fold would show."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name,global_pools', [
+    # three BAMs' channel gates and the head
+    ('resnet18_bam', {'GlobalAveragePool': 4}),
+    # eight CBAMs' average and max pools, and the head
+    ('resnet18_cbam', {'GlobalAveragePool': 9, 'GlobalMaxPool': 8}),
+])
+def test_onnx_graph_is_one_onnxruntime_runs_well(tmp_path, name, global_pools):
+    import collections
+
+    import onnx
+
+    from bam_models.export import compare_with_pytorch, export_model
+
+    model = _with_nontrivial_norms(timm.create_model(name, num_classes=10))
+    path = tmp_path / f'{name}.onnx'
+    export_model(model, path, 'onnx', input_size=(64, 96))
+    ops = collections.Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+    # global pooling as global pools, every BatchNorm folded into its convolution, nothing per channel or stacked
+    assert {op: ops[op] for op in global_pools} == global_pools, ops
+    assert not {'BatchNormalization', 'Loop', 'Split', 'Slice', 'Gather'} & set(ops), ops
+    assert ops['Gemm'] == 1, ops  # the classifier only: the gates' MLPs are 1x1 convolutions
+    # what is left of the reductions pools over channels (CBAM's spatial descriptors)
+    assert ops['ReduceMean'] == ops['ReduceMax'] == (8 if name.endswith('cbam') else 0), ops
+    assert max(compare_with_pytorch(model, path, 'onnx', ((1, 3, 96, 64), (3, 3, 64, 128)))) <= 1e-4

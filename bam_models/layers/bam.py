@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from timm.layers import make_divisible, register_notrace_module
 
-from .config import use_fused_gating, use_gate_ops
+from .config import exporting, use_fused_gating, use_gate_ops
 from .fused_gates import bam_gate, bam_refine, bam_single_branch
 from .gating_reference import bam_attention_logits, bam_refine_reference
 from .gating_tuning import tuning_for
@@ -92,6 +92,8 @@ class BamChannelGate(nn.Module):
         of the two. Both go through the module call, so forward hooks see the logits either way."""
         if pooled is None:
             assert x is not None, 'BamChannelGate needs the feature map x or its pooled (B, C) mean'
+            if not torch.jit.is_scripting() and exporting():
+                return self._forward_for_export(x)
             # pooled over both dims: any H != W, no size-derived kernel
             pooled = x.mean((2, 3))
         else:
@@ -102,6 +104,13 @@ class BamChannelGate(nn.Module):
         hidden = self.act(self.bn(hidden))
         logits = F.linear(hidden.flatten(1), self.fc2.weight.flatten(1), self.fc2.bias)
         return self.bn_out(logits.view(batch, self.fc2.out_channels, 1, 1))
+
+    @torch.jit.unused
+    def _forward_for_export(self, x: torch.Tensor) -> torch.Tensor:
+        """The same Mc as a (B, C, 1, 1) pool and 1x1 convolutions: the pool becomes ONNX's GlobalAveragePool
+        (`export.export_onnx`) and each BatchNorm follows a convolution that runtimes fold it into."""
+        hidden = self.act(self.bn(self.fc1(x.mean((2, 3), keepdim=True))))
+        return self.bn_out(self.fc2(hidden))
 
     @torch.jit.unused
     def from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:

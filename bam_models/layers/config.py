@@ -26,7 +26,7 @@ from bam_models.errors import FusedGatingError, UsageError
 
 __all__ = [
     'FusedGatingError', 'FUSED_GATING_ENV', 'fused_gating', 'fused_gating_from_env', 'fused_gating_supported',
-    'set_fused_gating', 'use_fused_gating', 'use_gate_ops',
+    'exporting', 'set_fused_gating', 'use_fused_gating', 'use_gate_ops',
 ]
 
 FUSED_GATING_ENV = 'BAM_MODELS_FUSED_GATING'
@@ -86,6 +86,14 @@ def use_fused_gating(override: Optional[bool] = None) -> bool:
     if not fused_gating_supported():
         return False
     return _process_setting() if override is None else bool(override)
+
+
+@torch.jit.unused
+def exporting() -> bool:
+    """True while tracing, exporting to ONNX or running torch.export: the graph is for deployment, so modules
+    take the form that runtimes optimise best (1x1 convolutions whose BatchNorms fold, pools over H, W that
+    become global pools)."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
 
 
 @torch.jit.unused
