@@ -17,7 +17,7 @@ from bam_models.hub.load import create_model_from_name
 
 __all__ = [
     'FORMATS', 'ExportResult', 'check_shapes', 'create_model_for_export', 'export_model', 'export_onnx',
-    'export_torchscript', 'export_program', 'load_exported', 'compare_with_pytorch',
+    'export_torchscript', 'export_program', 'global_pools_in_place', 'load_exported', 'compare_with_pytorch',
 ]
 
 FORMATS = ('onnx', 'torchscript', 'exported')
@@ -96,6 +96,7 @@ def export_onnx(model: nn.Module, path: Path, sample: torch.Tensor, opset: Optio
         kwargs['opset_version'] = opset
     try:
         torch.onnx.export(model, (sample,), str(path), dynamo=True, dynamic_shapes=_dynamic_shapes(model), **kwargs)
+        global_pools_in_place(path)
         return 'dynamo'
     except Exception as error:  # the exporters raise many types; the fallback's own error reports a real failure
         warnings.warn(f"torch.export-based ONNX export failed ({type(error).__name__}: {error}); "
@@ -105,6 +106,55 @@ def export_onnx(model: nn.Module, path: Path, sample: torch.Tensor, opset: Optio
         model, (sample,), str(path), dynamo=False,
         dynamic_axes={INPUT_NAME: axes, OUTPUT_NAME: {0: 'batch'}}, **kwargs)
     return 'torchscript'
+
+
+_GLOBAL_POOLS = {'ReduceMean': 'GlobalAveragePool', 'ReduceMax': 'GlobalMaxPool'}
+
+
+def _reduced_axes(node, constants: Dict[str, List[int]]) -> Optional[List[int]]:
+    """A reduction node's axes, from its `axes` input (opset 18) or attribute; None where they are not constant."""
+    for attribute in node.attribute:
+        if attribute.name == 'axes':
+            return list(attribute.ints)
+    return constants.get(node.input[1]) if len(node.input) > 1 else None
+
+
+def _keeps_dims(node) -> bool:
+    return all(a.i == 1 for a in node.attribute if a.name == 'keepdims')
+
+
+def global_pools_in_place(path: Path) -> int:
+    """Rewrite every ReduceMean / ReduceMax over H and W (keeping dims) of a 4-D map in the ONNX graph at
+    `path` as GlobalAveragePool / GlobalMaxPool, the ops onnxruntime runs as one pass over each channel's
+    contiguous plane; returns how many it rewrote. The torch.export-based exporter writes global pools as
+    reductions. Weights in an external `.onnx.data` file stay where they are."""
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(path), load_external_data=False)
+    graph = proto.graph
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*graph.input, *graph.value_info]
+             if v.type.tensor_type.HasField('shape')}
+    constants = {t.name: numpy_helper.to_array(t).tolist() for t in graph.initializer
+                 if t.data_type == onnx.TensorProto.INT64 and t.dims == [2] and not t.external_data}
+    for node in graph.node:
+        if node.op_type == 'Constant' and node.attribute and node.attribute[0].name == 'value':
+            value = numpy_helper.to_array(node.attribute[0].t)
+            if value.ndim == 1 and value.size == 2:
+                constants[node.output[0]] = value.tolist()
+    rewritten = 0
+    for node in graph.node:
+        if node.op_type not in _GLOBAL_POOLS or ranks.get(node.input[0]) != 4 or not _keeps_dims(node):
+            continue
+        axes = _reduced_axes(node, constants)
+        if axes is None or sorted(a % 4 for a in axes) != [2, 3]:
+            continue
+        pool = onnx.helper.make_node(_GLOBAL_POOLS[node.op_type], [node.input[0]], list(node.output), name=node.name)
+        node.CopyFrom(pool)
+        rewritten += 1
+    if rewritten:
+        onnx.save(proto, str(path))
+    return rewritten
 
 
 def export_torchscript(model: nn.Module, path: Path) -> None:

@@ -81,7 +81,7 @@ def test_markdown_table_lists_every_model_with_ratios(tiny_run):
     for column in ('params', 'paper params', 'GMACs', 'latency b1 ms', 'throughput b2 img/s',
                    'train step b2 ms', 'train peak tensors MiB', 'train peak RSS MiB'):
         assert column in header
-    body = [line for line in lines[2:] if line.startswith('| `')]
+    body = [line for line in lines[2:lines.index('')] if line.startswith('| `')]  # the main table
     assert len(body) == len(result['rows'])
     assert '(1.000×)' in body[0]
     assert '11,712,503' in body[1]
@@ -203,3 +203,27 @@ def test_zoo_models_and_their_pytorchcv_twins_side_by_side(tiny_run):
     ratio = ours['train_s'] / theirs['train_s']
     expected = f"{ours['train_s'] * 1e3:.1f} vs {theirs['train_s'] * 1e3:.1f} ({ratio:.3f})"
     assert expected in line
+
+
+def test_timings_under_both_allocators_side_by_side_every_ratio_a_cost(tiny_run):
+    _, table, result = tiny_run
+    assert result['settings']['system_allocator'].startswith('system')
+    cpu = result['machine']['cpu']
+    rows = {row['model']: row for row in result['rows']}
+    for row in rows.values():
+        trunk = rows[row['trunk']]
+        for what in ('latency', 'throughput', 'train'):
+            # glibc's defaults measured in their own rounds, paired with the trunk's of the same rounds
+            assert row[f'system_{what}_s'] > 0
+            assert row[f'system_{what}_ratio'] == pytest.approx(row[f'system_{what}_s'] / trunk[f'system_{what}_s'])
+    lines = table.splitlines()
+    # every table names the CPU it ran on
+    headers = [line for line in lines if line.startswith('| cost vs trunk') or line.startswith('| same architecture')]
+    assert len(headers) == 2 and all(cpu in header for header in headers)
+    bam = rows['resnet18_bam']
+    line = next(line for line in lines if line.startswith('| `resnet18_bam` |') and ' / ' in line)
+    assert f"{bam['system_train_ratio']:.3f} / {bam['train_ratio']:.3f}" in line
+    # pytorchcv side by side: time per batch, a cost like the others, not images per second
+    ours, theirs = bam, rows['pytorchcv:bam_resnet18']
+    pair = next(line for line in lines if line.startswith('| ours `resnet18_bam`'))
+    assert f"({ours['throughput_s'] / theirs['throughput_s']:.3f})" in pair and 'img/s' not in headers[1]

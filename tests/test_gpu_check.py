@@ -22,17 +22,24 @@ def test_quick_cpu_run_checks_fused_against_reference_and_measures_every_variant
     gpu_check = _load_script()
     out_json, out_md = tmp_path / 'check.json', tmp_path / 'check.md'
     try:
-        rc = gpu_check.main(['--device', 'cpu', '--quick', '--img-size', '32', '-q',
+        # the quick size itself (64 px): at 32 px the last stages are 1-2 pixels wide and bf16 gradients of both
+        # paths are off by more than their own norm, which no bound can tell apart
+        rc = gpu_check.main(['--device', 'cpu', '--quick', '-q',
                              '--json', str(out_json), '--markdown', str(out_md)])
     finally:
         torch._dynamo.reset()
     result = json.loads(out_json.read_text())
     checks = {(r['model'], r['mode']): r for r in result['checks']}
-    # the exit status says whether every check passed
-    assert rc == (0 if all(r['ok'] for r in checks.values()) else 1)
+    # fp16 autocast training is not supported on CPU: reported as not applicable, neither a pass nor a failure,
+    # so the run exits 0 exactly when every check that applies to CPU passes
+    for name in ('resnet50_bam', 'resnet50_cbam'):
+        assert checks[name, 'fp16']['ok'] is None and 'not supported on CPU' in checks[name, 'fp16']['not_applicable']
+    applicable = [r for r in checks.values() if r['not_applicable'] is None]
+    assert len(applicable) == 6 and all(r['ok'] for r in applicable), applicable
+    assert rc == 0
     assert set(checks) == {(m, mode) for m in ('resnet50_bam', 'resnet50_cbam')
                            for mode in ('fp32', 'bf16', 'fp16', 'channels_last')}
-    for row in checks.values():
+    for row in applicable:
         assert row['same_grads'] and row['worst_param']
     # the fused nodes are not the reference's autograd graph: rounding differs, but not much
     for mode in ('fp32', 'channels_last', 'bf16'):
@@ -48,4 +55,10 @@ def test_quick_cpu_run_checks_fused_against_reference_and_measures_every_variant
     assert rows['resnet50_bam', 'fused']['peak_train_bytes'] < rows['resnet50_bam', 'reference']['peak_train_bytes']
     table = out_md.read_text()
     assert table.strip() == capsys.readouterr().out.strip()
-    assert '| `resnet50_cbam` | compiled |' in table and '| `resnet50_bam` | fp16 |' in table
+    assert '| `resnet50_cbam` | compiled |' in table and '| `resnet50_bam` | fp16 | – |' in table
+
+
+def test_a_measurement_precision_the_device_cannot_train_in_is_refused(capsys):
+    gpu_check = _load_script()
+    assert gpu_check.main(['--device', 'cpu', '--quick', '--precision', 'fp16', '-q']) == 2
+    assert 'error: --precision fp16 cannot be measured on cpu' in capsys.readouterr().err

@@ -23,12 +23,15 @@ stays empty.
 The paper columns are the BAM / CBAM papers' own figures (`bam_models.models.paper`) at their 224 x 224, with
 our count relative to theirs.
 
-Timings run with glibc set to keep freed memory for reuse (`allocator='caching'`, the default): a mmap
-threshold of 1 GiB and no heap trimming, as a caching allocator (jemalloc, TCMalloc, PyTorch's CUDA allocator)
-behaves. Under glibc's defaults every freed block above its dynamic mmap threshold goes back to the kernel and
-the next one arrives as fresh zeroed pages; those page faults cost a training step of resnet50 at batch 16 on 2
-cores about a quarter of its time and vary from step to step by as much, which buries differences of a few
-percent. `allocator='system'` keeps glibc's defaults. Both settings last for the rest of the process.
+Timings run under two allocator settings side by side (`allocator='both'`, the default): first glibc's defaults,
+as a plain `pip install` on Linux meets them, then glibc set to keep freed memory for reuse, a mmap threshold of
+1 GiB and no heap trimming, as a caching allocator (jemalloc, TCMalloc, PyTorch's CUDA allocator) behaves. Under
+glibc's defaults every freed block above its dynamic mmap threshold goes back to the kernel and the next one
+arrives as fresh zeroed pages; those page faults cost a training step of resnet50 at batch 16 on 2 cores about a
+quarter of its time and vary from step to step, so that a model that allocates differently from its trunk pays
+differently there. glibc's settings cannot be reset once changed, so the defaults are measured first; the main
+columns are the caching allocator's, the `system_*` columns glibc's defaults. `allocator='caching'` or
+`'system'` measures under one of them only. The settings last for the rest of the process.
 """
 import ctypes
 import difflib
@@ -36,6 +39,7 @@ import gc
 import os
 import re
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
@@ -45,7 +49,7 @@ import torch
 
 from bam_models.benchmark.profiling import count_flops, count_params, peak_cpu_tensor_bytes
 from bam_models.benchmark.report import describe_machine
-from bam_models.benchmark.subject import Inputs, Subject, create_benchmarked_model
+from bam_models.benchmark.subject import Inputs, OnnxRuntimeSubject, Subject, create_benchmarked_model
 from bam_models.errors import UsageError
 from bam_models.models.paper import paper_figure
 
@@ -90,7 +94,13 @@ class BenchmarkSettings:
     measure: Sequence[str] = MEASURES
     memory_steps: int = 3
     seed: int = 0
-    allocator: str = 'caching'
+    allocator: str = 'both'
+    # also time every model torch.compile'd (training and inference) against the compiled trunk
+    compile: bool = False
+    # also time every model exported to ONNX in onnxruntime (inference) against the exported trunk: a function
+    # (model, path, input size) that writes the graph; `bam-models benchmark --onnxruntime` passes
+    # bam_models.export's, which sits above this package
+    onnx_export: Optional[Callable[[torch.nn.Module, str, int], None]] = field(default=None, repr=False)
     log: Callable[[str], None] = field(default=lambda msg: None, repr=False)
 
 
@@ -127,7 +137,7 @@ def _status_bytes(field: str) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ':'))
 
 
-ALLOCATORS = ('caching', 'system')
+ALLOCATORS = ('both', 'caching', 'system')
 
 # glibc's mallopt parameters
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -163,6 +173,9 @@ _RATIOS = {
     'train_tensor_peak_ratio': 'train_tensor_peak_bytes',
     'train_peak_ratio': 'train_peak_bytes',
 }
+# the timed measures, and the prefix of their columns under glibc's default allocator when both are measured
+TIMED = ('latency', 'throughput', 'train')
+SYSTEM_PREFIX = 'system_'
 
 
 def _paper_columns(name: str, params: int, gmacs: float, img_size: int) -> Dict[str, Optional[float]]:
@@ -189,20 +202,42 @@ def trunk_of(name: str, names: Sequence[str]) -> str:
     return names[0]
 
 
-def _new_subject(name: str, settings: BenchmarkSettings, inputs: Inputs) -> Subject:
-    model = create_benchmarked_model(name)
+# a model measured another way is named `MODEL@WAY`, with the trunk measured the same way as its trunk
+COMPILED, ONNXRUNTIME = '@compile', '@onnxruntime'
+
+
+def _base_name(name: str) -> str:
+    return name.split('@', 1)[0]
+
+
+def _way(name: str) -> str:
+    return name[len(_base_name(name)):]
+
+
+def _new_subject(name: str, settings: BenchmarkSettings, inputs: Inputs, work_dir: Optional[str] = None):
+    model = create_benchmarked_model(_base_name(name))
     model.to(memory_format=torch.channels_last if settings.channels_last else torch.contiguous_format)
-    return Subject(model, inputs, lr=1e-4)
+    if _way(name) == ONNXRUNTIME:
+        path = os.path.join(work_dir, _base_name(name).replace(':', '_') + '.onnx')
+        settings.onnx_export(model.eval(), path, settings.img_size)
+        return OnnxRuntimeSubject(path, inputs, torch.get_num_threads())
+    compiled = torch.compile(model) if _way(name) == COMPILED else None
+    return Subject(model, inputs, lr=1e-4, forward=compiled)
+
+
+def _measures_of(name: str, measures: Sequence[str]) -> List[str]:
+    """What a subject can be measured for: an onnxruntime graph only infers."""
+    return [m for m in measures if not (_way(name) == ONNXRUNTIME and m in ('train', 'memory'))]
 
 
 def _time_rounds(family: str, subjects: Dict[str, Subject], settings: BenchmarkSettings,
                  measures: List[str]) -> Dict[str, Dict[str, List[float]]]:
     """Seconds of every measurement of every model per round, after one untimed warm-up of each."""
     settings.log(f'[{family}] warm-up')
-    for subject in subjects.values():
-        for what in measures:
+    for name, subject in subjects.items():
+        for what in _measures_of(name, measures):
             _measure(subject, what, settings.latency_iters)
-    times = {name: {what: [] for what in measures} for name in subjects}
+    times = {name: {what: [] for what in _measures_of(name, measures)} for name in subjects}
     names = list(subjects)
     for round_idx in range(settings.rounds):
         settings.log(f'[{family}] round {round_idx + 1}/{settings.rounds}')
@@ -210,18 +245,19 @@ def _time_rounds(family: str, subjects: Dict[str, Subject], settings: BenchmarkS
         shift = round_idx % len(names)
         for what in measures:
             for name in names[shift:] + names[:shift]:
-                times[name][what].append(_measure(subjects[name], what, settings.latency_iters))
+                if what in times[name]:
+                    times[name][what].append(_measure(subjects[name], what, settings.latency_iters))
     return times
 
 
 def _counts_row(family: str, name: str, names: List[str], settings: BenchmarkSettings) -> Dict:
     """Parameters and FLOPs counted on the meta device, next to the papers' figures."""
-    stats_model = create_benchmarked_model(name, device='meta')
+    stats_model = create_benchmarked_model(_base_name(name), device='meta')
     flops = count_flops(stats_model, (3, settings.img_size, settings.img_size))
     row = {
         'family': family,
         'model': name,
-        'trunk': trunk_of(name, names),
+        'trunk': trunk_of(_base_name(name), [_base_name(n) for n in names if _way(n) == _way(name)]) + _way(name),
         'params': count_params(stats_model),
         'gflops': flops / 1e9,
         'gmacs': flops / 2e9,
@@ -230,20 +266,22 @@ def _counts_row(family: str, name: str, names: List[str], settings: BenchmarkSet
     return row
 
 
-def _family_rows(family: str, names: List[str], settings: BenchmarkSettings, inputs: Inputs) -> List[Dict]:
-    measures = [m for m in ('latency', 'throughput', 'train') if m in settings.measure]
-    times = _time_rounds(family, {name: _new_subject(name, settings, inputs) for name in names}, settings, measures)
-    rows = []
-    for name in names:
-        row = _counts_row(family, name, names, settings)
-        for what in measures:
-            row[f'{what}_s'] = statistics.median(times[name][what])
-            row[f'{what}_rounds_s'] = list(times[name][what])
-            row[f'{what}_ratio'] = paired_ratio(times[name][what], times[row['trunk']][what])
-        if 'throughput' in measures:
-            row['throughput_img_s'] = settings.batch_size / row['throughput_s']
-        rows.append(row)
-    return rows
+def _add_timings(family: str, rows: List[Dict], settings: BenchmarkSettings, inputs: Inputs, work_dir: str,
+                 prefix: str = '') -> None:
+    """Time every model of `family` (fresh subjects) and add the `prefix`ed time and ratio columns to its rows."""
+    measures = [m for m in TIMED if m in settings.measure]
+    if not measures:
+        return
+    rows = [row for row in rows if row['family'] == family]
+    times = _time_rounds(family, {row['model']: _new_subject(row['model'], settings, inputs, work_dir) for row in rows},
+                         settings, measures)
+    for row in rows:
+        for what in _measures_of(row['model'], measures):
+            row[f'{prefix}{what}_s'] = statistics.median(times[row['model']][what])
+            row[f'{prefix}{what}_rounds_s'] = list(times[row['model']][what])
+            row[f'{prefix}{what}_ratio'] = paired_ratio(times[row['model']][what], times[row['trunk']][what])
+        if 'throughput' in _measures_of(row['model'], measures):
+            row[f'{prefix}throughput_img_s'] = settings.batch_size / row[f'{prefix}throughput_s']
 
 
 def paired_ratio(times: Sequence[float], trunk_times: Sequence[float]) -> float:
@@ -258,6 +296,8 @@ def paired_ratio(times: Sequence[float], trunk_times: Sequence[float]) -> float:
 def _add_memory(rows: List[Dict], settings: BenchmarkSettings, inputs: Inputs) -> None:
     rss_follows_tensors = _exact_allocation_accounting()
     for row in rows:
+        if 'memory' not in _measures_of(row['model'], MEASURES):
+            continue
         settings.log(f"[{row['family']}] peak memory of {row['model']}")
         subject = _new_subject(row['model'], settings, inputs)
         subject.train_step()  # optimizer state and one-off initialisation are not part of the step
@@ -316,7 +356,6 @@ def _check_model_names(names: Sequence[str]) -> None:
 def _run(settings: BenchmarkSettings, flush_denormal: bool) -> Dict:
     if settings.allocator not in ALLOCATORS:
         raise UsageError(f"unknown allocator setting {settings.allocator!r}; choose from {list(ALLOCATORS)}")
-    caching = settings.allocator == 'caching' and _caching_allocation()
     load_before = _load_average()
     if settings.models:
         _check_model_names(settings.models)
@@ -331,10 +370,20 @@ def _run(settings: BenchmarkSettings, flush_denormal: bool) -> Dict:
     if settings.peers:
         for family, names in families.items():
             names.extend(p for p in PEERS.get(family, []) if p not in names)
+    ways = ([COMPILED] if settings.compile else []) + ([ONNXRUNTIME] if settings.onnx_export else [])
+    for names in families.values():
+        # exported and compiled: the zoo's and timm's models, not pytorchcv's (no export support asked of it)
+        names.extend([n + way for way in ways for n in list(names) if not n.startswith('pytorchcv:')])
     inputs = Inputs.draw(settings.img_size, settings.batch_size, settings.seed, settings.channels_last)
-    rows = []
-    for family, names in families.items():
-        rows.extend(_family_rows(family, names, settings, inputs))
+    rows = [_counts_row(family, name, names, settings) for family, names in families.items() for name in names]
+    with tempfile.TemporaryDirectory() as work_dir:  # the exported graphs
+        if settings.allocator == 'both':
+            # glibc's defaults first: once changed they cannot be restored
+            for family in families:
+                _add_timings(family, rows, settings, inputs, work_dir, prefix=SYSTEM_PREFIX)
+        caching = settings.allocator != 'system' and _caching_allocation()
+        for family in families:
+            _add_timings(family, rows, settings, inputs, work_dir)
     if 'memory' in settings.measure:
         _add_memory(rows, settings, inputs)
     _add_ratios(rows)
@@ -348,9 +397,12 @@ def _run(settings: BenchmarkSettings, flush_denormal: bool) -> Dict:
             'rounds': settings.rounds,
             'latency_iters': settings.latency_iters,
             'channels_last': settings.channels_last,
+            'compile': settings.compile,
+            'onnxruntime': settings.onnx_export is not None,
             'seed': settings.seed,
             'flush_denormal': flush_denormal,
             'allocator': 'caching (glibc: mmap threshold 1 GiB, no trimming)' if caching else 'system (glibc defaults)',
+            'system_allocator': 'system (glibc defaults), measured first' if settings.allocator == 'both' else None,
             'inference': 'torch.inference_mode, eval mode, every model alike',
             'statistic': 'median over rounds, models interleaved, same inputs for every model',
             'ratios': 'cost relative to the family trunk: for times the median over rounds of model / trunk '

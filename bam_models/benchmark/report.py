@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 import timm
 import torch
 
+from bam_models.layers.gating_tuning import tuning_for
 from bam_models.models.paper import paper_figure
 
 __all__ = ['describe_machine', 'markdown_table', 'model_table', 'write_report']
@@ -123,12 +124,14 @@ def _benchmark_footer(result: Dict) -> str:
     return (
         f"{m['cpu']}, {m['threads']} threads{load_note}, torch {m['torch']}, timm {m['timm']}; "
         f"{s['img_size']}×{s['img_size']} input, {s['rounds']} rounds (median, models interleaved), "
-        f"{s['allocator'].split(' (')[0]} allocator for timings. "
+        f"{s['allocator'].split(' (')[0]} allocator for timings"
+        f"{' (glibc defaults in the allocator table below)' if s.get('system_allocator') else ''}. "
         f"(×) = cost relative to the plain trunk measured in the same run (the family's first model; for "
         f"pytorchcv's attention ResNets pytorchcv's own ResNet of the same architecture where it was measured): "
         f"time per image "
         f"(also for throughput; median over rounds of the per-round ratio) or peak memory over one training "
-        f"step (tensors: most bytes held at once; RSS: growth of the resident set).")
+        f"step (tensors: most bytes held at once; RSS: growth of the resident set). "
+        f"Fused gating kernel choices (`gating_tuning`) measured on {tuning_for(torch.device('cpu')).measured_on}.")
 
 
 def markdown_table(result: Dict) -> str:
@@ -142,16 +145,33 @@ def markdown_table(result: Dict) -> str:
     ]
     lines += ['| ' + ' | '.join(_benchmark_cells(row)) + ' |' for row in result['rows']]
     lines += ['', _benchmark_footer(result)]
-    return '\n'.join(lines + _side_by_side(result['rows']))
+    cpu = result['machine']['cpu']
+    return '\n'.join(lines + _allocator_table(result['rows'], batch, cpu) + _side_by_side(result['rows'], batch, cpu))
 
 
-_SIDE_BY_SIDE = (('latency_s', 'latency b1 ms', 1e3), ('throughput_img_s', 'throughput img/s', 1),
+def _allocator_table(rows: List[Dict], batch: int, cpu: str) -> List[str]:
+    """Every time ratio under glibc's default allocator next to the caching one's, where both were measured."""
+    if not any('system_train_ratio' in r or 'system_latency_ratio' in r for r in rows):
+        return []
+    columns = [(what, label) for what, label in (('latency', 'latency b1'), ('throughput', f'time per image b{batch}'),
+                                                 ('train', f'train step b{batch}'))
+               if any(f'{what}_ratio' in r for r in rows)]
+    lines = ['', f'| cost vs trunk, same run, {cpu}: glibc default / caching allocator | '
+             + ' | '.join(label for _, label in columns) + ' |', '|---|' + '---:|' * len(columns)]
+    for row in rows:
+        cells = [f"{row[f'system_{what}_ratio']:.3f} / {row[f'{what}_ratio']:.3f}"
+                 if f'system_{what}_ratio' in row and f'{what}_ratio' in row else '–' for what, _ in columns]
+        lines.append(f"| `{row['model']}` | " + ' | '.join(cells) + ' |')
+    return lines
+
+
+_SIDE_BY_SIDE = (('latency_s', 'latency b1 ms', 1e3), ('throughput_s', 'time per batch ms', 1e3),
                  ('train_s', 'train step ms', 1e3), ('train_tensor_peak_bytes', 'train peak tensors MiB', 2 ** -20))
 
 
-def _side_by_side(rows: List[Dict]) -> List[str]:
+def _side_by_side(rows: List[Dict], batch: int, cpu: str) -> List[str]:
     """Absolute figures of each zoo model next to pytorchcv's network of the same architecture, measured in the
-    same run: ours / theirs (below 1 is faster or leaner for time and memory, above 1 more images per second)."""
+    same run: ours / theirs, every one a cost (below 1 is faster or leaner)."""
     by_name = {row['model']: row for row in rows}
     pairs = []
     for name in by_name:
@@ -162,7 +182,8 @@ def _side_by_side(rows: List[Dict]) -> List[str]:
     if not pairs:
         return []
     columns = [c for c in _SIDE_BY_SIDE if any(c[0] in r for pair in pairs for r in pair)]
-    header = '| same architecture, same run: ours vs pytorchcv (ratio) | ' + ' | '.join(c[1] for c in columns) + ' |'
+    header = (f'| same architecture, same run, {cpu}: ours vs pytorchcv (cost ratio) | '
+              + ' | '.join(c[1].replace('batch', f'b{batch}') for c in columns) + ' |')
     lines = ['', header,
              '|---|' + '---:|' * len(columns)]
     for ours, theirs in pairs:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import bam_models.models  # noqa: F401  registers the zoo models with timm, so that their names resolve
 
-__all__ = ['Inputs', 'Subject', 'create_benchmarked_model']
+__all__ = ['Inputs', 'OnnxRuntimeSubject', 'Subject', 'create_benchmarked_model']
 
 
 def create_benchmarked_model(name: str, device=None, **kwargs) -> nn.Module:
@@ -82,3 +82,24 @@ class Subject:
         with torch.inference_mode(), self.context():
             for _ in range(iters):
                 self.forward(x)
+
+
+class OnnxRuntimeSubject:
+    """An exported ONNX graph run by onnxruntime on the CPU with `threads` intra-op threads: inference only (what a
+    deployment runs), on the same inputs as the PyTorch models."""
+
+    def __init__(self, path: str, inputs: Inputs, threads: int):
+        import onnxruntime  # optional: only for `bam-models benchmark --onnxruntime`
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.log_severity_level = 3  # errors only: the exporter's unused initializers are not the user's concern
+        self.session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
+        self.input_name = self.session.get_inputs()[0].name
+        self.inputs = inputs
+
+    def infer(self, x: torch.Tensor, iters: int = 1) -> None:
+        feed = {self.input_name: x.contiguous().numpy()}
+        for _ in range(iters):
+            self.session.run(None, feed)

@@ -7,6 +7,12 @@ from bam_models.benchmark import (
 )
 
 
+def _onnx_export(model, path: str, img_size: int) -> None:
+    from bam_models.export import export_model  # onnx and onnxscript only when asked for
+
+    export_model(model, path, 'onnx', input_size=(img_size, img_size))
+
+
 def run(args: argparse.Namespace) -> int:
     settings = BenchmarkSettings(
         img_size=args.img_size,
@@ -22,6 +28,8 @@ def run(args: argparse.Namespace) -> int:
         memory_steps=args.memory_steps,
         seed=args.seed,
         allocator=args.allocator,
+        compile=args.compile,
+        onnx_export=_onnx_export if args.onnxruntime else None,
         log=(lambda msg: print(msg, file=sys.stderr, flush=True)) if args.verbose else (lambda msg: None),
     )
     result = run_benchmark(settings)
@@ -56,10 +64,17 @@ def register(subparsers) -> None:
                         help='what to measure (default: all)')
     parser.add_argument('--memory-steps', type=int, default=3,
                         help='training steps whose peak memory is measured; the median is reported (default 3)')
-    parser.add_argument('--allocator', choices=ALLOCATORS, default='caching',
-                        help="memory allocation during timings: 'caching' keeps freed memory for reuse, as "
-                             "jemalloc or TCMalloc would; 'system' leaves glibc's defaults, whose page faults "
-                             "add noise (default caching)")
+    parser.add_argument('--allocator', choices=ALLOCATORS, default='both',
+                        help="memory allocation during timings: 'both' times every model under glibc's defaults "
+                             "(what a plain install meets) and then with freed memory kept for reuse, as jemalloc "
+                             "or TCMalloc would, side by side; 'caching' or 'system' only one of them "
+                             "(default both)")
+    parser.add_argument('--compile', action='store_true',
+                        help='also time every model torch.compile\'d, as MODEL@compile against the compiled trunk '
+                             '(on CPU informative only; compiling takes minutes per model)')
+    parser.add_argument('--onnxruntime', action='store_true',
+                        help='also time every model exported to ONNX in onnxruntime (latency and throughput), as '
+                             'MODEL@onnxruntime against the exported trunk (needs the export extra)')
     parser.add_argument('--seed', type=int, default=0, help='seed of the inputs every model sees (default 0)')
     parser.add_argument('--json', metavar='PATH', help='also write the full result as JSON')
     parser.add_argument('--markdown', metavar='PATH', help='also write the table to a file')

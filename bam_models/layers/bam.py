@@ -19,8 +19,8 @@ from torch.utils.checkpoint import checkpoint
 
 from timm.layers import make_divisible, register_notrace_module
 
-from .config import use_fused_gating
-from .fused_gates import bam_refine, bam_single_branch
+from .config import exporting, use_fused_gating, use_gate_ops
+from .fused_gates import bam_gate, bam_refine, bam_single_branch
 from .gating_reference import bam_attention_logits, bam_refine_reference
 from .gating_tuning import tuning_for
 
@@ -92,6 +92,8 @@ class BamChannelGate(nn.Module):
         of the two. Both go through the module call, so forward hooks see the logits either way."""
         if pooled is None:
             assert x is not None, 'BamChannelGate needs the feature map x or its pooled (B, C) mean'
+            if not torch.jit.is_scripting() and exporting():
+                return self._forward_for_export(x)
             # pooled over both dims: any H != W, no size-derived kernel
             pooled = x.mean((2, 3))
         else:
@@ -102,6 +104,13 @@ class BamChannelGate(nn.Module):
         hidden = self.act(self.bn(hidden))
         logits = F.linear(hidden.flatten(1), self.fc2.weight.flatten(1), self.fc2.bias)
         return self.bn_out(logits.view(batch, self.fc2.out_channels, 1, 1))
+
+    @torch.jit.unused
+    def _forward_for_export(self, x: torch.Tensor) -> torch.Tensor:
+        """The same Mc as a (B, C, 1, 1) pool and 1x1 convolutions: the pool becomes ONNX's GlobalAveragePool
+        (`export.export_onnx`) and each BatchNorm follows a convolution that runtimes fold it into."""
+        hidden = self.act(self.bn(self.fc1(x.mean((2, 3), keepdim=True))))
+        return self.bn_out(self.fc2(hidden))
 
     @torch.jit.unused
     def from_pooled(self, pooled: torch.Tensor) -> torch.Tensor:
@@ -358,10 +367,21 @@ class BAM(nn.Module):
         return bam_refine_reference(features, self._logits(features))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting() or not use_fused_gating(self.fused) or x.shape[0] == 0:
+        if torch.jit.is_scripting() or x.shape[0] == 0:
             # an empty batch has nothing to save memory on
             return self.forward_reference(x)
-        return self._forward_fused(x)
+        if use_fused_gating(self.fused):
+            return self._forward_fused(x)
+        if self.channel_gate is not None and self.spatial_gate is not None and use_gate_ops(self.fused):
+            return self._forward_gate_op(x)
+        return self.forward_reference(x)
+
+    @torch.jit.unused
+    def _forward_gate_op(self, x: torch.Tensor) -> torch.Tensor:
+        """Under torch.compile: the branches as plain ops for the compiler, the full-size step as the custom op
+        `bam_models::bam_gate`, so backward keeps no full-size gate."""
+        features = F.relu(x) if self.input_relu else x
+        return bam_gate(features, self.channel_gate(features), self.spatial_gate(features), self.fusion)
 
     @torch.jit.unused
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:

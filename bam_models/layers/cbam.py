@@ -25,9 +25,12 @@ import torch.nn.functional as F
 
 from timm.layers import make_divisible, register_notrace_module
 
-from .config import use_fused_gating
+from .config import exporting, use_fused_gating
 from .fused_gates import cbam_refine
-from .gating_reference import CBAM_POOL_TYPES, cbam_channel_descriptors, cbam_spatial_descriptors, mlp_pool_sum
+from .gating_reference import (
+    CBAM_POOL_TYPES, cbam_channel_descriptors, cbam_channel_weights_for_export, cbam_spatial_descriptors,
+    mlp_pool_sum,
+)
 from .gating_tuning import tuning_for
 
 __all__ = ['CBAM', 'CBAM_ARRANGEMENTS', 'CBAM_SPATIAL_DESCRIPTORS', 'CbamChannelGate', 'CbamSpatialGate']
@@ -63,6 +66,8 @@ class CbamChannelGate(nn.Module):
         hooks see the weights either way."""
         if pooled is None:
             assert x is not None, 'CbamChannelGate needs the feature map x or its pooled descriptors'
+            if not torch.jit.is_scripting() and exporting() and self.pool_types == list(_RELEASED_POOLS):
+                return cbam_channel_weights_for_export(x, self.fc1, self.act, self.fc2)
             pooled = cbam_channel_descriptors(x, self.pool_types)
         else:
             assert x is None, 'CbamChannelGate takes the feature map x or its pooled descriptors, not both'

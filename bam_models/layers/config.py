@@ -4,8 +4,9 @@ BAM and CBAM have two implementations of the same formulas: the memory-lean fuse
 `fused_gates.py` (the default in eager mode) and the plain formulas of `gating_reference.py`, which autograd
 differentiates on its own. The switch picks one, in this order:
 
-1. Scripting, tracing, ONNX export, torch.export, torch.compile and torch.func transforms always take the
-   reference: custom autograd nodes are opaque to them (compilers fuse the elementwise ops on their own).
+1. Scripting, tracing, ONNX export, torch.export and torch.func transforms always take the reference: custom
+   autograd nodes are opaque to them. torch.compile takes BAM's full-size step as the `torch.library` custom
+   op `bam_models::bam_gate` (`use_gate_ops`), which keeps the fused path's memory under the compiler.
 2. A module's own `fused` attribute (constructor argument `fused=True|False`), where it is not None.
 3. The process-wide setting: `set_fused_gating(enabled)`, the `fused_gating(enabled)` context manager, or the
    environment variable `BAM_MODELS_FUSED_GATING=0|1` (default 1), read the first time the setting is needed:
@@ -25,7 +26,7 @@ from bam_models.errors import FusedGatingError, UsageError
 
 __all__ = [
     'FusedGatingError', 'FUSED_GATING_ENV', 'fused_gating', 'fused_gating_from_env', 'fused_gating_supported',
-    'set_fused_gating', 'use_fused_gating',
+    'exporting', 'set_fused_gating', 'use_fused_gating', 'use_gate_ops',
 ]
 
 FUSED_GATING_ENV = 'BAM_MODELS_FUSED_GATING'
@@ -83,6 +84,26 @@ def fused_gating_supported() -> bool:
 def use_fused_gating(override: Optional[bool] = None) -> bool:
     """Whether a module with `fused=override` runs the fused nodes now (see the module docstring for the order)."""
     if not fused_gating_supported():
+        return False
+    return _process_setting() if override is None else bool(override)
+
+
+@torch.jit.unused
+def exporting() -> bool:
+    """True while tracing, exporting to ONNX or running torch.export: the graph is for deployment, so modules
+    take the form that runtimes optimise best (1x1 convolutions whose BatchNorms fold, pools over H, W that
+    become global pools)."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting()
+
+
+@torch.jit.unused
+def use_gate_ops(override: Optional[bool] = None) -> bool:
+    """Whether a module with `fused=override` runs its full-size step as the library custom ops now: under
+    torch.compile with the switch on. Not under torch.export or ONNX export, whose programs must run where
+    bam_models is not installed, nor in eager mode, where the autograd nodes save more."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        return False
+    if not torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return False
     return _process_setting() if override is None else bool(override)
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from .config import double_backward_error, fused_gating_supported
 from .gating_tuning import GatingTuning, tuning_for
 
-__all__ = ['bam_refine', 'bam_single_branch', 'cbam_refine', 'channel_amax']
+__all__ = ['bam_gate', 'bam_refine', 'bam_single_branch', 'cbam_refine', 'channel_amax']
 
 
 @torch.jit.unused
@@ -449,3 +449,72 @@ def cbam_refine(
 
 def _keeps_dtype(x: torch.Tensor, factor: torch.Tensor) -> bool:
     return torch.promote_types(x.dtype, factor.dtype) == x.dtype
+
+
+# BAM's full-size step as a torch.library custom op, for torch.compile: compilers see it as one opaque node
+# with a fake (meta) kernel for shapes and a registered autograd formula, so `fullgraph=True` and torch.export
+# trace through it, while backward keeps only the refined input and the small gates instead of the plain
+# formula's full-size sigmoid and `1 + sigmoid`.
+@torch.library.custom_op('bam_models::bam_gate', mutates_args=())
+def bam_gate(features: torch.Tensor, channel: torch.Tensor, spatial: torch.Tensor, fusion: str) -> torch.Tensor:
+    """`features * (1 + sigmoid(fuse(channel, spatial)))` for (B, C, 1, 1) and (B, 1, H, W) logits, into a new
+    tensor laid out like `features` (written one batch slice of gate at a time)."""
+    return _refine(features, channel, spatial, fusion, tuning_for(features.device), overwrite=False)
+
+
+@bam_gate.register_fake
+def _bam_gate_fake(features, channel, spatial, fusion):
+    dtype = torch.promote_types(features.dtype, torch.promote_types(channel.dtype, spatial.dtype))
+    return torch.empty_like(features, dtype=dtype)
+
+
+@torch.library.custom_op('bam_models::bam_gate_backward', mutates_args=())
+def bam_gate_backward(
+        grad: torch.Tensor, features: torch.Tensor, channel: torch.Tensor, spatial: torch.Tensor, fusion: str,
+) -> List[torch.Tensor]:
+    """Gradients of `bam_gate` for features, channel and spatial, with the gate rebuilt per batch slice."""
+    dtype = torch.promote_types(grad.dtype, torch.promote_types(features.dtype, channel.dtype))
+    tuning = tuning_for(features.device)
+    slices = _batch_slices(features, tuning, channel, spatial)
+    gate_buffer = _gate_like(features[slices[0]], channel, spatial)
+    logits_buffer = torch.empty_like(gate_buffer, dtype=dtype)
+    grad_features = torch.empty_like(features, dtype=dtype)
+    grad_channel = torch.empty_like(channel, dtype=dtype)
+    grad_spatial = torch.empty_like(spatial, dtype=dtype)
+    for part in slices:
+        g, r = grad[part], features[part]
+        n = g.shape[0]
+        gate = _combined_sigmoid(channel[part], spatial[part], fusion, gate_buffer[:n])
+        # d out / d logits = g * r * gate * (1 - gate)
+        grad_logits = torch.mul(g, r, out=logits_buffer[:n])
+        torch.ops.aten.sigmoid_backward.grad_input(grad_logits, gate, grad_input=grad_logits)
+        _reduce_logit_grads(grad_logits, channel[part], spatial[part], fusion, grad_channel, grad_spatial, part)
+        torch.addcmul(g, g, gate, out=grad_features[part])
+    return [grad_features, grad_channel.to(channel.dtype), grad_spatial.to(spatial.dtype)]
+
+
+@bam_gate_backward.register_fake
+def _bam_gate_backward_fake(grad, features, channel, spatial, fusion):
+    dtype = torch.promote_types(grad.dtype, torch.promote_types(features.dtype, channel.dtype))
+    return [torch.empty_like(features, dtype=dtype), torch.empty_like(channel), torch.empty_like(spatial)]
+
+
+def _bam_gate_setup_context(ctx, inputs, output):
+    features, channel, spatial, fusion = inputs
+    ctx.save_for_backward(features, channel, spatial)
+    ctx.fusion = fusion
+
+
+def _bam_gate_autograd(ctx, grad):
+    features, channel, spatial = ctx.saved_tensors
+    grad_features, grad_channel, grad_spatial = bam_gate_backward(
+        grad.contiguous(memory_format=_memory_format(features)), features, channel, spatial, ctx.fusion)
+    return grad_features.to(features.dtype), grad_channel, grad_spatial, None
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
+        and not t.is_contiguous() else torch.contiguous_format
+
+
+bam_gate.register_autograd(_bam_gate_autograd, setup_context=_bam_gate_setup_context)

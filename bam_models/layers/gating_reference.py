@@ -33,6 +33,7 @@ import torch
 
 __all__ = [
     'CBAM_POOL_TYPES', 'bam_attention_logits', 'bam_refine_reference', 'cbam_channel_descriptors',
+    'cbam_channel_weights_for_export',
     'cbam_spatial_descriptors', 'mlp_pool_sum',
 ]
 
@@ -85,3 +86,11 @@ def mlp_pool_sum(mlp_out: torch.Tensor, num_pools: int = 2) -> torch.Tensor:
 def cbam_spatial_descriptors(x: torch.Tensor) -> torch.Tensor:
     """[MaxPool_c(F'); AvgPool_c(F')] over channels, (B, 2, H, W), the max first as the authors' weights expect."""
     return torch.cat([x.amax(1, keepdim=True), x.mean(1, keepdim=True)], dim=1)
+
+
+def cbam_channel_weights_for_export(x: torch.Tensor, fc1: torch.nn.Module, act: torch.nn.Module,
+                                    fc2: torch.nn.Module) -> torch.Tensor:
+    """sigmoid(MLP(AvgPool(F)) + MLP(MaxPool(F))), (B, C, 1, 1), with (B, C, 1, 1) pools and the MLP's 1x1
+    convolutions applied to each: the pools become ONNX's GlobalAveragePool / GlobalMaxPool and the graph needs no
+    stacking and slicing of the two descriptors. The same numbers as the (2B, C) form."""
+    return torch.sigmoid(fc2(act(fc1(x.mean((2, 3), keepdim=True)))) + fc2(act(fc1(x.amax((2, 3), keepdim=True)))))

@@ -26,6 +26,9 @@ class GatingTuning:
     space_to_batch_max_numel: int = 0
     # BAM's spatial branch after its 1x1 reduction is recomputed in backward instead of kept
     recompute_spatial: bool = False
+    # the machine the choices were measured on, which every benchmark table names next to its own CPU: a
+    # choice holds for that CPU; on another one it is a default until measured there
+    measured_on: str = 'nothing (ATen defaults)'
 
 
 WHOLE_BATCH = GatingTuning()
@@ -52,6 +55,7 @@ TUNING: Dict[str, GatingTuning] = {
         # keeps one reduced-width map per BAM instead of six for backward (test_fused_attention counts them);
         # the recomputation costs a few narrow convolutions
         recompute_spatial=True,
+        measured_on='AMD EPYC, 2-core virtual machine, torch 2.14.1',
     ),
 }
 

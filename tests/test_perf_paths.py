@@ -1,0 +1,139 @@
+""" The fast paths where the fused gating meets compilers and deployment: BAM's full-size step as the
+`bam_models::bam_gate` custom op under torch.compile, and what the exported ONNX graphs are made of. """
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+import bam_models  # noqa: F401  (registers the zoo)
+from bam_models.benchmark import peak_cpu_tensor_bytes
+from bam_models.layers import BAM, fused_gating
+from bam_models.layers.fused_gates import bam_gate
+
+
+@pytest.mark.parametrize('fusion', ['product', 'sum', 'max'])
+def test_gate_op_has_the_formula_gradients_and_a_consistent_fake_kernel(fusion):
+    shapes = ((3, 8, 5, 6), (3, 8, 1, 1), (3, 1, 5, 6))
+    inputs = [torch.randn(*s, dtype=torch.double, requires_grad=True) for s in shapes]
+    torch.autograd.gradcheck(lambda f, c, s: bam_gate(f, c, s, fusion), inputs)
+    # schema, fake (meta) kernel and autograd registration agree with the real kernel
+    torch.library.opcheck(torch.ops.bam_models.bam_gate.default, (*inputs, fusion))
+
+
+def _graph_ops(module, *args):
+    """The targets of every node torch.compile(fullgraph=True) hands its backend, and the compiled output."""
+    targets = []
+
+    def recording_backend(gm, example_inputs):
+        targets.extend(node.target for node in gm.graph.nodes)
+        return gm
+
+    torch._dynamo.reset()
+    out = torch.compile(module, backend=recording_backend, fullgraph=True)(*args)
+    return targets, out
+
+
+def test_compile_keeps_the_gate_op_and_matches_eager_and_the_reference():
+    bam = BAM(32, input_relu=True).train()
+    x = torch.randn(2, 32, 12, 10, requires_grad=True)
+    eager = bam(x)
+    with fused_gating(False):
+        reference_targets, compiled_reference = _graph_ops(copy.deepcopy(bam), x)
+    targets, compiled = _graph_ops(copy.deepcopy(bam), x)
+    torch._dynamo.reset()
+    # the switch on: the custom op, not the plain formula, is what the compiler sees
+    assert torch.ops.bam_models.bam_gate.default in targets
+    assert not any('bam_models' in str(t) for t in reference_targets)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled_reference, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_inductor_compiled_fused_equals_compiled_reference_and_eager_in_training():
+    torch.manual_seed(0)
+    eager = timm.create_model('resnet18_bam', num_classes=10).train()
+    x, y = torch.randn(2, 3, 64, 64), torch.tensor([1, 7])
+    results = {}
+    for variant in ('eager', 'fused', 'reference'):
+        model = copy.deepcopy(eager)
+        with fused_gating(variant != 'reference'):
+            torch._dynamo.reset()
+            run = model if variant == 'eager' else torch.compile(model, fullgraph=True)
+            loss = F.cross_entropy(run(x), y)
+            loss.backward()
+        results[variant] = loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+    torch._dynamo.reset()
+    loss, grads = results['eager']
+    for variant in ('fused', 'reference'):
+        other_loss, other_grads = results[variant]
+        torch.testing.assert_close(other_loss, loss, rtol=1e-4, atol=1e-5)
+        for name, grad in grads.items():
+            # inductor reorders reductions: relative to each tensor's norm, with a floor for the biases before a
+            # train-mode BN, whose exact gradient is 0
+            assert (other_grads[name] - grad).norm() <= 2e-3 * grad.norm() + 1e-4, (variant, name)
+
+
+def _compiled_step_peak(name: str) -> int:
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).train()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    x, y = torch.randn(4, 3, 64, 64), torch.randint(0, 10, (4,))
+
+    def step():
+        F.cross_entropy(compiled(x), y).backward()
+
+    step()  # compiles
+    for p in model.parameters():
+        p.grad = None
+    return peak_cpu_tensor_bytes(step)
+
+
+@pytest.mark.slow
+def test_compiled_training_step_keeps_the_fused_paths_tensor_peak():
+    # the tensor peak of one compiled training step, BAM's against its trunk's, both compiled
+    ratio = _compiled_step_peak('resnet18_bam') / _compiled_step_peak('resnet18')
+    torch._dynamo.reset()
+    assert ratio <= 1.02, ratio
+
+
+def _with_nontrivial_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Random BN statistics and affine parameters, so that a dropped or misplaced fold would show."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
+    return model.eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name,global_pools', [
+    # three BAMs' channel gates and the head
+    ('resnet18_bam', {'GlobalAveragePool': 4}),
+    # eight CBAMs' average and max pools, and the head
+    ('resnet18_cbam', {'GlobalAveragePool': 9, 'GlobalMaxPool': 8}),
+])
+def test_onnx_graph_is_one_onnxruntime_runs_well(tmp_path, name, global_pools):
+    import collections
+
+    import onnx
+
+    from bam_models.export import compare_with_pytorch, export_model
+
+    model = _with_nontrivial_norms(timm.create_model(name, num_classes=10))
+    path = tmp_path / f'{name}.onnx'
+    export_model(model, path, 'onnx', input_size=(64, 96))
+    ops = collections.Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+    # global pooling as global pools, every BatchNorm folded into its convolution, nothing per channel or stacked
+    assert {op: ops[op] for op in global_pools} == global_pools, ops
+    assert not {'BatchNormalization', 'Loop', 'Split', 'Slice', 'Gather'} & set(ops), ops
+    assert ops['Gemm'] == 1, ops  # the classifier only: the gates' MLPs are 1x1 convolutions
+    # what is left of the reductions pools over channels (CBAM's spatial descriptors)
+    assert ops['ReduceMean'] == ops['ReduceMax'] == (8 if name.endswith('cbam') else 0), ops
+    assert max(compare_with_pytorch(model, path, 'onnx', ((1, 3, 96, 64), (3, 3, 64, 128)))) <= 1e-4
