@@ -56,6 +56,8 @@ class CbamChannelGate(nn.Module):
         super().__init__()
         dd = {'device': device, 'dtype': dtype}
         self.pool_types: List[str] = list(pool_types)  # a list: TorchScript iterates it
+        # the released [avg, max] exports as global pools through the MLP's 1x1 convolutions
+        self.released_pools = tuple(pool_types) == _RELEASED_POOLS
         self.fc1 = nn.Conv2d(channels, rd_channels, 1, bias=mlp_bias, **dd)
         self.act = act_layer(inplace=True)
         self.fc2 = nn.Conv2d(rd_channels, channels, 1, bias=mlp_bias, **dd)
@@ -66,7 +68,7 @@ class CbamChannelGate(nn.Module):
         hooks see the weights either way."""
         if pooled is None:
             assert x is not None, 'CbamChannelGate needs the feature map x or its pooled descriptors'
-            if not torch.jit.is_scripting() and exporting() and self.pool_types == list(_RELEASED_POOLS):
+            if self.released_pools and not torch.jit.is_scripting() and exporting():
                 return cbam_channel_weights_for_export(x, self.fc1, self.act, self.fc2)
             pooled = cbam_channel_descriptors(x, self.pool_types)
         else:
