@@ -135,7 +135,7 @@ def test_stem_conv_is_adapted_to_other_input_channels_but_checked_for_dtype(tmp_
     assert torch.allclose(gray.conv1.weight[:, 0], model.conv1.weight.sum(1))  # timm's adapt_input_conv
     state = dict(model.state_dict(), **{'conv1.weight': model.conv1.weight.detach().to(torch.int32)})
     save_file(state, path)
-    with pytest.raises(PretrainedWeightsError, match=r'1 mismatched tensors \(e\.g\. conv1\.weight: checkpoint '
+    with pytest.raises(PretrainedWeightsError, match=r'1 mismatched tensor \(e\.g\. conv1\.weight: checkpoint '
                                                      r'torch\.int32, model torch\.float32\)'):
         timm.create_model(ARCH, pretrained=True, num_classes=10, in_chans=1,
                           pretrained_cfg_overlay=dict(file=str(path)))

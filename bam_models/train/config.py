@@ -425,7 +425,7 @@ def apply_overrides(values: Dict[str, Any], overrides: Sequence[str]) -> Dict[st
         content = values.setdefault(section, {})
         if not isinstance(content, dict):
             content = values[section] = {}  # the section check reports a non-mapping section of the file
-        content[name] = _parse_yaml(raw, f'the value of --set {key}')
+        content[name] = _parse_yaml(raw, f'the value of --set {item[:100]}')
     return values
 
 
