@@ -47,6 +47,7 @@ from bam_models.benchmark import (  # noqa: E402
     Inputs, Subject, describe_machine, peak_cpu_tensor_bytes, write_report,
 )
 from bam_models.layers import fused_gating  # noqa: E402
+from bam_models.runs import autocast_for  # noqa: E402
 
 MODELS = ('resnet50', 'resnet50_bam', 'resnet50_cbam')  # the first is the trunk every ratio refers to
 CHECKED = ('resnet50_bam', 'resnet50_cbam')
@@ -62,9 +63,7 @@ _NOT_APPLICABLE = {'cpu': {'fp16': 'fp16 autocast training is not supported on C
 
 
 def _autocast(device: torch.device, precision: str):
-    # the one autocast call site: the merge replaces it with the trainer's autocast factory (train/)
-    dtype = _DTYPES[precision]
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    return autocast_for(device, 'none' if precision == 'fp32' else precision)
 
 
 def _rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:

@@ -64,7 +64,7 @@ def test_every_range_refuses_a_value_outside_it(key):
     (['optim.lr=['], 'the value of --set optim.lr=[ is not valid YAML'),
     (['data.scale=[0.5]'], "config key 'data.scale' is [0.5] but must be two numbers [min, max]"),
     (['data.mean=[a, b, c]'], "config key 'data.mean' must be a list of numbers"),
-    (['optim.opt=adamww'], "config key 'optim.opt' is 'adamww'; did you mean 'adamw'?"),
+    (['optim.opt=adamww'], "config key 'optim.opt' is 'adamww'; did you mean adamw?"),
     (['train.epochs=1'], "unknown config key 'train.epochs'; 'epochs' belongs to section 'schedule': write "
                          "schedule.epochs"),
     (['train.device=gpu'], "config key 'train.device' is 'gpu' but must be 'auto', 'cpu', 'cuda'"),

@@ -34,7 +34,6 @@ columns are the caching allocator's, the `system_*` columns glibc's defaults. `a
 `'system'` measures under one of them only. The settings last for the rest of the process.
 """
 import ctypes
-import difflib
 import gc
 import os
 import re
@@ -50,7 +49,7 @@ import torch
 from bam_models.benchmark.profiling import count_flops, count_params, peak_cpu_tensor_bytes
 from bam_models.benchmark.report import describe_machine
 from bam_models.benchmark.subject import Inputs, OnnxRuntimeSubject, Subject, create_benchmarked_model
-from bam_models.errors import UsageError
+from bam_models.errors import UsageError, did_you_mean
 from bam_models.models.paper import paper_figure
 
 __all__ = [
@@ -346,9 +345,8 @@ def _check_model_names(names: Sequence[str]) -> None:
     for name in names:
         if name.startswith('pytorchcv:') or timm.is_model(name):
             continue
-        # the merge swaps this for bam_models.hub.load's shared did-you-mean helper
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        hint = f"did you mean {', '.join(close)}? " if close else ''
+        hint = did_you_mean(name, timm.list_models())
+        hint = f"{hint} " if hint else ''
         raise UsageError(f"unknown model {name!r}; {hint}run `bam-models list` for the zoo, "
                          f"timm.list_models() for every name")
 

@@ -1,7 +1,6 @@
 """ Training configuration: YAML files of named sections, `--set section.key=value` overrides, and checks
 that reject a bad configuration with one clear line before any work starts. """
 import dataclasses
-import difflib
 import inspect
 import math
 import os
@@ -11,7 +10,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import yaml
 
-from bam_models.errors import ConfigError, excerpt
+from bam_models.errors import ConfigError, did_you_mean, excerpt
 from bam_models.layers import BAM, CBAM
 
 
@@ -254,9 +253,9 @@ def _timm_optimizers() -> Tuple[str, ...]:
 
 
 def _did_you_mean(name: str, options: Sequence[str]) -> str:
-    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    if close:
-        return f"; did you mean '{close[0]}'?"
+    hint = did_you_mean(name, options, n=1, cutoff=0.5)
+    if hint:
+        return f"; {hint}"
     if len(options) > 12:
         return f"; expected one of {len(options)} names such as {', '.join(list(options)[:6])}"
     return f"; expected one of: {', '.join(options)}"
