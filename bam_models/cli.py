@@ -11,6 +11,7 @@ from typing import List, Optional
 
 from PIL import Image
 
+from bam_models.commands.options import settle_options
 from bam_models.errors import BamModelsError
 from bam_models.layers.config import fused_gating_from_env
 from bam_models.weights.manifest import load_manifest
@@ -51,7 +52,7 @@ def check_settings() -> None:
 
 def _run(argv: Optional[List[str]]) -> int:
     check_settings()
-    args = build_parser().parse_args(argv)
+    args = settle_options(*build_parser().parse_known_args(argv))
     return args.func(args) or 0
 
 

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     schedule, data = DIGITS_DEMO['schedule'], DIGITS_DEMO['data']
     print(f"training {DIGITS_DEMO['model']['name']} on the digits data ({schedule['epochs']} epochs at "
           f"{data['input_size']}px, {torch.get_num_threads()} CPU threads)")
-    result = run_demo(args.output, args.seed, args.progress, args.overwrite)
+    result = run_demo(args.out, args.seed, args.progress, args.overwrite)
     best, test, hub = result.summary['best'], result.test, result.summary['hub_dir']
     print()
     print(f"best epoch      {best['epoch']} of {result.summary['epochs']}, chosen on the {result.val_images} "
@@ -106,8 +106,9 @@ def run(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     parser = subparsers.add_parser('demo', help='the demo run by `make demo`: train resnet18_bam on digits',
                                    description=__doc__)
-    parser.add_argument('--output', default='runs/digits', help='folder for checkpoints, logs and the Hub export')
+    parser.add_argument('--out', '--output', dest='out', default='runs/digits',
+                        help='folder for checkpoints, logs and the Hub export (--output is deprecated)')
     parser.add_argument('--seed', type=int, default=0)
-    parser.add_argument('--overwrite', action='store_true', help='replace an earlier demo run in --output')
+    parser.add_argument('--overwrite', action='store_true', help='replace an earlier demo run in --out')
     parser.add_argument('--no-progress', dest='progress', action='store_false', help='no progress bars')
     parser.set_defaults(func=run)

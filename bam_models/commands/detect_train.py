@@ -39,7 +39,8 @@ def register(subparsers) -> None:
     parser.add_argument('--images', required=True, help='folder of training images')
     parser.add_argument('--annotations', required=True, help='COCO instances JSON of the training images')
     parser.add_argument('--out', required=True, help='folder for checkpoints')
-    parser.add_argument('--backbone', default=defaults.backbone, help='timm model name (default: %(default)s)')
+    parser.add_argument('--model', '--backbone', dest='backbone', metavar='MODEL', default=defaults.backbone,
+                        help='timm model name of the backbone (default: %(default)s; --backbone is deprecated)')
     parser.add_argument('--detector', choices=tuple(BUILDERS), default=defaults.detector)
     parser.add_argument('--pretrained-backbone', action='store_true', help="load the backbone's pretrained weights")
     parser.add_argument('--trainable-stages', type=int, default=defaults.trainable_stages,

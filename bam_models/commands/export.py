@@ -1,7 +1,8 @@
-""" `bam-models export MODEL OUT [--format {onnx,torchscript,exported}] [--checkpoint F]` """
+""" `bam-models export --model MODEL --out OUT [--format {onnx,torchscript,exported}] [--checkpoint F]` """
 import argparse
 from pathlib import Path
 
+from bam_models.commands.options import add_img_size_option, add_model_option, add_out_option, img_size
 from bam_models.errors import ExportError, PretrainedWeightsError
 from bam_models.export import FORMATS, check_shapes, compare_with_pytorch, create_model_for_export, export_model
 
@@ -10,6 +11,7 @@ TOLERANCE = 1e-4
 
 
 def run(args: argparse.Namespace) -> int:
+    size = img_size(args)
     try:
         model = create_model_for_export(args.model, checkpoint=args.checkpoint, random_init=args.random_init)
     except PretrainedWeightsError as error:
@@ -17,15 +19,14 @@ def run(args: argparse.Namespace) -> int:
             raise
         raise PretrainedWeightsError(
             f"{error}, or --random-init to export random weights (e.g. to test a deployment pipeline)") from error
-    size = tuple(args.input_size) if args.input_size else None
     shapes = check_shapes(model, size)  # checks --input-size before any work
-    result = export_model(model, args.out, args.format, input_size=size, opset=args.opset)
+    result = export_model(model, Path(args.out), args.format, input_size=size, opset=args.opset)
     print(f"{args.model} as {result.exporter}, dynamic batch, height and width")
     for path in result.files:
         print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
     if args.no_check:
         return 0
-    diffs = compare_with_pytorch(model, args.out, args.format, shapes)
+    diffs = compare_with_pytorch(model, Path(args.out), args.format, shapes)
     for shape, diff in zip(shapes, diffs):
         print(f"  max abs diff vs PyTorch at {'x'.join(map(str, shape))}: {diff:.2e}")
     if max(diffs) > TOLERANCE:
@@ -40,16 +41,16 @@ def register(subparsers) -> None:
         description='Export a zoo (or timm) model with dynamic batch, height and width, print every file written, '
                     f'then run the file in its own runtime at two other input sizes and fail if it differs from '
                     f'PyTorch by more than {TOLERANCE}.')
-    parser.add_argument('model', metavar='MODEL',
-                        help='ARCH[.TAG], local-dir:PATH or hf-hub:ORG/NAME, as for validate and visualize')
-    parser.add_argument('out', type=Path, metavar='OUT', help='output file (.onnx, .pt, .pt2)')
+    add_model_option(parser, 'ARCH[.TAG], local-dir:PATH or hf-hub:ORG/NAME, as for validate and visualize',
+                     old_positional=True)
+    add_out_option(parser, 'output file (.onnx, .pt, .pt2)', old_positional=True)
     parser.add_argument('--format', choices=FORMATS, default='onnx',
                         help='onnx; torchscript (torch.jit.script); exported (torch.export, .pt2)')
     parser.add_argument('--checkpoint', help='weights file (best.pth/last.pth from training, or a state dict)')
     parser.add_argument('--random-init', action='store_true',
                         help='export random weights when neither pretrained weights nor --checkpoint exist')
-    parser.add_argument('--input-size', type=int, nargs=2, metavar=('H', 'W'),
-                        help="size of the example input used for tracing (default: the model's input size)")
+    add_img_size_option(parser, "size N or H W of the example input used for tracing (default: the model's "
+                                "input size)", old_pair_flag='--input-size')
     parser.add_argument('--opset', type=int, help='ONNX opset version (default: the exporter\'s)')
     parser.add_argument('--no-check', action='store_true', help='skip the comparison with PyTorch')
     parser.set_defaults(func=run)

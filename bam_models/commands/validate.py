@@ -8,7 +8,7 @@ from bam_models.train.validate import validate
 
 def run(args: argparse.Namespace) -> int:
     result = validate(args.model, args.data, args.checkpoint, args.split, args.batch_size, args.img_size,
-                      args.workers)
+                      args.workers, args.device)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
@@ -28,5 +28,6 @@ def register(subparsers) -> None:
     parser.add_argument('--batch-size', type=int, default=64)
     parser.add_argument('--img-size', type=int, help="override the model's input size")
     parser.add_argument('--workers', type=int, default=0)
+    parser.add_argument('--device', default='cpu', help='cpu, cuda, cuda:N or auto (default: cpu)')
     parser.add_argument('--json', action='store_true')
     parser.set_defaults(func=run)

@@ -36,10 +36,25 @@ def _check_split(data: str, split: str) -> None:
                      f"put the images in {data}/{split}/<class>/ or pass --split NAME")
 
 
+def _device(device: str) -> torch.device:
+    if device == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        target = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device} is not a device; pass cpu, cuda, cuda:N or auto") from None
+    if target.type == 'cuda' and not torch.cuda.is_available():
+        raise UsageError(f"--device {device}: no CUDA device is available here; pass --device cpu")
+    return target
+
+
 def validate(model_name: str, data: str, checkpoint: Optional[str] = None, split: str = 'validation',
-             batch_size: int = 64, img_size: Optional[int] = None, workers: int = 0) -> Dict[str, Any]:
+             batch_size: int = 64, img_size: Optional[int] = None, workers: int = 0,
+             device: str = 'cpu') -> Dict[str, Any]:
     """Scores `model_name` (weights: `checkpoint`, else pretrained) on `data`'s `split` ('digits': its test
-    split); returns model, checkpoint, data, input_size, loss, top1, top5 and count."""
+    split) on `device` ('cpu', 'cuda', 'cuda:N' or 'auto'); returns model, checkpoint, data, input_size, loss,
+    top1, top5 and count."""
+    target = _device(device)
     _positive('--batch-size', batch_size)
     _positive('--img-size', img_size)
     if workers < 0:
@@ -60,6 +75,6 @@ def validate(model_name: str, data: str, checkpoint: Optional[str] = None, split
     dataset.transform = create_transform(**data_config, is_training=False)
     decode_as_rgb(dataset)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
-    metrics = evaluate(model, loader, torch.device('cpu'))
+    metrics = evaluate(model.to(target), loader, target)
     return dict(model=model_name, checkpoint=checkpoint, data=data, input_size=list(data_config['input_size']),
                 **metrics)
