@@ -34,7 +34,7 @@ def register(subparsers) -> None:
         'insert', help='add BAM or CBAM to any timm CNN and write it as a Hub folder',
         description='Build timm model MODEL, insert BAM (one after every stage followed by a downsampling) or CBAM '
                     '(in every block attention slot), and write model.safetensors + config.json + README.md to OUT, '
-                    "which timm.create_model('local-dir:OUT') rebuilds once bam_models is imported.")
+                    "which timm.create_model('local-dir:OUT', pretrained=True) rebuilds once bam_models is imported.")
     add_model_option(parser, "timm model name, optionally with a tag, e.g. convnext_tiny", old_positional=True)
     add_out_option(parser, 'folder to write (new or empty)', old_positional=True)
     parser.add_argument('--attention', choices=ATTENTIONS, default='bam', help='module to insert (default: bam)')
