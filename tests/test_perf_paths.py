@@ -137,3 +137,53 @@ def test_onnx_graph_is_one_onnxruntime_runs_well(tmp_path, name, global_pools):
     # what is left of the reductions pools over channels (CBAM's spatial descriptors)
     assert ops['ReduceMean'] == ops['ReduceMax'] == (8 if name.endswith('cbam') else 0), ops
     assert max(compare_with_pytorch(model, path, 'onnx', ((1, 3, 96, 64), (3, 3, 64, 128)))) <= 1e-4
+
+
+@pytest.mark.slow
+def test_benchmark_times_exported_and_compiled_models_against_their_own_trunk(tmp_path, capsys):
+    import json
+
+    from bam_models.cli import main
+
+    out = tmp_path / 'bench.json'
+    rc = main(['benchmark', '--models', 'resnet18', 'resnet18_bam', '--img-size', '64', '--batch-size', '2',
+               '--rounds', '1', '--latency-iters', '1', '--threads', '1', '--measure', 'latency', 'train',
+               '--allocator', 'caching', '--onnxruntime', '--compile', '--json', str(out)])
+    torch._dynamo.reset()
+    assert rc == 0
+    table = capsys.readouterr().out
+    rows = {row['model']: row for row in json.loads(out.read_text())['rows']}
+    assert set(rows) == {f'{m}{way}' for m in ('resnet18', 'resnet18_bam') for way in ('', '@compile', '@onnxruntime')}
+    for way in ('@compile', '@onnxruntime'):
+        bam, trunk = rows[f'resnet18_bam{way}'], rows[f'resnet18{way}']
+        # each way against the trunk measured the same way
+        assert bam['trunk'] == f'resnet18{way}' and trunk['latency_ratio'] == 1.0
+        assert bam['latency_ratio'] == pytest.approx(bam['latency_s'] / trunk['latency_s'])
+        assert bam['params'] == rows['resnet18_bam']['params']
+    # onnxruntime runs inference only; the compiled models train too
+    assert 'train_s' not in rows['resnet18_bam@onnxruntime'] and rows['resnet18_bam@compile']['train_s'] > 0
+    assert '| `resnet18_bam@onnxruntime` |' in table
+
+
+def test_reparameterize_model_folds_the_gates_norms_with_equal_outputs():
+    from timm.utils import reparameterize_model
+
+    from bam_models.errors import UsageError
+
+    model = _with_nontrivial_norms(timm.create_model('resnet18_bam', num_classes=10))
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        expected = model(x)
+        fused = reparameterize_model(model)
+        bams = [m for m in fused.modules() if isinstance(m, BAM)]
+        assert len(bams) == 3
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for bam in bams for m in bam.modules())
+        torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)
+        # fused and reference paths alike; the paper's sum form has a closing BN per branch to fold too
+        with fused_gating(False):
+            torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)
+        bam_sum = _with_nontrivial_norms(BAM(32, fusion='sum'))
+        features = torch.randn(2, 32, 9, 7)
+        torch.testing.assert_close(reparameterize_model(bam_sum)(features), bam_sum(features), rtol=1e-5, atol=1e-5)
+    with pytest.raises(UsageError, match='call model.eval'):
+        reparameterize_model(model.train())
