@@ -45,8 +45,8 @@ __all__ = [
 class AttentionMap:
     """Attention of one BAM/CBAM module or the mean over one stage's modules.
 
-    spatial: (B, H, W) in [0, 1], or None for a channel-only BAM.
-    channel: (B, C) in [0, 1], or None for a spatial-only BAM.
+    spatial: (B, H, W) in [0, 1], or None for a channel-only BAM / CBAM.
+    channel: (B, C) in [0, 1], or None for a spatial-only BAM / CBAM.
     """
     name: str
     kind: str  # 'BAM' or 'CBAM'
@@ -107,7 +107,10 @@ def _bam_attention(name: str, bam: BAM, outputs: Dict[str, torch.Tensor]) -> Att
 
 
 def _cbam_attention(name: str, outputs: Dict[str, torch.Tensor]) -> AttentionMap:
-    return AttentionMap(name, 'CBAM', (name,), outputs['spatial_gate'][:, 0], outputs['channel_gate'].flatten(1))
+    """A CBAM's gate outputs (already sigmoids); a channel-only or spatial-only CBAM lacks one of them."""
+    spatial, channel = outputs.get('spatial_gate'), outputs.get('channel_gate')
+    return AttentionMap(name, 'CBAM', (name,), None if spatial is None else spatial[:, 0],
+                        None if channel is None else channel.flatten(1))
 
 
 def _mean_or_none(maps: List[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:

@@ -241,3 +241,15 @@ def test_every_ablation_config_is_in_the_table():
 def test_bad_cbam_args_in_a_config_are_one_line(sets, message, tmp_path):
     with pytest.raises(ConfigError, match=message):
         check_config(load_config(None, ['data.dataset=digits', *sets]))
+
+
+@pytest.mark.parametrize('cbam_args', [dict(no_spatial=True), dict(no_channel=True)])
+def test_single_gate_cbam_attention_maps_and_figure(cbam_args, tmp_path):
+    from bam_models.visualize import capture_attention, save_attention_figure
+    model = timm.create_model('resnet18_cbam', cbam_args=cbam_args, num_classes=10).eval()
+    images = torch.randn(2, 3, 64, 64)
+    attention = capture_attention(model, images).modules['layer1.0.se']
+    assert (attention.spatial is None) == cbam_args.get('no_spatial', False)
+    assert (attention.channel is None) == cbam_args.get('no_channel', False)
+    save_attention_figure(model, images, str(tmp_path / 'maps.png'))
+    assert (tmp_path / 'maps.png').stat().st_size > 0
