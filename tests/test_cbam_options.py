@@ -235,7 +235,12 @@ def test_every_ablation_config_is_in_the_table():
 
 @pytest.mark.parametrize('sets, message', [
     (['model.name=resnet18_cbam', 'model.cbam_args={pool_types: [median]}'], 'pool_types must be a non-empty subset'),
-    (['model.name=resnet18_cbam', 'model.cbam_args={kernel: 3}'], r"keyword arguments of CBAM .*unknown: kernel"),
+    (['model.name=resnet18_cbam', 'model.cbam_args={kernel: 3}'],
+     r"model\.cbam_args key 'kernel' is not an argument of CBAM"),
+    (['model.bam_args={num_dilated: 100000}'],
+     r"model\.bam_args 'num_dilated' is 100000; use a value in \[0, 16\]"),
+    (['model.name=resnet18_cbam', 'model.cbam_args={pool_types: avg}'], "CBAM takes a list of str there"),
+    (['model.name=resnet18_cbam', 'model.cbam_args={act_layer: os.system}'], 'name an activation timm knows'),
     (['model.name=resnet18', 'model.cbam_args={arrangement: parallel}'], 'cannot build resnet18:'),
 ])
 def test_bad_cbam_args_in_a_config_are_one_line(sets, message, tmp_path):
@@ -253,3 +258,10 @@ def test_single_gate_cbam_attention_maps_and_figure(cbam_args, tmp_path):
     assert (attention.channel is None) == cbam_args.get('no_channel', False)
     save_attention_figure(model, images, str(tmp_path / 'maps.png'))
     assert (tmp_path / 'maps.png').stat().st_size > 0
+
+
+def test_attention_args_in_a_config_resolve_an_activation_name():
+    cfg = load_config(None, ['data.dataset=digits', 'model.name=resnet18_cbam', 'model.cbam_args={act_layer: silu}'])
+    check_config(cfg)
+    model = timm.create_model(cfg.model.name, device='meta', **attention_kwargs(cfg))
+    assert isinstance(model.layer1[0].se.channel_gate.act, torch.nn.SiLU)

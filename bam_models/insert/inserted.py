@@ -15,11 +15,12 @@ device (no memory), where the layers' own checks run and every hidden width is c
 channels. A base model that has attention already (a `with_attention` folder or repo, itself included, or a zoo
 BAM model) is refused in one line instead of recursing.
 """
+import collections.abc
 import contextvars
 import inspect
 import typing
 from functools import partial
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Type
 
 import timm
 import torch.nn as nn
@@ -40,6 +41,7 @@ _BASE_WEIGHT_KEYS = (*WEIGHT_LOCATION_FIELDS, 'source', 'tag')
 
 ATTENTIONS = ('bam', 'cbam')
 _LAYERS = {'bam': BAM, 'cbam': CBAM}
+_SEQUENCES = (collections.abc.Sequence, list, tuple)
 _NOT_ARGS = ('self', 'channels', 'device', 'dtype')  # set by the insertion, per module
 # Bounds of the integer and float arguments the layers' constructors take unchecked: past them a few bytes of
 # config.json build for minutes or allocate terabytes (num_dilated=100000, rd_divisor=0). The hidden width is
@@ -52,7 +54,10 @@ _building = contextvars.ContextVar('with_attention_building', default=None)
 
 
 def _accepts(annotation: Any, value: Any) -> bool:
-    """Whether a JSON value fits a constructor annotation (int, float, bool, str, Optional[...])."""
+    """Whether a JSON value fits a constructor annotation (int, float, bool, str, Optional[...], Sequence[...])."""
+    if typing.get_origin(annotation) in _SEQUENCES:  # CBAM's pool_types: a JSON list of its items
+        item = typing.get_args(annotation)[0]
+        return isinstance(value, (list, tuple)) and all(_accepts(item, v) for v in value)
     if typing.get_origin(annotation) is typing.Union:
         return any(_accepts(a, value) for a in typing.get_args(annotation))
     if annotation is type(None):
@@ -64,15 +69,17 @@ def _accepts(annotation: Any, value: Any) -> bool:
     return isinstance(value, annotation) if isinstance(annotation, type) else False
 
 
-def check_attention_args(attention: str, attention_args: Any) -> Dict[str, Any]:
+def check_attention_args(attention: str, attention_args: Any, where: str = 'with_attention: attention_args',
+                         error: Type[BamModelsError] = UsageError) -> Dict[str, Any]:
     """`attention_args` checked against what `BAM` / `CBAM` take (see the module docstring); returns them with
-    an activation name resolved to timm's layer. Raises `UsageError` naming the first bad key."""
+    an activation name resolved to timm's layer. Raises `error` naming the first bad key; `where` names the
+    arguments in that message (a folder's config.json, a training config key)."""
     if attention not in ATTENTIONS:
-        raise UsageError(f"with_attention: attention is {excerpt(attention)}; use one of {', '.join(ATTENTIONS)}")
+        raise error(f"with_attention: attention is {excerpt(attention)}; use one of {', '.join(ATTENTIONS)}")
     if attention_args is None:
         return {}
     if not isinstance(attention_args, dict):
-        raise UsageError(f"with_attention: attention_args is {excerpt(attention_args)}; give a mapping of "
+        raise error(f"{where} is {excerpt(attention_args)}; give a mapping of "
                          f"{attention.upper()} arguments such as {{\"rd_ratio\": 0.0625}}")
     params = {name: p for name, p in inspect.signature(_LAYERS[attention]).parameters.items()
               if name not in _NOT_ARGS}
@@ -80,33 +87,36 @@ def check_attention_args(attention: str, attention_args: Any) -> Dict[str, Any]:
     for key, value in attention_args.items():
         if key not in params:
             hint = did_you_mean(str(key), params) or f"{attention.upper()} takes {', '.join(params)}"
-            raise UsageError(f"with_attention: attention_args key {excerpt(key)} is not an argument of "
+            raise error(f"{where} key {excerpt(key)} is not an argument of "
                              f"{attention.upper()}; {hint}")
-        checked[key] = _checked_value(attention, key, value, params[key].annotation)
+        checked[key] = _checked_value(attention, key, value, params[key].annotation, where, error)
     return checked
 
 
-def _checked_value(attention: str, key: str, value: Any, annotation: Any) -> Any:
-    what = f"with_attention: attention_args {key!r} is {excerpt(value)}"
+def _checked_value(attention: str, key: str, value: Any, annotation: Any, where: str,
+                   error: Type[BamModelsError]) -> Any:
+    what = f"{where} {key!r} is {excerpt(value)}"
     if key == 'act_layer':
         try:
-            return get_act_layer(value) if isinstance(value, str) else _refuse_act(what)
+            return get_act_layer(value) if isinstance(value, str) else _refuse_act(what, error)
         except KeyError:
-            return _refuse_act(what)
+            return _refuse_act(what, error)
     if not _accepts(annotation, value):
-        raise UsageError(f"{what}; {attention.upper()} takes {_type_name(annotation)} there")
+        raise error(f"{what}; {attention.upper()} takes {_type_name(annotation)} there")
     low, high = _BOUNDS.get(key, (None, None))
     if value is not None and low is not None and not low <= value <= high:
-        raise UsageError(f"{what}; use a value in [{low:g}, {high:g}]")
+        raise error(f"{what}; use a value in [{low:g}, {high:g}]")
     return value
 
 
-def _refuse_act(what: str) -> None:
-    raise UsageError(f"{what}; name an activation timm knows, such as 'relu', 'silu' or 'gelu' "
-                     f"(timm.layers.get_act_layer)")
+def _refuse_act(what: str, error: Type[BamModelsError]) -> None:
+    raise error(f"{what}; name an activation timm knows, such as 'relu', 'silu' or 'gelu' "
+                f"(timm.layers.get_act_layer)")
 
 
 def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) in _SEQUENCES:
+        return f'a list of {_type_name(typing.get_args(annotation)[0])}'
     names = [getattr(a, '__name__', str(a)) for a in (typing.get_args(annotation) or (annotation,))]
     return ' or '.join('null' if n == 'NoneType' else n for n in names)
 

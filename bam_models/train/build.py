@@ -23,6 +23,7 @@ import bam_models  # noqa: F401  registers the zoo with timm
 from bam_models.checkpoint import load_strict, read_state_dict
 from bam_models.errors import ConfigError
 from bam_models.hub import check_model_name
+from bam_models.insert.inserted import check_attention_args
 from bam_models.layers import attention_keys
 from bam_models.runs import autocast_for, seed_epoch
 from bam_models.train.config import OptimConfig, RunConfig, ScheduleConfig
@@ -79,8 +80,11 @@ def check_config(cfg: RunConfig) -> List[str]:
 # ---------------------------------------------------------------------------------------------- model
 
 def attention_kwargs(cfg: RunConfig) -> Dict[str, Any]:
-    """model.bam_args / model.cbam_args as the model builders' keyword arguments (only those that are set)."""
-    return {key: getattr(cfg.model, key) for key in ('bam_args', 'cbam_args') if getattr(cfg.model, key)}
+    """model.bam_args / model.cbam_args as the model builders' keyword arguments (only those that are set), with
+    an activation name resolved to timm's layer as for insert's folders."""
+    return {f'{attention}_args': check_attention_args(attention, args, where=f'model.{attention}_args',
+                                                      error=ConfigError)
+            for attention, args in (('bam', cfg.model.bam_args), ('cbam', cfg.model.cbam_args)) if args}
 
 
 def _check_attention_args(cfg: RunConfig) -> None:

@@ -1,7 +1,6 @@
 """ Training configuration: YAML files of named sections, `--set section.key=value` overrides, and checks
 that reject a bad configuration with one clear line before any work starts. """
 import dataclasses
-import inspect
 import math
 import os
 import re
@@ -11,7 +10,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import yaml
 
 from bam_models.errors import ConfigError, did_you_mean, excerpt
-from bam_models.layers import BAM, CBAM
+from bam_models.insert.inserted import check_attention_args
 
 
 @dataclass
@@ -161,16 +160,15 @@ class Increasing(NamedTuple):
         return f"a non-empty list of increasing numbers, each {self.each.describe()}"
 
 
-class Keywords(NamedTuple):
-    """A mapping of keyword arguments of `layer`'s constructor (its own checks run when the model is built)."""
-    layer: Any
+class AttentionArgs(NamedTuple):
+    """Keyword arguments of every BAM or CBAM of the model, checked as a `bam-models insert` folder's are (known
+    keys, types, bounds: `insert.inserted.check_attention_args`)."""
+    attention: str  # 'bam' | 'cbam'
 
     def violation(self, value: Dict[str, Any]) -> Optional[str]:
-        accepted = [name for name in inspect.signature(self.layer).parameters if name not in _BUILD_ARGS]
-        unknown = [key for key in value if key not in accepted]
-        if not unknown:
-            return None
-        return f"keyword arguments of {self.layer.__name__} ({', '.join(accepted)}); unknown: {', '.join(unknown)}"
+        # the check names the key at fault in its own message, which says more than a range could
+        check_attention_args(self.attention, value, where=f'model.{self.attention}_args', error=ConfigError)
+        return None
 
 
 class Pattern(NamedTuple):
@@ -182,8 +180,6 @@ class Pattern(NamedTuple):
         return None if re.fullmatch(self.regex, value) else self.hint
 
 
-# constructor arguments the model builder sets itself, not a config
-_BUILD_ARGS = ('channels', 'device', 'dtype', 'fused')
 NON_NEGATIVE, POSITIVE, POSITIVE_INT = Range(0), Range(0, low_open=True), Range(1)
 FRACTION, FRACTION_BELOW_1 = Range(0, 1), Range(0, 1, high_open=True)
 NON_EMPTY = Pattern(r'.+', 'a non-empty string')
@@ -198,8 +194,8 @@ CONSTRAINTS: Dict[str, Any] = {
     'model.freeze': ('none', 'bn', 'trunk'),
     'model.drop_rate': FRACTION_BELOW_1,
     'model.drop_path_rate': FRACTION_BELOW_1,
-    'model.bam_args': Keywords(BAM),
-    'model.cbam_args': Keywords(CBAM),
+    'model.bam_args': AttentionArgs('bam'),
+    'model.cbam_args': AttentionArgs('cbam'),
     'data.dataset': NON_EMPTY,
     'data.train_split': NON_EMPTY,
     'data.val_split': NON_EMPTY,
