@@ -1,5 +1,6 @@
-""" The one weight randomiser of the tests: every parameter and BN statistic random, so that a comparison of
-outputs covers every layer and a wrong key mapping cannot hide behind default 0/1 values. """
+""" The tests' weight randomisers, so that a comparison of outputs covers every layer and a wrong key mapping or a
+dropped normalisation cannot hide behind default 0/1 values: `randomize_` (every parameter and BN statistic)
+and `with_nontrivial_norms` (BatchNorm statistics and affine parameters only). """
 import torch
 import torch.nn as nn
 
@@ -21,4 +22,18 @@ def randomize_(model: nn.Module) -> nn.Module:
                 module.weight.normal_(0, (2 / fan_in) ** 0.5, generator=generator)
                 if module.bias is not None:
                     module.bias.uniform_(-0.2, 0.2, generator=generator)
+    return model.eval()
+
+
+def with_nontrivial_norms(model: nn.Module) -> nn.Module:
+    """Random BN statistics and affine parameters everywhere, attention included, so that eval-mode BN is no
+    identity and an exporter that dropped or misplaced any normalisation or gate would show."""
+    generator = torch.Generator().manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            n = module.num_features
+            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
+            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
     return model.eval()

@@ -5,30 +5,17 @@ import onnx
 import pytest
 import timm
 import torch
-import torch.nn as nn
 
 import bam_models  # noqa: F401  (registers the zoo)
 from bam_models.cli import main
 from bam_models.export import compare_with_pytorch, create_model_for_export, export_model, export_onnx
 
+from _weights import with_nontrivial_norms
+
 TOLERANCE = 1e-4
 # two batch sizes and two non-square sizes, none of them the traced 2x3x64x96
 SHAPES = ((1, 3, 96, 64), (3, 3, 64, 128))
 SUFFIX = {'onnx': '.onnx', 'torchscript': '.pt', 'exported': '.pt2'}
-
-
-def _with_nontrivial_norms(model: nn.Module) -> nn.Module:
-    """Random BN statistics and affine parameters everywhere, attention included, so that eval-mode BN is no
-    identity and an exporter that dropped or misplaced any normalisation or gate would show."""
-    generator = torch.Generator().manual_seed(0)
-    for module in model.modules():
-        if isinstance(module, nn.BatchNorm2d):
-            n = module.num_features
-            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
-            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
-    return model.eval()
 
 
 def _onnx_dynamic_axes(path) -> list:
@@ -37,7 +24,7 @@ def _onnx_dynamic_axes(path) -> list:
 
 
 def test_cli_exports_a_checkpoint_in_every_format(tmp_path, capsys):
-    model = _with_nontrivial_norms(timm.create_model('resnet18_bam', num_classes=7))
+    model = with_nontrivial_norms(timm.create_model('resnet18_bam', num_classes=7))
     checkpoint = tmp_path / 'finetuned.pth'
     torch.save(model.state_dict(), checkpoint)
     for fmt in ('onnx', 'torchscript', 'exported'):
@@ -85,7 +72,7 @@ def test_checkpoint_sets_num_classes_and_must_fit(tmp_path):
     ('resnext50_32x4d_bam', ('torchscript',)),
 ])
 def test_every_family_exports(tmp_path, name, formats):
-    model = _with_nontrivial_norms(timm.create_model(name, num_classes=10))
+    model = with_nontrivial_norms(timm.create_model(name, num_classes=10))
     for fmt in formats:
         out = tmp_path / f'{name}{SUFFIX[fmt]}'
         export_model(model, out, fmt, input_size=(64, 96))
@@ -102,7 +89,7 @@ def test_onnx_falls_back_to_the_torchscript_exporter(tmp_path, monkeypatch):
         return real_export(*args, dynamo=False, **kwargs)
 
     monkeypatch.setattr(torch.onnx, 'export', dynamo_unavailable)
-    model = _with_nontrivial_norms(timm.create_model('resnet18_bam', num_classes=10))
+    model = with_nontrivial_norms(timm.create_model('resnet18_bam', num_classes=10))
     out = tmp_path / 'fallback.onnx'
     with pytest.warns(UserWarning, match='falling back'):
         assert export_onnx(model, out, torch.randn(2, 3, 64, 96)) == 'torchscript'

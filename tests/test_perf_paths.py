@@ -12,6 +12,8 @@ from bam_models.benchmark import peak_cpu_tensor_bytes
 from bam_models.layers import BAM, fused_gating
 from bam_models.layers.fused_gates import bam_gate
 
+from _weights import with_nontrivial_norms
+
 
 @pytest.mark.parametrize('fusion', ['product', 'sum', 'max'])
 def test_gate_op_has_the_formula_gradients_and_a_consistent_fake_kernel(fusion):
@@ -99,19 +101,6 @@ def test_compiled_training_step_keeps_the_fused_paths_tensor_peak():
     assert ratio <= 1.02, ratio
 
 
-def _with_nontrivial_norms(model: torch.nn.Module) -> torch.nn.Module:
-    """Random BN statistics and affine parameters, so that a dropped or misplaced fold would show."""
-    generator = torch.Generator().manual_seed(0)
-    for module in model.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            n = module.num_features
-            module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-            module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-            module.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
-            module.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
-    return model.eval()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize('name,global_pools', [
     # three BAMs' channel gates and the head
@@ -126,7 +115,7 @@ def test_onnx_graph_is_one_onnxruntime_runs_well(tmp_path, name, global_pools):
 
     from bam_models.export import compare_with_pytorch, export_model
 
-    model = _with_nontrivial_norms(timm.create_model(name, num_classes=10))
+    model = with_nontrivial_norms(timm.create_model(name, num_classes=10))
     path = tmp_path / f'{name}.onnx'
     export_model(model, path, 'onnx', input_size=(64, 96))
     ops = collections.Counter(node.op_type for node in onnx.load(str(path)).graph.node)
@@ -170,7 +159,7 @@ def test_reparameterize_model_folds_the_gates_norms_with_equal_outputs():
 
     from bam_models.errors import UsageError
 
-    model = _with_nontrivial_norms(timm.create_model('resnet18_bam', num_classes=10))
+    model = with_nontrivial_norms(timm.create_model('resnet18_bam', num_classes=10))
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         expected = model(x)
@@ -182,7 +171,7 @@ def test_reparameterize_model_folds_the_gates_norms_with_equal_outputs():
         # fused and reference paths alike; the paper's sum form has a closing BN per branch to fold too
         with fused_gating(False):
             torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)
-        bam_sum = _with_nontrivial_norms(BAM(32, fusion='sum'))
+        bam_sum = with_nontrivial_norms(BAM(32, fusion='sum'))
         features = torch.randn(2, 32, 9, 7)
         torch.testing.assert_close(reparameterize_model(bam_sum)(features), bam_sum(features), rtol=1e-5, atol=1e-5)
     with pytest.raises(UsageError, match='call model.eval'):
