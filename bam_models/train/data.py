@@ -76,8 +76,6 @@ def image_as_rgb(image: Image.Image) -> Image.Image:
         values = np.asarray(image, dtype=np.float64)
         scaled = np.clip(values * (255.0 / 65535.0), 0, 255).round().astype(np.uint8)
         return Image.fromarray(scaled, mode='L').convert('RGB')
-    if image.mode == 'F':  # floating-point grey, by convention 0..1
-        return Image.fromarray((np.clip(np.asarray(image), 0, 1) * 255).round().astype(np.uint8), 'L').convert('RGB')
     return image.convert('RGB')
 
 
