@@ -101,7 +101,8 @@ def write_shards(root, out, shard_size: int, *, seed: int = 0, overwrite: bool =
     """Writes the image folder `root` as shards of `shard_size` samples in `out`; returns the `_info.json`."""
     root, out = Path(root), Path(out)
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise UsageError(f"--shard-size must be a whole number of samples, at least 1, got {shard_size}")
+        raise UsageError(f"--shard-size must be a whole number of samples, at least 1, got {shard_size}; pass the "
+                         f"samples per shard, e.g. --shard-size 1000")
     if not root.is_dir():
         raise UsageError(f"image folder {root} does not exist; pass a folder with train/ and val/ sub-folders of "
                          f"class folders")

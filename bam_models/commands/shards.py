@@ -11,7 +11,7 @@ def _whole_number(flag: str, text: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise UsageError(f"{flag} must be a whole number, got {text!r}") from None
+        raise UsageError(f"{flag} must be a whole number, got {text!r}; pass e.g. {flag} 1000") from None
 
 
 def run(args: argparse.Namespace) -> int:

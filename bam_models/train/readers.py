@@ -117,7 +117,24 @@ def reader_dataset(cfg_data, is_training: bool, *, seed: int = 0):
         raise ConfigError(f"timm could not open {key} '{split}' of data.dataset {cfg_data.dataset} (data.root "
                           f"{cfg_data.root}): {_first_line(e)}; {_fix_for(e, is_training)}") from None
     _check_sample_count(dataset, cfg_data, is_training)
+    if reader_prefix(cfg_data.dataset) == 'wds':
+        check_shard_files(dataset.reader, key)
     return dataset
+
+
+def check_shard_files(reader, key: str) -> None:
+    """Every shard of a local webdataset split exists and starts as a tar (one header read per shard): timm's
+    reader would skip an unreadable shard with a warning and fill the epoch with repeats of the others. A
+    shard cut short inside is still found only while reading (the same warning)."""
+    for name in reader.split_info.filenames:
+        path = os.path.join(reader.root, name)
+        if '://' in path or path.startswith('pipe:'):  # a remote shard list: read as it streams
+            return
+        if not os.path.isfile(path):
+            raise ConfigError(f"{key}: shard {path} does not exist; write the shards again (bam-models shards) "
+                              f"or fix the split's file names")
+        if not tarfile.is_tarfile(path):
+            raise ConfigError(f"{key}: shard {path} is not a tar file (damaged?); write the shards again")
 
 
 def _first_line(error: Exception) -> str:
