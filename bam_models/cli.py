@@ -24,6 +24,7 @@ COMMANDS = (
     'convert',
     'publish',
     'insert',
+    'shards',
     'train',
     'validate',
     'export',

@@ -26,10 +26,11 @@ from bam_models.hub import check_model_name
 from bam_models.insert.inserted import check_attention_args
 from bam_models.layers import attention_keys
 from bam_models.runs import autocast_for, seed_epoch
-from bam_models.train.config import OptimConfig, RunConfig, ScheduleConfig
+from bam_models.train.config import OptimConfig, RunConfig, ScheduleConfig, reader_prefix
 from bam_models.train.data import (
     DIGITS, build_dataset, cifar_classes, cifar_folder, create_train_eval_loaders, dataset_classes,
-    shared_class_to_idx)
+    shared_class_to_idx, train_sample_count)
+from bam_models.train.readers import reader_dataset
 
 __all__ = ['Run', 'base_weights', 'build_criterion', 'build_model', 'build_optimizer', 'build_run',
            'build_scheduler', 'check_config', 'freeze_trunk', 'load_start_weights', 'param_groups']
@@ -44,6 +45,8 @@ def _check_model_name(name: str) -> None:
 def data_classes(cfg: RunConfig) -> List[str]:
     """Class names in label order, as the reader that labels the training data numbers them."""
     data = cfg.data
+    if reader_prefix(data.dataset):  # opens the training split: a missing split or package fails here
+        return dataset_classes(reader_dataset(data, is_training=True, seed=cfg.train.seed))
     if data.dataset == DIGITS:
         return [str(c) for c in range(10)]
     if cifar_folder(data.dataset):
@@ -223,16 +226,20 @@ def _build_data(cfg: RunConfig, model: nn.Module, classes: List[str], device: to
         model=model)
     splits = cfg.data.dataset, cfg.data.train_split, cfg.data.val_split
     class_to_idx = {name: index for index, name in enumerate(classes)}
-    train_set = build_dataset(splits[0], 'train', *splits[1:], class_to_idx=class_to_idx)
-    val_set = build_dataset(splits[0], 'val', *splits[1:], class_to_idx=class_to_idx)
+    if reader_prefix(cfg.data.dataset):  # labels are the dataset's own indices
+        train_set = reader_dataset(cfg.data, is_training=True, seed=cfg.train.seed)
+        val_set = reader_dataset(cfg.data, is_training=False, seed=cfg.train.seed)
+    else:
+        train_set = build_dataset(splits[0], 'train', *splits[1:], class_to_idx=class_to_idx)
+        val_set = build_dataset(splits[0], 'val', *splits[1:], class_to_idx=class_to_idx)
     if dataset_classes(train_set) != classes:  # the labels the model learns are the names it exports
         raise ConfigError("the training data's classes changed while the run started; start it again")
     train_loader, val_loader = create_train_eval_loaders(
         train_set, val_set, data_config, cfg.data, num_replicas=world, rank=rank, seed=cfg.train.seed,
         pin_memory=device.type == 'cuda')
     if len(train_loader) == 0:
-        raise ConfigError(f"{len(train_set)} training images make no full batch of {cfg.data.batch_size} x "
-                          f"{world} processes; lower data.batch_size")
+        raise ConfigError(f"{train_sample_count(train_set)} training images make no full batch of "
+                          f"{cfg.data.batch_size} x {world} processes; lower data.batch_size")
     return data_config, train_loader, val_loader
 
 

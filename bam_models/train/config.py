@@ -32,10 +32,14 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     # 'digits' (scikit-learn's bundled handwritten digits), an extracted CIFAR folder (cifar-100-python,
-    # cifar-10-batches-py, or the folder holding one) or a folder timm can read
+    # cifar-10-batches-py, or the folder holding one), a folder timm can read, or one of timm's reader names:
+    # wds/NAME (webdataset shards), hfds/NAME, hfids/NAME (Hugging Face datasets), tfds/NAME
     dataset: str = 'digits'
+    root: Optional[str] = None  # wds/hfds/hfids/tfds: the data folder (timm's --data-dir; hfds: datasets' cache)
     train_split: str = 'train'
     val_split: str = 'validation'  # timm also finds val/, valid/, eval/ for this name
+    train_num_samples: Optional[int] = None  # wds/hfids: samples of an epoch where the reader cannot know them
+    val_num_samples: Optional[int] = None
     input_size: Optional[int] = None  # square side in pixels; None: the model's pretrained_cfg
     batch_size: int = 64  # per process
     eval_batch_size: Optional[int] = None
@@ -197,7 +201,10 @@ CONSTRAINTS: Dict[str, Any] = {
     'model.bam_args': AttentionArgs('bam'),
     'model.cbam_args': AttentionArgs('cbam'),
     'data.dataset': NON_EMPTY,
+    'data.root': NON_EMPTY,  # also checked with data.dataset: `_check_data_root`
     'data.train_split': NON_EMPTY,
+    'data.train_num_samples': POSITIVE_INT,
+    'data.val_num_samples': POSITIVE_INT,
     'data.val_split': NON_EMPTY,
     'data.input_size': POSITIVE_INT,
     'data.batch_size': POSITIVE_INT,
@@ -360,7 +367,35 @@ def config_from_dict(values: Dict[str, Any]) -> RunConfig:
         kwargs[section] = _section_from_dict(section, sections[section], {} if content is None else content)
     config = RunConfig(**kwargs)
     _check_warmup(config.schedule)
+    _check_data_root(config.data)
     return config
+
+
+# timm's reader prefixes of data.dataset (wds/NAME, ...), which read their data from data.root
+READER_PREFIXES = ('wds', 'hfds', 'hfids', 'tfds')
+
+
+def reader_prefix(dataset: str) -> Optional[str]:
+    """'wds', 'hfds', 'hfids' or 'tfds' for a data.dataset that names one of timm's readers, else None (the
+    prefix is case-insensitive, as in timm)."""
+    prefix, sep, _ = dataset.partition('/')
+    return prefix.lower() if sep and prefix.lower() in READER_PREFIXES else None
+
+
+def _check_data_root(data: DataConfig) -> None:
+    """data.root goes with a reader name in data.dataset, and is then an existing folder."""
+    if not reader_prefix(data.dataset):
+        if data.root is not None:
+            raise ConfigError(f"config key 'data.root' is set but data.dataset {excerpt(data.dataset)} is not a "
+                              f"reader name (wds/, hfds/, hfids/, tfds/); a folder dataset is data.dataset itself: "
+                              f"remove data.root")
+        return
+    if data.root is None:
+        raise ConfigError(f"data.dataset {excerpt(data.dataset)} needs data.root, the folder the reader reads "
+                          f"(timm's --data-dir); set it in the config or with --set data.root=FOLDER")
+    if not os.path.isdir(data.root):
+        raise ConfigError(f"data.root {excerpt(data.root)} is not a folder; set data.root to the folder of "
+                          f"{excerpt(data.dataset)}")
 
 
 def _check_warmup(schedule: ScheduleConfig) -> None:

@@ -18,12 +18,14 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import create_dataset, create_transform
-from timm.data.readers.reader_image_folder import find_images_and_targets
+from timm.data.readers.reader_image_folder import ReaderImageFolder, find_images_and_targets
 from torchvision import transforms
 from torchvision.datasets import CIFAR10, CIFAR100
 
 from bam_models._compat import search_split
 from bam_models.errors import ConfigError
+from bam_models.train.config import reader_prefix
+from bam_models.train.readers import create_iterable_loaders, is_iterable, reader_classes
 
 DIGITS = 'digits'
 DIGITS_TEST_SIZE = 360
@@ -80,9 +82,10 @@ def image_as_rgb(image: Image.Image) -> Image.Image:
 
 
 def decode_as_rgb(dataset) -> None:
-    """Makes a timm folder dataset decode its images with `image_as_rgb` before its transform (set the transform
-    first), instead of its own `convert('RGB')`, which clips 16-bit images."""
-    if getattr(dataset, 'input_img_mode', None):
+    """Makes a timm dataset decode its images with `image_as_rgb` before its transform (set the transform
+    first), instead of its own `convert('RGB')`, which clips 16-bit images. The iterable readers are created
+    converting nothing (`readers.reader_dataset`)."""
+    if getattr(dataset, 'input_img_mode', None) or is_iterable(dataset):
         dataset.input_img_mode = None
         dataset.transform = transforms.Compose([transforms.Lambda(image_as_rgb), dataset.transform])
 
@@ -174,8 +177,14 @@ def pad_crop_transform(data_config: dict, padding: int, hflip: float) -> transfo
 
 
 def dataset_name(dataset: str) -> str:
-    """What a model card calls the data: 'digits', or the folder's own name, never the path on this machine."""
-    return dataset if dataset == DIGITS else os.path.basename(os.path.normpath(dataset))
+    """What a model card calls the data: 'digits', the folder's own name (never the path on this machine), or
+    the NAME of wds/NAME, hfds/NAME (a Hub id as it is, a local folder by its own name)."""
+    if dataset == DIGITS:
+        return dataset
+    if reader_prefix(dataset):
+        name = dataset.partition('/')[2]
+        return os.path.basename(os.path.normpath(name)) if os.path.isdir(name) else name
+    return os.path.basename(os.path.normpath(dataset))
 
 
 def build_dataset(dataset: str, split: str, train_split: str = 'train', val_split: str = 'validation',
@@ -196,6 +205,8 @@ def dataset_classes(dataset) -> List[str]:
     """Class names in index order, from the reader that labels the data."""
     if isinstance(dataset, (DigitsDataset, CIFAR10)):  # CIFAR100 subclasses CIFAR10; `classes` in label order
         return list(dataset.classes)
+    if is_iterable(dataset) or not isinstance(dataset.reader, ReaderImageFolder):
+        return reader_classes(dataset)  # wds/hfds/hfids/tfds
     class_to_idx = dataset.reader.class_to_idx
     return sorted(class_to_idx, key=class_to_idx.get)
 
@@ -238,11 +249,27 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
         return max(0, len(self._indices()) - self.skip)
 
 
+def train_sample_count(dataset) -> int:
+    """The samples of a training epoch: the dataset's, or its reader's count (an iterable dataset's length is
+    padded to whole batches per loader worker)."""
+    return dataset.reader.num_samples if is_iterable(dataset) else len(dataset)
+
+
+def start_epoch(loader, epoch: int, skip_samples: int) -> None:
+    """Sets the shuffle of the training loader's epoch; `skip_samples` of this process's share are skipped
+    (resuming mid-epoch; iterable datasets always start an epoch at its first step)."""
+    if is_iterable(loader.dataset):
+        loader.set_epoch(epoch)
+        return
+    loader.sampler.set_epoch(epoch)
+    loader.sampler.skip = skip_samples
+
+
 def create_train_eval_loaders(
         train_set, val_set, data_config: dict, cfg_data, *, num_replicas: int, rank: int, seed: int,
         pin_memory: bool) -> Tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
     """Loaders with timm's transforms (a padded random crop for `cfg_data.pad_crop` > 0); the train loader's
-    sampler is an EpochShuffleSampler."""
+    sampler is an EpochShuffleSampler, or for an iterable dataset the loader is a `readers.EpochLoader`."""
     if cfg_data.pad_crop:
         train_set.transform = pad_crop_transform(data_config, cfg_data.pad_crop, cfg_data.hflip)
     else:
@@ -257,6 +284,9 @@ def create_train_eval_loaders(
         crop_mode=data_config.get('crop_mode'))
     decode_as_rgb(train_set)
     decode_as_rgb(val_set)
+    if is_iterable(train_set):
+        return create_iterable_loaders(train_set, val_set, cfg_data, num_replicas=num_replicas, rank=rank,
+                                       pin_memory=pin_memory)
     common = dict(num_workers=cfg_data.workers, pin_memory=pin_memory,
                   # workers restart every epoch so their seeds derive from the epoch's seed (exact resume)
                   persistent_workers=False)

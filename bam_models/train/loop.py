@@ -30,13 +30,14 @@ from bam_models.runs import (
     seed_epoch, set_rng_state)
 from bam_models.train.build import Run, base_weights, build_run, check_config
 from bam_models.train.config import RunConfig
-from bam_models.train.data import dataset_name
+from bam_models.train.data import dataset_name, start_epoch
+from bam_models.train.readers import is_iterable
 
 __all__ = ['RESUME_FREE_KEYS', 'evaluate', 'export_best', 'train', 'train_one_epoch']
 
 # config keys that may differ on resume: they change where and how visibly a run runs, not what it computes
 RESUME_FREE_KEYS = ('train.output', 'train.device', 'train.progress', 'train.export', 'data.workers',
-                    'data.eval_batch_size')
+                    'data.eval_batch_size', 'data.root')
 RUN_STATE_KEYS = ('state_dict', 'optimizer', 'epoch', 'step_in_epoch', 'best', 'rng', 'config')
 
 
@@ -92,9 +93,7 @@ def train_one_epoch(run: Run, epoch: int, skip_steps: int, resume_rng: Optional[
     """One epoch (0-based `epoch`) from step `skip_steps`, with the RNG of a resumed step restored."""
     cfg, steps = run.cfg, run.steps_per_epoch
     seed_epoch(cfg.train.seed, epoch, run.rank)
-    sampler = run.train_loader.sampler
-    sampler.set_epoch(epoch)
-    sampler.skip = skip_steps * cfg.data.batch_size
+    start_epoch(run.train_loader, epoch, skip_steps * cfg.data.batch_size)
     batches = iter(run.train_loader)  # creating it draws the loader's base seed from the epoch's RNG
     if skip_steps and resume_rng is not None:
         set_rng_state(resume_rng)  # the RNG exactly as it was after the last finished step
@@ -249,6 +248,18 @@ def _end_epoch(run: Run, checkpointer: Checkpointer, epoch: int, result: EpochRe
     return best
 
 
+def _resume_step(run: Run, epoch: int, step: int) -> int:
+    """The step a resumed epoch starts at: where it stopped, but for a stream (an iterable dataset, which cannot
+    start mid-epoch) its first step, said in one line; the steps done of it run again, none is skipped."""
+    if not is_iterable(run.train_loader.dataset):
+        return step
+    if run.is_main:
+        again = f', running its first {step} steps again' if step else ''
+        print(f"resuming at the start of epoch {epoch + 1}{again}: {run.cfg.data.dataset} is read as a stream, "
+              f"which resumes at an epoch boundary")
+    return 0
+
+
 def _fit(run: Run, checkpointer: Checkpointer, resumed: Optional[Dict[str, Any]],
          history: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     """The epochs from where the run stands to the last; Ctrl-C saves the very step and re-raises."""
@@ -256,6 +267,7 @@ def _fit(run: Run, checkpointer: Checkpointer, resumed: Optional[Dict[str, Any]]
     if resumed is not None:
         start_epoch, start_step, best = resumed['epoch'], resumed['step_in_epoch'], resumed['best']
         resume_rng = resumed['rng'][run.rank] if run.rank < len(resumed['rng']) else None
+        start_step = _resume_step(run, start_epoch, start_step)
     with StopRequest() as stop:
         for epoch in range(start_epoch, run.cfg.schedule.epochs):
             first = epoch == start_epoch
