@@ -48,12 +48,14 @@ def _split_folders(root: Path) -> Dict[str, Path]:
 def _split_samples(root: Path, folder: Path, class_to_idx: Dict[str, int]) -> List[Sample]:
     classes = folder_class_to_idx(str(root), folder.name)
     if not classes:
-        raise UsageError(f"split folder {folder} has no images in class sub-folders; expected "
-                         f"{folder}/CLASS/IMAGE ({', '.join(sorted(MEMBER_EXTENSIONS))})")
+        raise UsageError(f"split folder {folder} has no images in class sub-folders (expected {folder}/CLASS/IMAGE, "
+                         f"{', '.join(sorted(MEMBER_EXTENSIONS))}); put the split's images in class folders, or "
+                         f"remove the empty split folder")
     unknown = sorted(set(classes) - set(class_to_idx))
     if unknown:
-        raise UsageError(f"{folder} has classes the train split lacks ({', '.join(unknown[:5])}); every "
-                         f"validation class needs training images")
+        raise UsageError(f"{folder} has classes the train split lacks ({', '.join(unknown[:5])}), and every "
+                         f"validation class needs training images; add training images of those classes, or remove "
+                         f"them from {folder}")
     samples, _ = find_images_and_targets(str(folder), class_to_idx=class_to_idx)
     odd = [path for path, _ in samples if os.path.splitext(path)[1].lower() not in MEMBER_EXTENSIONS]
     if odd:
