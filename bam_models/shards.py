@@ -18,13 +18,15 @@ from typing import Dict, List, Tuple
 
 from timm.data.readers.reader_image_folder import find_images_and_targets
 
+from bam_models._compat import search_split
 from bam_models.errors import OutputExistsError, UsageError, count
+from bam_models.runs import check_output_folder
 from bam_models.train.data import folder_class_to_idx
 
 __all__ = ['write_shards']
 
-# the split names written, and the folder names timm's folder reader takes for each
-SPLITS = {'train': ('train', 'training'), 'validation': ('validation', 'val', 'valid', 'eval', 'evaluation')}
+# the split names written; each split's folder is found as timm's folder reader finds it (val/ for validation)
+SPLITS = ('train', 'validation')
 # image file extension -> member extension timm's webdataset reader looks for ('jpg;png;webp')
 MEMBER_EXTENSIONS = {'.jpg': 'jpg', '.jpeg': 'jpg', '.png': 'png', '.webp': 'webp'}
 INFO = '_info.json'
@@ -35,9 +37,9 @@ Sample = Tuple[str, int]  # image path, label
 def _split_folders(root: Path) -> Dict[str, Path]:
     """The split folders of `root` that exist: {'train': root/train, 'validation': root/val, ...}."""
     found = {}
-    for split, names in SPLITS.items():
-        folder = next((root / name for name in names if (root / name).is_dir()), None)
-        if folder is not None:
+    for split in SPLITS:
+        folder = Path(search_split(str(root), split))  # `root` itself when no folder of the split's names exists
+        if folder != root and folder.is_dir():
             found[split] = folder
     if 'train' not in found:
         raise UsageError(f"{root} has no train/ folder; expected {root}/train/CLASS/IMAGE (and {root}/val/CLASS/"
@@ -93,8 +95,7 @@ def _write_split(out: Path, split: str, samples: List[Sample], names: List[str],
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"--out {out} is a file; pass a new folder")
+    check_output_folder(out)  # a file, or under one
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputExistsError(f"--out {out} already holds files; pass --overwrite to replace it, or a new folder")
 

@@ -98,6 +98,8 @@ def _image_less_val(tmp_path: Path) -> Path:
     ('size_zero', '--shard-size must be a whole number of samples, at least 1'),
     ('size_text', '--shard-size must be a whole number'),
     ('no_webdataset', "needs the webdataset package; pip install 'bam-models[scale]'"),
+    ('out_is_file', 'is a file; choose another output folder'),
+    ('out_under_file', 'is a file; choose another output folder'),
 ])
 def test_mistakes_are_one_line(case, pattern, tiny_data, tmp_path, monkeypatch, capsys):
     root, size = tiny_data, '8'
@@ -110,9 +112,15 @@ def test_mistakes_are_one_line(case, pattern, tiny_data, tmp_path, monkeypatch, 
         root = _image_less_val(tmp_path)
     elif case.startswith('size'):
         size = '0' if case == 'size_zero' else 'ten'
-    else:
+    elif case == 'no_webdataset':
         monkeypatch.setitem(sys.modules, 'webdataset', None)  # `import webdataset` fails as if not installed
-    out = tmp_path / 'out'
+    out, a_file = tmp_path / 'out', tmp_path / 'a_file'
+    if case.startswith('out_'):
+        a_file.write_text('not a folder')
+        out = a_file if case == 'out_is_file' else a_file / 'shards'
     assert_one_error_line(main(['shards', str(root), '--out', str(out), '--shard-size', size]),
                           capsys.readouterr().err, re.escape(pattern))
-    assert not out.exists()
+    if case.startswith('out_'):
+        assert a_file.read_text() == 'not a folder' and sorted(p.name for p in tmp_path.iterdir()) == ['a_file']
+    else:
+        assert not out.exists()
