@@ -22,6 +22,7 @@ from bam_models._compat import search_split
 from bam_models.errors import OutputExistsError, UsageError, count
 from bam_models.runs import check_output_folder
 from bam_models.train.data import folder_class_to_idx
+from bam_models.train.readers import READER_PACKAGES, import_optional
 
 __all__ = ['write_shards']
 
@@ -67,11 +68,7 @@ def _split_samples(root: Path, folder: Path, class_to_idx: Dict[str, int]) -> Li
 
 
 def _webdataset():
-    try:
-        import webdataset
-    except ImportError:
-        raise UsageError("bam-models shards needs the webdataset package; pip install 'bam-models[scale]'") from None
-    return webdataset
+    return import_optional(*READER_PACKAGES['wds'], 'bam-models shards', error=UsageError)
 
 
 def _write_split(out: Path, split: str, samples: List[Sample], names: List[str], root: Path,

@@ -35,15 +35,17 @@ INFO_FILES = ('_info.json', 'info.json')  # what timm's webdataset reader looks 
 EVAL_SYNONYMS = ('validation', 'val', 'valid', 'eval', 'evaluation', 'test')
 
 
+def import_optional(module: str, install: str, needed_by: str, error: type = ConfigError):
+    """`module`, imported; if it is missing, one line saying what needs it and how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise error(f"{needed_by} needs the {module.replace('_', '-')} package; {install}") from None
+
+
 def check_reader_package(dataset: str) -> None:
     """A one-line error naming the extra when the package the dataset's reader needs is missing."""
-    prefix = reader_prefix(dataset)
-    module, install = READER_PACKAGES[prefix]
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        package = module.replace('_', '-')
-        raise ConfigError(f"data.dataset {dataset} needs the {package} package; {install}") from None
+    import_optional(*READER_PACKAGES[reader_prefix(dataset)], f'data.dataset {dataset}')
 
 
 def is_iterable(dataset) -> bool:
