@@ -13,7 +13,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import timm
 import torch
@@ -31,6 +31,7 @@ from bam_models.runs import (
 from bam_models.train.build import Run, base_weights, build_run, check_config
 from bam_models.train.config import RunConfig
 from bam_models.train.data import dataset_name, start_epoch
+from bam_models.train.plan import RunClock, describe_plan
 from bam_models.train.readers import is_iterable
 
 __all__ = ['RESUME_FREE_KEYS', 'evaluate', 'export_best', 'train', 'train_one_epoch']
@@ -89,8 +90,9 @@ def _optimizer_step(run: Run, loss: torch.Tensor) -> None:
 
 
 def train_one_epoch(run: Run, epoch: int, skip_steps: int, resume_rng: Optional[Dict[str, Any]],
-                    stop: StopRequest, checkpointer: Checkpointer) -> EpochResult:
-    """One epoch (0-based `epoch`) from step `skip_steps`, with the RNG of a resumed step restored."""
+                    stop: StopRequest, checkpointer: Checkpointer, clock: RunClock) -> EpochResult:
+    """One epoch (0-based `epoch`) from step `skip_steps`, with the RNG of a resumed step restored; `clock`
+    times its steps for the run's estimate."""
     cfg, steps = run.cfg, run.steps_per_epoch
     seed_epoch(cfg.train.seed, epoch, run.rank)
     start_epoch(run.train_loader, epoch, skip_steps * cfg.data.batch_size)
@@ -102,7 +104,7 @@ def train_one_epoch(run: Run, epoch: int, skip_steps: int, resume_rng: Optional[
     run.train_model.train()
     loss_sum = correct = seen = 0.0
     started, step, stop_now = time.perf_counter(), skip_steps, False
-    bar = tqdm(batches, desc=f'epoch {epoch + 1}/{cfg.schedule.epochs}', initial=skip_steps, total=steps,
+    bar = tqdm(clock.batches(batches), desc=f'epoch {epoch + 1}/{cfg.schedule.epochs}', initial=skip_steps, total=steps,
                disable=not (run.is_main and cfg.train.progress), dynamic_ncols=True)
     for images, targets in bar:
         images, targets = images.to(run.device, non_blocking=True), targets.to(run.device, non_blocking=True)
@@ -127,9 +129,11 @@ def train_one_epoch(run: Run, epoch: int, skip_steps: int, resume_rng: Optional[
         bar.set_postfix(loss=f'{loss_sum / seen:.4f}', acc=f'{100 * correct / seen:.1f}',
                         lr=f"{run.optimizer.param_groups[0]['lr']:.2e}",
                         img_s=f'{seen * run.world / (time.perf_counter() - started):.0f}', refresh=False)
+        clock.step_done()
         if stop_now:
             break
     bar.close()
+    clock.report()  # a first epoch shorter than the clock's window
     if stop_now:
         return EpochResult(0.0, 0.0, 0.0, 0.0, step, stopped=True)
     loss_sum, correct, seen = _reduce([loss_sum, correct, seen], run.device, run.distributed)
@@ -248,34 +252,37 @@ def _end_epoch(run: Run, checkpointer: Checkpointer, epoch: int, result: EpochRe
     return best
 
 
-def _resume_step(run: Run, epoch: int, step: int) -> int:
-    """The step a resumed epoch starts at: where it stopped, but for a stream (an iterable dataset, which cannot
-    start mid-epoch) its first step, said in one line; the steps done of it run again, none is skipped."""
-    if not is_iterable(run.train_loader.dataset):
-        return step
-    if run.is_main:
-        again = f', running its first {step} steps again' if step else ''
-        print(f"resuming at the start of epoch {epoch + 1}{again}: {run.cfg.data.dataset} is read as a stream, "
-              f"which resumes at an epoch boundary")
-    return 0
+def _resume_point(run: Run, epoch: int, step: int) -> Tuple[int, str]:
+    """The step a resumed epoch starts at, and why when it is not where the run stopped: a stream (an iterable
+    dataset, which cannot start mid-epoch) resumes at the epoch's first step; the steps done of it run again, none
+    is skipped."""
+    if not step or not is_iterable(run.train_loader.dataset):
+        return step, ''
+    return 0, (f" ({run.cfg.data.dataset} is read as a stream, which resumes at an epoch boundary: the first "
+               f"{step} steps of the epoch run again)")
 
 
 def _fit(run: Run, checkpointer: Checkpointer, resumed: Optional[Dict[str, Any]],
          history: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     """The epochs from where the run stands to the last; Ctrl-C saves the very step and re-raises."""
-    start_epoch, start_step, best, resume_rng = 0, 0, None, None
+    start_epoch, start_step, best, resume_rng, why = 0, 0, None, None, ''
     if resumed is not None:
         start_epoch, start_step, best = resumed['epoch'], resumed['step_in_epoch'], resumed['best']
         resume_rng = resumed['rng'][run.rank] if run.rank < len(resumed['rng']) else None
-        start_step = _resume_step(run, start_epoch, start_step)
+        start_step, why = _resume_point(run, start_epoch, start_step)
+    cfg, steps = run.cfg, run.steps_per_epoch
+    if run.is_main:
+        print(describe_plan(run, start_epoch, start_step) + why, flush=True)
+    clock = RunClock(cfg.schedule.epochs * steps - start_epoch * steps - start_step, cfg.data.batch_size,
+                     cfg.data.workers, enabled=run.is_main)
     with StopRequest() as stop:
-        for epoch in range(start_epoch, run.cfg.schedule.epochs):
+        for epoch in range(start_epoch, cfg.schedule.epochs):
             first = epoch == start_epoch
             result = train_one_epoch(run, epoch, start_step if first else 0, resume_rng if first else None, stop,
-                                     checkpointer)
+                                     checkpointer, clock)
             if result.stopped:
                 checkpointer.save_interrupted(checkpointer.state(
-                    epoch=epoch, step_in_epoch=result.step, best=best, config=run.cfg.to_dict()), epoch, result.step)
+                    epoch=epoch, step_in_epoch=result.step, best=best, config=cfg.to_dict()), epoch, result.step)
                 raise KeyboardInterrupt
             best = _end_epoch(run, checkpointer, epoch, result, best, history)
     return best
