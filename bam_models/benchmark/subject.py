@@ -84,6 +84,14 @@ class Subject:
                 self.forward(x)
 
 
+    def no_grad_forward(self) -> None:
+        """One eval-mode forward pass of the batch under torch.no_grad (inference mode would make tensors that
+        autograd hooks cannot be registered on, as profiling needs)."""
+        self.model.eval()
+        with torch.no_grad(), self.context():
+            self.forward(self.inputs.batch)
+
+
 class OnnxRuntimeSubject:
     """An exported ONNX graph run by onnxruntime on the CPU with `threads` intra-op threads: inference only (what a
     deployment runs), on the same inputs as the PyTorch models."""

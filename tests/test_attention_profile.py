@@ -1,0 +1,63 @@
+""" scripts/attention_profile.py: the attention modules' own time inside real passes, and the bandwidth floor. """
+import importlib.util
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from bam_models.benchmark.attention_profile import MIN_PASSES, AttentionTimer, copy_bandwidth, profile_attention
+
+_SCRIPT = Path(__file__).parents[1] / 'scripts' / 'attention_profile.py'
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location('attention_profile', _SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize('name', ['resnet18_bam', 'resnet18_cbam'])
+def test_timer_sees_forward_and_backward_of_every_attention_module(name):
+    model = timm.create_model(name, num_classes=4)
+    timer = AttentionTimer(model)
+    x = torch.randn(2, 3, 64, 64)
+    model(x).sum().backward()
+    assert 0 < timer.forward_s and 0 < timer.backward_s
+    # BAM refines the outputs of layer1-3 (64x16x16, 128x8x8, 256x4x4); CBAM every block's (2 blocks a stage)
+    stages = [64 * 256, 128 * 64, 256 * 16, 512 * 4]
+    per_image = sum(stages[:3]) if name.endswith('_bam') else 2 * sum(stages)
+    assert timer.map_bytes == 2 * 4 * per_image
+    timer.reset()
+    with torch.no_grad():
+        model(x)
+    assert timer.forward_s > 0 and timer.backward_s == 0
+    counted = (timer.forward_s, timer.map_bytes)
+    timer.remove()
+    model(x).sum().backward()
+    assert (timer.forward_s, timer.map_bytes, timer.backward_s) == (*counted, 0)  # no hook left counting
+
+
+def test_profile_rows_set_time_against_the_floor():
+    rows = profile_attention('resnet18_bam', 'resnet18', img_size=64, batch_size=2, repeats=1, bandwidth=1e10)
+    assert [(r['model'], r['pass_']) for r in rows] == [
+        ('resnet18', 'train'), ('resnet18', 'inference'), ('resnet18_bam', 'train'), ('resnet18_bam', 'inference')]
+    for row in rows:
+        if row['model'] == 'resnet18':
+            assert row['attention_ms'] == 0 and row['map_mib'] == 0
+        else:
+            assert 0 < row['attention_ms'] < row['total_ms']
+            assert row['floor_ms'] == pytest.approx(1e3 * MIN_PASSES[row['pass_']] * row['map_mib'] * 2**20 / 1e10)
+
+
+def test_copy_bandwidth_is_a_rate():
+    assert 1e8 < copy_bandwidth(mib=16, repeats=2) < 1e13
+
+
+def test_quick_script_prints_both_tables(tmp_path, capsys):
+    out = tmp_path / 'profile.md'
+    assert _load_script().main(['--quick', '--markdown', str(out)]) == 0
+    table = capsys.readouterr().out
+    assert '| `resnet18_bam` | train |' in table and 'GB/s' in table and '64 px, batch 2' in table
+    assert out.read_text().strip() == table.strip()
