@@ -13,7 +13,10 @@ One safety story for `bam-models train` and `bam-models detect-train`:
 - RNG states of every process are saved with the checkpoint, so a run resumed mid-epoch replays exactly.
 - One resume policy (`read_resume`): a run continues only with the config it was written with; the keys that
   may differ are those that say where and how visibly it runs (paths, device, workers), never what it computes,
-  so what a run records is what it ran.
+  so what a run records is what it ran. `--resume auto` (`resolve_resume`) continues OUTPUT/last.pth when the
+  folder has one and starts the run when it has none, so one command serves a first start and every restart
+  (torchrun's elastic restarts). Under torch.distributed only process 0 reads the checkpoint and
+  `share_resume` hands it to the others: on several machines the run folder exists on process 0's alone.
 - `autocast_for` is the one mixed-precision switch of training, evaluation and the GPU checks.
 """
 import errno
@@ -23,7 +26,7 @@ import shutil
 import signal
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, ContextManager, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -34,8 +37,8 @@ from bam_models.checkpoint import describe_mismatch, key_mismatch
 from bam_models.errors import CheckpointError, ConfigError, UsageError, count
 
 __all__ = ['AMP_MODES', 'BEST', 'LAST', 'Checkpointer', 'RunFolderLock', 'atomic_save', 'autocast_for',
-           'config_changes', 'flat_config', 'prepare_run_folder', 'read_resume', 'read_run_checkpoint', 'rng_state',
-           'seed_epoch', 'set_rng_state', 'StopRequest']
+           'config_changes', 'flat_config', 'prepare_run_folder', 'read_resume', 'read_run_checkpoint',
+           'resolve_resume', 'rng_state', 'seed_epoch', 'set_rng_state', 'share_resume', 'StopRequest']
 
 LAST, BEST = 'last.pth', 'best.pth'
 LOCK = '.lock'
@@ -60,15 +63,21 @@ def prepare_run_folder(output: PathLike, *, resume: bool, overwrite: bool) -> No
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other; resume to continue the run in "
                          f"{output}, or overwrite to replace it")
-    existing = [name for name in RUN_FILES if (output / name).exists()]
+    existing = [name for name in RUN_FILES if _holds_results(output / name)]
     if not existing or resume:
         return
     if not overwrite:
-        raise UsageError(f"{output} already holds a run ({', '.join(existing)}); continue it with --resume auto, "
-                         f"replace it with --overwrite, or choose another output folder")
+        how = 'continue it with --resume auto, ' if LAST in existing else f'it has no {LAST} to continue from; '
+        raise UsageError(f"{output} already holds a run ({', '.join(existing)}); {how}replace it with --overwrite, "
+                         f"or choose another output folder")
     for name in existing:
         path = output / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def _holds_results(path: Path) -> bool:
+    """An empty log.jsonl is all a run stopped in its first epoch leaves: nothing would be lost."""
+    return path.exists() and not (path.name == 'log.jsonl' and path.stat().st_size == 0)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -202,6 +211,23 @@ def read_resume(path: PathLike, required: Sequence[str], config: Mapping[str, An
             f"({'; '.join(changes[:6])}"
             f"{'; ...' if len(changes) > 6 else ''}); resume with the run's own config, or {restart_hint}")
     return state
+
+
+def resolve_resume(resume: Optional[str], output: PathLike) -> Optional[str]:
+    """The checkpoint a run continues from: `resume` as given; for 'auto', OUTPUT/last.pth when it exists, else
+    None (the run starts: the first start of a job launched with auto, or a restart before an epoch ended)."""
+    if resume != 'auto':
+        return resume
+    last = Path(output) / LAST
+    return str(last) if last.exists() else None
+
+
+def share_resume(path: Optional[str], state: Optional[Dict[str, Any]]) -> Tuple[Optional[str], Optional[Dict]]:
+    """Process 0's resume checkpoint (its path and state, None for a new run) on every process (a collective
+    call): the others never read the run folder, which only process 0 writes."""
+    shared = [path, state]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0], shared[1]
 
 
 def check_model_fits(state_dict: Dict[str, torch.Tensor], model: nn.Module, path: PathLike) -> None:

@@ -133,6 +133,23 @@ def test_resume_with_a_changed_config_lists_the_differing_keys(run_copy, tiny_da
     assert 'optim.lr: 0.05 -> 0.1' in err and 'schedule.epochs: 1 -> 2' in err
 
 
+def test_resume_auto_starts_the_run_in_a_folder_without_last_pth(tiny_data, tmp_path, capsys):
+    output = tmp_path / 'run'
+    output.mkdir()
+    (output / 'log.jsonl').touch()  # all a run killed in its first epoch leaves: the restart starts afresh
+    assert main(_args(tiny_data, output) + ['--resume', 'auto']) == 0
+    out = capsys.readouterr().out
+    assert 'plan: ' in out and 'resuming' not in out
+    assert [json.loads(line)['epoch'] for line in (output / 'log.jsonl').read_text().splitlines()] == [1]
+
+
+def test_resume_auto_refuses_a_finished_run_without_last_pth(run_copy, tiny_data, capsys):
+    (run_copy / 'last.pth').unlink()  # nothing to continue from, results to keep
+    err = _error(capsys, _args(tiny_data, run_copy) + ['--resume', 'auto'])
+    assert 'already holds a run' in err and 'it has no last.pth to continue from' in err and '--overwrite' in err
+    assert (run_copy / 'summary.json').exists()
+
+
 def test_resume_from_best_pth_says_what_the_file_is(run_copy, tiny_data, capsys):
     err = _error(capsys, _args(tiny_data, run_copy) + ['--resume', str(run_copy / 'best.pth')])
     assert 'is a best-model file' in err and 'last.pth' in err and 'model.checkpoint=' in err

@@ -40,7 +40,8 @@ def register(subparsers) -> None:
     parser.add_argument('--set', action='append', default=[], metavar='SECTION.KEY=VALUE',
                         help='override one config value, e.g. --set optim.lr=0.05 (repeatable)')
     parser.add_argument('--resume', metavar='PATH|auto',
-                        help="continue from a last.pth checkpoint ('auto': OUTPUT/last.pth of this config)")
+                        help="continue from a last.pth checkpoint ('auto': OUTPUT/last.pth of this config when it "
+                             "exists, else start the run; what torchrun's elastic restarts need)")
     parser.add_argument('--overwrite', action='store_true',
                         help='start afresh in an output folder that holds an earlier run, deleting its files')
     parser.add_argument('--print-summary', action='store_true', help='print the summary as JSON at the end')

@@ -7,6 +7,7 @@ It reads as timm's train.py does: `check_config` and `build_run` (`build.py`), `
 a `Checkpointer` (atomic saves, RNG state, resume, the Ctrl-C save; see `bam_models.runs`) and `export_best`.
 Epochs are numbered from 1 everywhere: the console, `log.jsonl`, `summary.json`, `best.pth` and the model card.
 """
+import hashlib
 import json
 import os
 import time
@@ -26,8 +27,8 @@ from bam_models.checkpoint import describe_mismatch, key_mismatch, read_state_di
 from bam_models.errors import CheckpointError, NonFiniteLossError
 from bam_models.hub import save_pretrained
 from bam_models.runs import (
-    BEST, LAST, Checkpointer, RunFolderLock, StopRequest, autocast_for, prepare_run_folder, read_resume,
-    seed_epoch, set_rng_state)
+    BEST, Checkpointer, RunFolderLock, StopRequest, autocast_for, prepare_run_folder, read_resume, resolve_resume,
+    seed_epoch, set_rng_state, share_resume)
 from bam_models.train.build import Run, base_weights, build_run, check_config
 from bam_models.train.config import RunConfig
 from bam_models.train.data import dataset_name, start_epoch
@@ -224,6 +225,19 @@ def _open_log(output: Path, finished_epochs: int, resumed: bool, is_main: bool) 
     return [json.loads(line) for line in kept]
 
 
+def _weight_digests(run: Run) -> List[str]:
+    """The sha256 of every process's parameters, in rank order (a collective call): DDP keeps the replicas equal,
+    and last.pth records that it did. Buffers are left out: BatchNorm statistics are each process's own."""
+    digest = hashlib.sha256()
+    for param in run.model.parameters():
+        digest.update(param.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
+    digests = [digest.hexdigest()]
+    if run.distributed:
+        digests = [None] * run.world
+        dist.all_gather_object(digests, digest.hexdigest())
+    return digests
+
+
 def _end_epoch(run: Run, checkpointer: Checkpointer, epoch: int, result: EpochResult,
                best: Optional[Dict[str, Any]], history: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     """Validation, best.pth (when better), last.pth and the log line of a finished epoch; returns the best."""
@@ -237,7 +251,8 @@ def _end_epoch(run: Run, checkpointer: Checkpointer, epoch: int, result: EpochRe
                   epoch_time_s=result.seconds)
     if is_best:
         best = dict(epoch=number, top1=metrics['top1'], top5=metrics['top5'], loss=metrics['loss'])
-    state = checkpointer.state(epoch=number, step_in_epoch=0, best=best, config=cfg.to_dict())
+    state = checkpointer.state(epoch=number, step_in_epoch=0, best=best, config=cfg.to_dict(),
+                               weight_digests=_weight_digests(run))
     if is_best:  # best before last: a kill in between re-runs this epoch and rewrites both
         checkpointer.save_file(dict(state_dict=run.eval_model.state_dict(), epoch=number, metrics=best,
                                     config=cfg.to_dict(), classes=run.classes, data_config=run.data_config), BEST)
@@ -291,19 +306,22 @@ def _fit(run: Run, checkpointer: Checkpointer, resumed: Optional[Dict[str, Any]]
 def train(cfg: RunConfig, resume: Optional[str] = None, overwrite: bool = False) -> Dict[str, Any]:
     """Runs the job; returns the summary (also written to OUTPUT/summary.json on rank 0).
 
-    `resume` is a last.pth to continue from ('auto': OUTPUT/last.pth); a folder that already holds a run is
-    refused unless the run resumes it or `overwrite` replaces it; the folder is locked while the run lasts.
+    `resume` is a last.pth to continue from ('auto': OUTPUT/last.pth when there is one, else a new run); a folder
+    that already holds a run is refused unless the run resumes it or `overwrite` replaces it; the folder is locked
+    while the run lasts. Under torchrun only rank 0 reads the checkpoint and hands it to the others.
     """
     classes = check_config(cfg)
     output = Path(cfg.train.output)
-    resume = str(output / LAST) if resume == 'auto' else resume
-    resumed = resume_state(cfg, resume) if resume else None
     is_main = int(os.environ.get('RANK', '0')) == 0  # before torch.distributed starts: only rank 0 owns the folder
+    resume = resolve_resume(resume, output) if is_main else None  # the others get rank 0's state from it
+    resumed = resume_state(cfg, resume) if resume else None
     started = time.perf_counter()
     with RunFolderLock(output) if is_main else nullcontext():
         if is_main:  # under the lock: --overwrite never deletes the files of a run that is still going
             prepare_run_folder(output, resume=resume is not None, overwrite=overwrite)
         run = build_run(cfg, classes)
+        if run.distributed:
+            resume, resumed = share_resume(resume, resumed)
         checkpointer = Checkpointer(output, dict(
             state_dict=run.model, optimizer=run.optimizer, scheduler=run.scheduler, state_dict_ema=run.ema,
             scaler=run.scaler), is_main=run.is_main, distributed=run.distributed, world=run.world)

@@ -6,8 +6,8 @@ timm's iterable readers split the shards by process and loader worker and give e
 of samples (a multiple of the batch size, repeating samples of a worker whose shards run out first). On top of
 that an epoch here is `samples // (batch size x processes)` steps on every process, whatever the number of
 workers, so no process waits at the last batch and a run's schedule does not depend on `data.workers`.
-A sharded validation split is read once: each process reads whole shards (shard i goes to process i mod N)
-and the scores are summed, so every sample counts once.
+A sharded validation split is read once: each process reads whole shards (shard i goes to process i mod N;
+a process left without one scores nothing) and the scores are summed, so every sample counts once.
 """
 import dataclasses
 import importlib
@@ -265,6 +265,14 @@ def create_iterable_loaders(train_set, val_set, cfg_data, *, num_replicas: int, 
     train_loader = torch.utils.data.DataLoader(train_set, batch_size=cfg_data.batch_size, drop_last=True, **common)
     # the reader's sample count: the split's, or data.train_num_samples
     steps = train_set.reader.num_samples // (cfg_data.batch_size * num_replicas)
+    # a process left without a validation shard (fewer shards than processes) scores nothing and adds zeros to the
+    # sums; webdataset cannot open an empty shard list
+    val_set = val_set if _has_shards(val_set) else []
     val_loader = torch.utils.data.DataLoader(
         val_set, batch_size=cfg_data.eval_batch_size or cfg_data.batch_size, drop_last=False, **common)
     return EpochLoader(train_loader, steps), val_loader
+
+
+def _has_shards(dataset) -> bool:
+    info = getattr(dataset.reader, 'split_info', None)
+    return info is None or bool(info.filenames)
