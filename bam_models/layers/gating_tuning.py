@@ -35,9 +35,9 @@ from bam_models.errors import UsageError
 from .config import fused_gating_supported
 
 __all__ = [
-    'AUTOTUNE_ENV', 'GatingTuning', 'KernelChoice', 'TUNING', 'WHOLE_BATCH', 'choose_kernel', 'clear_kernel_choices',
-    'forced_kernel', 'gating_autotune', 'gating_autotune_from_env', 'kernel_choices', 'set_gating_autotune',
-    'tuning_for', 'use_gating_autotune',
+    'AUTOTUNE_ENV', 'GatingTuning', 'KernelChoice', 'TUNING', 'WHOLE_BATCH', 'choose_kernel', 'forced_kernel',
+    'gating_autotune', 'gating_autotune_from_env', 'kernel_choices', 'set_gating_autotune', 'tuning_for',
+    'use_gating_autotune',
 ]
 
 
@@ -138,8 +138,8 @@ def gating_autotune(enabled: bool) -> Iterator[None]:
 
 @dataclass(frozen=True)
 class KernelChoice:
-    """One measured choice: the op, its first input's shape and dtype, the thread count, the kernel kept, the
-    table's default and the best time of each candidate in seconds."""
+    """One measured choice: the op, its first input's shape and dtype, the thread count, whether backward was
+    measured too, the kernel kept, the table's default and the best time of each candidate in seconds."""
     op: str
     shape: Tuple[int, ...]
     dtype: str
@@ -194,11 +194,6 @@ def choose_kernel(op: str, inputs: Sequence[Optional[torch.Tensor]], candidates:
 def kernel_choices() -> List[KernelChoice]:
     """The choices measured so far in this process, in the order they were made."""
     return list(_CHOICES.values())
-
-
-def clear_kernel_choices() -> None:
-    """Forget every measured choice: the next use of each key measures again."""
-    _CHOICES.clear()
 
 
 @contextlib.contextmanager
