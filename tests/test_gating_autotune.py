@@ -169,6 +169,16 @@ def test_switch_off_takes_the_table_and_measures_nothing(measured, monkeypatch):
     assert measured == [] and kernel_choices() == []
 
 
+def test_deterministic_algorithms_take_the_table(measured):
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        _attention_steps()
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+    assert measured == []
+
+
 def test_switch_from_the_environment_read_on_first_use(monkeypatch):
     monkeypatch.setattr(gating_tuning, '_AUTOTUNE', None)
     monkeypatch.setenv(AUTOTUNE_ENV, '0')

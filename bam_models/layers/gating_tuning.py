@@ -9,9 +9,9 @@ key comes up, and keeps the fastest for the rest of the process; `kernel_choices
 
 It measures only on CPU, in plain eager mode: scripting, tracing, ONNX export, torch.export, torch.compile,
 torch.func transforms, FX tracing and any dispatch mode (fake tensors, FLOP counters) take the table's default,
-as does every other device kind. The switch, like `config`'s: `set_gating_autotune(enabled)`, the
-`gating_autotune(enabled)` context manager or the environment variable `BAM_MODELS_GATING_AUTOTUNE=0|1`
-(default 1, read on first use); off, every choice is the table's.
+as do every other device kind and `torch.use_deterministic_algorithms(True)`. The switch, like `config`'s:
+`set_gating_autotune(enabled)`, the `gating_autotune(enabled)` context manager or the environment variable
+`BAM_MODELS_GATING_AUTOTUNE=0|1` (default 1, read on first use); off, every choice is the table's.
 
 The table `TUNING` holds, per device kind, those defaults and the two memory choices, which stay constants:
 `batch_slices` and `recompute_spatial` trade speed for bytes held, and bytes do not depend on the CPU model.
@@ -213,9 +213,11 @@ def forced_kernel(op: str, kernel: str) -> Iterator[None]:
 
 def _may_measure(first: torch.Tensor) -> bool:
     """Plain eager mode on a plain CPU tensor with the switch on: compilers, exporters, transforms and dispatch
-    modes must see one fixed path, and timing them would measure nothing real."""
+    modes must see one fixed path, and timing them would measure nothing real. `torch.use_deterministic_algorithms`
+    asks for the same rounding in every run, which choices by timing cannot promise (as with cudnn.benchmark)."""
     return (use_gating_autotune() and type(first) is torch.Tensor and first.device.type == 'cpu'
-            and fused_gating_supported() and not is_fx_symbolic_tracing() and _get_current_dispatch_mode() is None)
+            and not torch.are_deterministic_algorithms_enabled() and fused_gating_supported()
+            and not is_fx_symbolic_tracing() and _get_current_dispatch_mode() is None)
 
 
 def _tensor_key(t: Optional[torch.Tensor]) -> Optional[tuple]:
