@@ -155,9 +155,10 @@ class KernelChoice:
                 f"{self.kernel}")
 
 
-# a candidate runs a few times: once to warm up (first-call allocation, oneDNN primitive creation), then timed
-# rounds interleaving the candidates until the budget is spent, at least two and at most five
-_MIN_ROUNDS, _MAX_ROUNDS, _BUDGET_S = 2, 5, 0.005
+# a candidate runs a few times: once to warm up (first-call allocation, oneDNN primitive creation), then in timed
+# rounds interleaving the candidates until the budget is spent, at least one and at most five: a decision costs
+# about twice the candidates' run time where they are slow (a batch of 16 at 224 px), little where they are fast
+_MIN_ROUNDS, _MAX_ROUNDS, _BUDGET_S = 1, 5, 0.005
 # the table's default keeps its place unless another candidate is faster by more than this: noise of a few
 # percent should not make two processes on one machine choose differently
 _DEFAULT_MARGIN = 1.05
