@@ -3,7 +3,7 @@
 
 Every expected failure ends as one `error: ...` line and the error's exit code, including those raised while
 the command modules are imported and the settings read from the environment (`BAM_MODELS_FUSED_GATING`,
-`BAM_MODELS_MANIFEST`), which are checked before any command runs. """
+`BAM_MODELS_GATING_AUTOTUNE`, `BAM_MODELS_MANIFEST`), which are checked before any command runs. """
 import argparse
 import importlib
 import sys
@@ -14,6 +14,7 @@ from PIL import Image
 from bam_models.commands.options import settle_options
 from bam_models.errors import BamModelsError
 from bam_models.layers.config import fused_gating_from_env
+from bam_models.layers.gating_tuning import gating_autotune_from_env
 from bam_models.weights.manifest import load_manifest
 
 # sub-command modules, in the order `bam-models --help` lists them
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_settings() -> None:
     """Settings from the environment that would otherwise fail only once used, somewhere in a command."""
     fused_gating_from_env()
+    gating_autotune_from_env()
     load_manifest()
 
 

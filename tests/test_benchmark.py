@@ -71,6 +71,12 @@ def test_json_has_every_measurement_and_ratio(tiny_run):
     assert rows['resnet18_bam']['train_tensor_peak_ratio'] < rows['pytorchcv:bam_resnet18']['train_tensor_peak_ratio']
     # papers' figures are for 224 x 224 only
     assert rows['resnet18_bam']['paper_params'] is None
+    # the fused gating's kernel choices were measured in the run, for every op that has one
+    choices = result['machine']['kernel_choices']
+    assert choices.startswith('measured at first use: ') and "elsewhere the table's defaults, measured on" in choices
+    for op in ('bam_reduce_1x1 1x64x16x16 float32, 1 threads: ', 'bam_dilated_conv3x3 2x4x16x16 float32 fwd+bwd, ',
+               'cbam_channel_max 2x512x2x2 float32, '):
+        assert op in choices
 
 
 def test_markdown_table_lists_every_model_with_ratios(tiny_run):
@@ -87,6 +93,8 @@ def test_markdown_table_lists_every_model_with_ratios(tiny_run):
     assert '11,712,503' in body[1]
     assert '1 threads' in table and '64×64' in table
     assert 'caching allocator for timings' in table
+    assert f"kernel choices (`gating_tuning`) on {result['machine']['cpu']}: {result['machine']['kernel_choices']}." \
+        in table
 
 
 def test_paper_reference_columns_at_224():

@@ -246,6 +246,7 @@ def _one_error_line(proc, *patterns) -> str:
 
 @pytest.mark.parametrize('env, pattern', [
     (dict(BAM_MODELS_FUSED_GATING='yes'), r"BAM_MODELS_FUSED_GATING='yes' is not a valid setting; set it to 1"),
+    (dict(BAM_MODELS_GATING_AUTOTUNE='2'), r"BAM_MODELS_GATING_AUTOTUNE='2' is not a valid setting; set it to 1"),
     (dict(BAM_MODELS_MANIFEST='/nope/manifest.json'),
      r'weights manifest /nope/manifest\.json cannot be read \(FileNotFoundError\); unset BAM_MODELS_MANIFEST'),
     (dict(BAM_MODELS_MANIFEST='{tmp}/broken.json'), r'broken\.json is not valid JSON'),

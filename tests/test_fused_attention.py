@@ -1,6 +1,5 @@
 """ The memory-lean BAM/CBAM gating equals the plain formulation and keeps no extra full-size tensor. """
 import copy
-import dataclasses
 
 import pytest
 import timm
@@ -11,9 +10,6 @@ import bam_models  # noqa: F401  registers the zoo models
 from bam_models.layers import BAM, CBAM, DilatedConv2d, space_to_batch_conv2d
 from bam_models.layers import fused_gates, gating_tuning
 
-
-def _cpu_tuning(monkeypatch, **changes):
-    monkeypatch.setitem(gating_tuning.TUNING, 'cpu', dataclasses.replace(gating_tuning.TUNING['cpu'], **changes))
 
 BAM_CONFIGS = [
     dict(fusion='product'),
@@ -40,9 +36,12 @@ def _gradcheck_module_and_params(module, x):
 @pytest.mark.parametrize('fusion,input_relu,reduction', [
     ('product', False, 'conv'), ('product', True, 'matmul'), ('sum', True, 'conv'), ('max', False, 'conv'),
 ])
-def test_bam_gradcheck(fusion, input_relu, reduction, monkeypatch):
-    if reduction == 'matmul':  # the 1x1 reduction as a matrix product, which inputs of 32 MiB or more take
-        _cpu_tuning(monkeypatch, matmul_min_bytes=0)
+def test_bam_gradcheck(fusion, input_relu, reduction):
+    with gating_tuning.forced_kernel('bam_reduce_1x1', reduction):  # the 1x1 reduction's two kernels
+        _bam_gradcheck(fusion, input_relu)
+
+
+def _bam_gradcheck(fusion, input_relu):
     module = BAM(6, rd_channels=3, dilation=1, fusion=fusion, input_relu=input_relu).double().train()
     for p in module.parameters():
         torch.nn.init.normal_(p, std=0.5)
@@ -147,6 +146,7 @@ def test_space_to_batch_conv_equals_dilated_conv(shape, dilation):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
+@gating_tuning.gating_autotune(False)  # the table's defaults
 def test_dilated_conv_module_takes_space_to_batch_only_where_aten_is_slow():
     conv = DilatedConv2d(8, 8, dilation=4).double()
     assert isinstance(conv, torch.nn.Conv2d) and conv.padding == (4, 4) and conv.dilation == (4, 4)
@@ -200,9 +200,9 @@ def _compare(module, plain_fn, x, train):
         torch.testing.assert_close(b, b_ref, **tol)
 
 
-def test_bam_with_matmul_reduction_equals_plain_formulation(monkeypatch):
-    _cpu_tuning(monkeypatch, matmul_min_bytes=0)
-    test_bam_equals_plain_formulation(BAM_CONFIGS[0], train=True)
+def test_bam_with_matmul_reduction_equals_plain_formulation():
+    with gating_tuning.forced_kernel('bam_reduce_1x1', 'matmul'):
+        test_bam_equals_plain_formulation(BAM_CONFIGS[0], train=True)
 
 
 @pytest.mark.parametrize('train', [True, False], ids=['train', 'eval'])
@@ -471,6 +471,7 @@ def test_whole_batch_tuning_of_other_devices_equals_reference(monkeypatch):
             torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
 
 
+@gating_tuning.gating_autotune(False)  # the table's defaults
 def test_cpu_heuristics_stay_off_on_unmeasured_devices():
     conv = DilatedConv2d(4, 4, dilation=4)
     assert conv._space_to_batch_pays(torch.empty(1, 4, 8, 8))

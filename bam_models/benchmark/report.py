@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 import timm
 import torch
 
-from bam_models.layers.gating_tuning import tuning_for
+from bam_models.layers.gating_tuning import AUTOTUNE_ENV, kernel_choices, tuning_for, use_gating_autotune
 from bam_models.models.paper import paper_figure
 
 __all__ = ['describe_machine', 'markdown_table', 'model_table', 'write_report']
@@ -26,12 +26,23 @@ def _cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
+def _kernel_choices() -> str:
+    """What the fused gating's kernel choices in this process rest on: measurements on this CPU, else the table."""
+    defaults = f"the table's defaults, measured on {tuning_for(torch.device('cpu')).measured_on}"
+    if not use_gating_autotune():
+        return f'{defaults} (measuring off: {AUTOTUNE_ENV}=0)'
+    measured = '; '.join(map(str, kernel_choices())) or 'none'
+    return f'measured at first use: {measured}; elsewhere {defaults}'
+
+
 def describe_machine(device: Optional[torch.device] = None) -> Dict[str, str]:
-    """CPU, measured device (the GPU's name on CUDA, else the CPU's), thread count, versions and date."""
+    """CPU, measured device (the GPU's name on CUDA, else the CPU's), thread count, versions, date and the fused
+    gating's kernel choices made so far."""
     cpu = _cpu_name()
     device = torch.device(device or 'cpu')
     return {
         'cpu': cpu,
+        'kernel_choices': _kernel_choices(),
         'device': torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu,
         'threads': str(torch.get_num_threads()),
         'torch': torch.__version__,
@@ -131,7 +142,7 @@ def _benchmark_footer(result: Dict) -> str:
         f"time per image "
         f"(also for throughput; median over rounds of the per-round ratio) or peak memory over one training "
         f"step (tensors: most bytes held at once; RSS: growth of the resident set). "
-        f"Fused gating kernel choices (`gating_tuning`) measured on {tuning_for(torch.device('cpu')).measured_on}.")
+        f"Fused gating kernel choices (`gating_tuning`) on {m['cpu']}: {m['kernel_choices']}.")
 
 
 def markdown_table(result: Dict) -> str:

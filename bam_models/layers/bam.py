@@ -25,7 +25,7 @@ from bam_models.errors import UsageError
 from .config import exporting, use_fused_gating, use_gate_ops
 from .fused_gates import bam_gate, bam_refine, bam_single_branch
 from .gating_reference import bam_attention_logits, bam_refine_reference
-from .gating_tuning import tuning_for
+from .gating_tuning import choose_kernel, tuning_for
 
 __all__ = ['BAM', 'BamChannelGate', 'BamSpatialGate', 'DilatedConv2d', 'GateBatchNorm2d', 'space_to_batch_conv2d']
 
@@ -171,9 +171,10 @@ def space_to_batch_conv2d(
 class DilatedConv2d(nn.Conv2d):
     """The spatial gate's 3x3 convolution with dilation d and padding d, an nn.Conv2d with the same parameters.
 
-    With the fused gating on, where ATen would run it through its slow native dilated kernel (small batch-1
-    inputs, on the device kinds where `gating_tuning.TUNING` says so), it runs as an undilated convolution over
-    space-to-batch sub-images instead (`space_to_batch_conv2d`): the same sums, several times faster. With it
+    With the fused gating on, where ATen would run it through a slow kernel (on CPU its native dilated kernel for
+    small batch-1 inputs), it runs as an undilated convolution over space-to-batch sub-images instead
+    (`space_to_batch_conv2d`): the same sums, several times faster there. Which form runs for a shape is measured
+    at first use (`gating_tuning.choose_kernel`), else taken from `gating_tuning.TUNING`. With the fused gating
     off, and for scripting, tracing, export and compilation, it is the plain dilated convolution. `fused`
     overrides the process-wide switch for this module (BAM passes its own).
     """
@@ -196,12 +197,21 @@ class DilatedConv2d(nn.Conv2d):
     @torch.jit.unused
     def _space_to_batch_pays(self, x: torch.Tensor) -> bool:
         # tracing and export must not see a shape-dependent branch, so that check comes first
-        return (use_fused_gating(self.fused) and x.shape[0] == 1
-                and x.numel() <= tuning_for(x.device).space_to_batch_max_numel)
+        if not use_fused_gating(self.fused):
+            return False
+        default = x.shape[0] == 1 and x.numel() <= tuning_for(x.device).space_to_batch_max_numel
+        candidates = {'dilated': self._conv_forward, 'space-to-batch': self._space_to_batch_forward}
+        kernel = choose_kernel('bam_dilated_conv3x3', (x, self.weight, self.bias), candidates,
+                               'space-to-batch' if default else 'dilated', detail=self.dilation)
+        return kernel == 'space-to-batch'
+
+    @torch.jit.unused
+    def _space_to_batch_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+        return space_to_batch_conv2d(x, weight, bias, self.dilation[0])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and self._space_to_batch_pays(x):
-            return space_to_batch_conv2d(x, self.weight, self.bias, self.dilation[0])
+            return self._space_to_batch_forward(x, self.weight, self.bias)
         return self._conv_forward(x, self.weight, self.bias)
 
 

@@ -15,37 +15,58 @@ nodes only where `config.use_fused_gating` says so: scripting, tracing, ONNX exp
 and torch.func see the plain formulas, because custom autograd functions are opaque to them and compilers fuse
 these elementwise ops on their own. Double backward through a node raises `FusedGatingError`, naming the switch
 that turns the nodes off. FX symbolic tracing (timm's feature extractors) treats BAM and CBAM as leaf modules.
-Kernel choices (matrix products, batch slices, two-step maxima, recomputation) come from `gating_tuning.TUNING`
-for the input's device kind.
+Memory choices (batch slices, recomputation) come from `gating_tuning.TUNING` for the input's device kind;
+speed choices between equivalent kernels (BAM's 1x1 reduction as a convolution or a matrix product, CBAM's max
+over channels in one step or two) are measured at first use by `gating_tuning.choose_kernel`, with the table's
+defaults where nothing is measured.
 """
+from functools import partial
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .config import double_backward_error, fused_gating_supported
-from .gating_tuning import GatingTuning, tuning_for
+from .gating_tuning import GatingTuning, choose_kernel, tuning_for
 
 __all__ = ['bam_gate', 'bam_refine', 'bam_single_branch', 'cbam_refine', 'channel_amax']
 
 
+# CBAM's max over channels in two steps runs over strided groups of one of these many channels
+_AMAX_GROUPS = (8, 16, 32)
+
+
 @torch.jit.unused
 def channel_amax(x: torch.Tensor, group: Optional[int] = None) -> torch.Tensor:
-    """`x.amax(1, keepdim=True)` for a (B, C, H, W) map, in two steps over strided groups of `group` channels
-    where the tuning table measured that to be faster (`group` None: the table's for x's device).
+    """`x.amax(1, keepdim=True)` for a (B, C, H, W) map, in one reduction or in two steps over strided groups of
+    channels, whichever `choose_kernel` measured fastest for x; where nothing is measured, two steps over groups
+    of `group` channels (None: the table's for x's device; that None too: one amax).
 
     ATen vectorises a max over channels of a contiguous map along H*W, which is short in late stages. Reducing
     first over C / group strided groups runs along group * H * W contiguous elements and leaves a group-channel
-    map for the second step. Where autograd records, it is the plain amax, whose gradient splits tied maxima
-    evenly (two steps would split them per step).
+    map for the second step. Both give the same values. Where autograd records, it is the plain amax, whose
+    gradient splits tied maxima evenly (two steps would split them per step).
     """
-    batch, channels, height, width = x.shape
     if group is None:
         group = tuning_for(x.device).amax_group
     recorded = torch.is_grad_enabled() and x.requires_grad
-    if (group is None or recorded or not fused_gating_supported() or not x.is_contiguous() or channels <= group
-            or channels % group != 0):
+    if recorded or not fused_gating_supported() or not x.is_contiguous():
         return x.amax(1, keepdim=True)
+    channels = x.shape[1]
+    candidates = {'amax': _amax}
+    for g in sorted(set(_AMAX_GROUPS) | ({group} if group else set())):
+        if channels > g and channels % g == 0:
+            candidates[f'two-step/{g}'] = partial(_grouped_amax, group=g)
+    default = f'two-step/{group}' if f'two-step/{group}' in candidates else 'amax'
+    return candidates[choose_kernel('cbam_channel_max', (x,), candidates, default)](x)
+
+
+def _amax(x: torch.Tensor) -> torch.Tensor:
+    return x.amax(1, keepdim=True)
+
+
+def _grouped_amax(x: torch.Tensor, group: int) -> torch.Tensor:
+    batch, channels, height, width = x.shape
     groups = x.view(batch, channels // group, group * height * width).amax(1)
     return groups.view(batch, group, height * width).amax(1, keepdim=True).view(batch, 1, height, width)
 
@@ -305,17 +326,27 @@ def _pointwise_conv(
         bias: Optional[torch.Tensor],
         tuning: GatingTuning,
 ) -> torch.Tensor:
-    """BAM's 1x1 reduction, as a batched matrix product for inputs of at least `tuning.matmul_min_bytes`."""
+    """BAM's 1x1 reduction as a convolution or a batched matrix product, whichever `choose_kernel` measured
+    fastest for x; where nothing is measured, the product for inputs of at least `tuning.matmul_min_bytes`."""
+    if not x.is_contiguous():
+        return F.conv2d(x, weight, bias)
     threshold = tuning.matmul_min_bytes
-    if threshold is not None and x.is_contiguous() and x.numel() * x.element_size() >= threshold:
-        batch, _, height, width = x.shape
-        weight = weight.flatten(1)
-        # bmm on the weight expanded over the batch: matmul may fold the batch into a transposed copy of x
-        out = torch.bmm(weight.to(x.dtype).expand(batch, -1, -1), x.flatten(2))
-        if bias is not None:
-            out.add_(bias.to(out.dtype).view(1, -1, 1))
-        return out.view(batch, weight.shape[0], height, width)
-    return F.conv2d(x, weight, bias)
+    default = 'matmul' if threshold is not None and x.numel() * x.element_size() >= threshold else 'conv'
+    return _REDUCTIONS[choose_kernel('bam_reduce_1x1', (x, weight, bias), _REDUCTIONS, default)](x, weight, bias)
+
+
+def _matmul_pointwise_conv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """A 1x1 convolution of a contiguous (B, C, H, W) map as a batched matrix product, reading x in place."""
+    batch, _, height, width = x.shape
+    weight = weight.flatten(1)
+    # bmm on the weight expanded over the batch: matmul may fold the batch into a transposed copy of x
+    out = torch.bmm(weight.to(x.dtype).expand(batch, -1, -1), x.flatten(2))
+    if bias is not None:
+        out.add_(bias.to(out.dtype).view(1, -1, 1))
+    return out.view(batch, weight.shape[0], height, width)
+
+
+_REDUCTIONS = {'conv': F.conv2d, 'matmul': _matmul_pointwise_conv}
 
 
 class _Cbam(torch.autograd.Function):
