@@ -20,6 +20,8 @@ from bam_models.cli import main
 from bam_models.errors import BamModelsError, CheckpointError, ConfigError, UsageError, count, excerpt
 from bam_models.hub import insert_into_folder
 from bam_models.hub.load import create_model_from_name
+from bam_models.insert.inserted import check_attention_args
+from bam_models.layers import BAM, CBAM
 from bam_models.train.config import load_config
 
 BASE = 'test_efficientnet'  # a small timm CNN with stages: quick to build, insert into and save
@@ -73,6 +75,28 @@ def test_attention_args_from_a_folder_are_checked_before_building(inserted, tmp_
         create_model_from_name(name, pretrained=True)
     assert fragment in str(info.value) and '\n' not in str(info.value)
     assert time.monotonic() - start < 10 and _max_rss_mb() - rss < 300
+
+
+@pytest.mark.parametrize('layer', [BAM, CBAM], ids=['bam', 'cbam'])
+def test_the_layers_and_the_file_check_enforce_one_declaration_of_bounds(layer):
+    attention = layer.__name__.lower()
+    for key, (low, high) in layer.BOUNDS.items():
+        for outside in (low - 1, high * 2 + 1):  # high * 2 + 1 is odd: spatial_kernel_size fails on its bound
+            with pytest.raises(ValueError, match=rf'{key} is {outside!r}; use a value in \['):
+                layer(64, device='meta', **{key: outside})
+            with pytest.raises(UsageError, match=rf"'{key}' is {outside!r}; use a value in \["):
+                check_attention_args(attention, {key: outside})
+        for inside in (low, high):  # the bounds themselves are allowed by both
+            layer(64, device='meta', **{key: inside})
+            assert check_attention_args(attention, {key: inside}) == {key: inside}
+
+
+def test_a_bound_changed_in_the_layer_is_enforced_by_the_file_check_too(monkeypatch):
+    monkeypatch.setitem(BAM.BOUNDS, 'num_dilated', (0, 1))
+    with pytest.raises(ValueError, match=r'BAM num_dilated is 2; use a value in \[0, 1\]'):
+        BAM(64, num_dilated=2, device='meta')
+    with pytest.raises(UsageError, match=r"'num_dilated' is 2; use a value in \[0, 1\]"):
+        check_attention_args('bam', {'num_dilated': 2})
 
 
 def test_good_attention_args_from_a_folder_still_build(inserted, tmp_path):
