@@ -160,8 +160,9 @@ def test_messages_quote_short_excerpts_of_long_values(tmp_path):
 
 
 @pytest.mark.parametrize('overrides, fragment', [
-    (['train.seed=100000000000000000000'], "'train.seed' is 100000000000000000000 but must be in [0, "),
+    (['train.seed=100000000000000000000'], "'train.seed' is 100000000000000000000 but must be in [0, 4294967295]"),
     (['schedule.epochs=5', 'schedule.warmup_epochs=5'], "'schedule.warmup_epochs' is 5 but the run has only 5"),
+    (['schedule.epochs=1', 'schedule.warmup_epochs=1'], "has only 1 epoch (schedule.epochs), so it would never"),
     (['train.seed=' + '9' * 5000], 'cannot be read'),
 ])
 def test_ranges_checked_before_work(overrides, fragment):
