@@ -175,6 +175,8 @@ def read_run_checkpoint(path: PathLike, required: Sequence[str], what: str = '--
                               f"(an interrupted or disk-full write) or not a torch file; resume from an intact "
                               f"last.pth or start again with --overwrite") from None
     check_storage(state, f'{what} {path}', fix='resume from an intact last.pth or start again with --overwrite')
+    if isinstance(state, dict) and 'config' in state:
+        _check_saved_config(state['config'], f'{what} {path}')
     missing = [key for key in required if not (isinstance(state, dict) and key in state)]
     if missing and isinstance(state, dict) and 'metrics' in state and 'state_dict' in state:
         raise CheckpointError(f"{what} {path} is a best-model file (weights only, no optimizer state); resume "
@@ -184,6 +186,25 @@ def read_run_checkpoint(path: PathLike, required: Sequence[str], what: str = '--
         raise CheckpointError(f"{what} {path} is not a run checkpoint (it lacks {', '.join(missing)}); pass a "
                               f"last.pth written by an earlier run")
     return state
+
+
+# far more than any run's config holds (about 70 keys); a pickle of shared references can mean 2**40 of them
+MAX_CONFIG_VALUES, MAX_CONFIG_DEPTH = 10_000, 16
+
+
+def _check_saved_config(config: Any, what: str) -> None:
+    """A run checkpoint's config is a small tree of sections: one that spells out to more values or deeper
+    nesting than any config has (a few bytes of shared references) is refused before it is compared."""
+    stack, values = [(config, 0)], 0
+    while stack:
+        value, depth = stack.pop()
+        values += 1
+        if values > MAX_CONFIG_VALUES or depth > MAX_CONFIG_DEPTH:
+            raise CheckpointError(f"{what} holds a config of more than {MAX_CONFIG_VALUES:,} values or "
+                                  f"{MAX_CONFIG_DEPTH} levels, which no run writes (a damaged or crafted file); "
+                                  f"resume from an intact last.pth or start again with --overwrite")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+        stack.extend((child, depth + 1) for child in children)
 
 
 def flat_config(config: Mapping[str, Any], prefix: str = '') -> Dict[str, Any]:

@@ -180,6 +180,21 @@ def test_resume_state_claiming_more_than_its_storage_is_refused_unread(run_copy,
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 300 * 1024  # KiB: nothing materialised
 
 
+def test_a_resume_config_of_shared_references_is_refused_before_it_is_compared(tmp_path):
+    from bam_models.runs import read_resume
+    laughs = {'lr': 0.1}
+    for _ in range(40):  # 2**40 values spelled out, a few hundred bytes pickled
+        laughs = {'a': laughs, 'b': laughs}
+    deep = {'lr': 0.1}
+    for _ in range(100):  # deeper than any config
+        deep = {'a': deep}
+    for config in (dict(optim=laughs), dict(optim=deep)):
+        torch.save(dict(epoch=1, config=config), tmp_path / 'last.pth')
+        assert (tmp_path / 'last.pth').stat().st_size < 200_000
+        with pytest.raises(CheckpointError, match=r'holds a config of more than 10,000 values or 16 levels'):
+            read_resume(tmp_path / 'last.pth', ['epoch'], {'optim': {'lr': 0.1}}, [], 'start again')
+
+
 def test_written_files_get_the_permissions_of_any_new_file(tiny_data, tmp_path):
     """safetensors writes through a private (0600) temporary file; the one atomic writer gives every file the
     mode a new file gets under the umask."""
