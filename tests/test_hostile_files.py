@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 from huggingface_hub import constants as hf_constants
+from PIL import Image
 from safetensors.torch import save_file
 
 import bam_models  # noqa: F401  (registers the zoo)
@@ -127,6 +128,34 @@ def test_architecture_far_larger_than_its_weights_is_refused_up_front(inserted, 
     assert _max_rss_mb() - rss < 300
     unknown = _edited(inserted, tmp_path / 'unknown', bogus_kw=3)
     _one_error(capsys, ['export', unknown, tmp_path / 'out'], "unexpected keyword argument 'bogus_kw'")
+
+
+@pytest.mark.parametrize('source', ['config.json', 'best.pth'])
+@pytest.mark.parametrize('stored, fragment', [
+    ({'input_size': [3, 100_000, 100_000]}, 'input_size [3, 100000, 100000] with crop_pct'),  # 120 GB an image
+    ({'input_size': [3, 224, 224], 'crop_pct': 1e-6}, 'resizes images to more than 4096 px'),
+    ({'input_size': 'x'}, "input_size 'x' is not (channels, height, width)"),
+    ({'input_size': [3, 64, 64], 'std': [0, 1, 1]}, 'std [0, 1, 1] is not a list of positive numbers'),
+])
+def test_stored_preprocessing_cannot_ask_for_huge_or_unusable_images(inserted, tmp_path, capsys, source, stored,
+                                                                      fragment):
+    image = tmp_path / 'red.png'
+    Image.new('RGB', (40, 30), (200, 30, 30)).save(image)
+    if source == 'config.json':
+        folder = Path(shutil.copytree(inserted, tmp_path / 'folder'))
+        config = json.loads((folder / 'config.json').read_text())
+        config['pretrained_cfg'].update(stored)
+        (folder / 'config.json').write_text(json.dumps(config))
+        model = ['--model', f'local-dir:{folder}']
+    else:
+        checkpoint = tmp_path / 'best.pth'
+        state_dict = timm.create_model('resnet18_bam', num_classes=3).state_dict()
+        torch.save({'state_dict': state_dict, 'data_config': stored}, checkpoint)
+        model = ['--model', 'resnet18_bam', '--checkpoint', checkpoint]
+    rss = _max_rss_mb()
+    _one_error(capsys, ['visualize', *model, '--image', image, '--out', tmp_path / 'maps.png'],
+               'the preprocessing stored with ', fragment)
+    assert _max_rss_mb() - rss < 300 and not (tmp_path / 'maps.png').exists()
 
 
 def _laughs(levels: int) -> str:
