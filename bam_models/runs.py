@@ -137,6 +137,7 @@ def atomic_write(path: PathLike, write: Callable[[Path], None], then: str = 'con
     path = Path(path)
     tmp = path.with_name(path.name + '.tmp')
     try:
+        tmp.unlink(missing_ok=True)  # a `.tmp` left by a killed write keeps its own mode
         with open(tmp, 'wb'):  # created as an ordinary new file is, whatever `write` does with it
             mode = os.stat(tmp).st_mode & 0o777
         write(tmp)

@@ -202,6 +202,7 @@ def test_written_files_get_the_permissions_of_any_new_file(tiny_data, tmp_path):
     try:
         assert main(_args(tiny_data, tmp_path / 'run')) == 0
         insert_into_folder('resnet18', 'cbam', tmp_path / 'inserted')
+        os.replace(_private_file(tmp_path), tmp_path / 'private.bin.tmp')  # left by a killed write
         atomic_write(tmp_path / 'private.bin', lambda tmp: os.replace(_private_file(tmp_path), tmp))
     finally:
         os.umask(previous)
