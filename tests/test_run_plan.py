@@ -13,8 +13,7 @@ from bam_models.train import load_config, train
 from bam_models.train.build import build_run, check_config
 from bam_models.train.plan import RunClock, describe_plan, format_duration
 
-from test_train import _run, _train_args
-from train_helpers import TINY_SETTINGS
+from train_helpers import TINY_SETTINGS, run_cli as _run, train_args as _train_args
 
 
 def test_plan_comes_first_and_the_estimate_after_the_first_steps(tiny_data, tmp_path, capsys):
