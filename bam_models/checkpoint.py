@@ -4,6 +4,8 @@ export, detection).
 - `read_state_dict`: the tensors of a `.safetensors` file or a torch file read with `weights_only=True` (no
   pickled code ever runs), with `state_dict` / `model` wrappers and `module.` prefixes removed (timm's reader);
   NaN/Inf values and negative BatchNorm variances are refused with the offending keys.
+- `check_storage`: tensors whose shape claims more bytes than their storage holds (stride-0 expanded views) are
+  refused, in weight files and in run checkpoints (optimizer, scheduler, EMA states), before any value is read.
 - `head_classes`: how many classes a state dict's classifier has, which sizes the model built for it.
 - `key_mismatch`: missing / unexpected / mis-shaped / wrongly-typed keys of a state dict against a model,
   and `describe_mismatch` the one message format for them.
@@ -14,7 +16,7 @@ export, detection).
 - `read_data_config`: the preprocessing a `bam-models train` checkpoint was trained with.
 """
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence, Type, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Type, Union
 
 import timm
 import torch
@@ -24,21 +26,48 @@ from timm.models import load_state_dict
 from bam_models.errors import BamModelsError, CheckpointError, count
 
 __all__ = [
-    'KeyMismatch', 'check_state_dict', 'create_sized_model', 'describe_mismatch', 'head_classes', 'key_mismatch',
-    'load_strict', 'model_from_checkpoint', 'read_data_config', 'read_state_dict',
+    'KeyMismatch', 'check_state_dict', 'check_storage', 'create_sized_model', 'describe_mismatch', 'head_classes',
+    'key_mismatch', 'load_strict', 'model_from_checkpoint', 'read_data_config', 'read_state_dict',
 ]
 
 PathLike = Union[str, Path]
 _EXAMPLES = 3  # keys named per kind of problem; the counts say how many there are in all
 
 
-def _overclaimed(state_dict: Dict[str, torch.Tensor]) -> List[str]:
-    """Keys whose shape needs more bytes than the storage saved for them: checking or loading their values
+def _tensors(obj: Any) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Every tensor in nested dicts, lists and tuples, named by its path ('optimizer.state.0.exp_avg'); each
+    object once, iteratively, so a file of shared references nested deeply or a million times over is walked in
+    one pass over what it holds."""
+    seen, stack = set(), [('', obj)]
+    while stack:
+        path, value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, torch.Tensor):
+            yield path, value
+        elif isinstance(value, (dict, list, tuple)):
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            stack.extend(reversed([(f'{path}.{key}' if path else str(key), item) for key, item in items]))
+
+
+def _overclaimed(state: Any) -> List[str]:
+    """Tensors whose shape needs more bytes than the storage saved for them: checking or loading their values
     would materialise what the file never held (an expanded tensor of 80 KB on disk can claim gigabytes)."""
     return [f'{key} ({tuple(value.shape)}, {value.numel() * value.element_size():,} bytes from '
             f'{value.untyped_storage().nbytes():,} stored)'
-            for key, value in state_dict.items()
+            for key, value in _tensors(state)
             if value.numel() * value.element_size() > value.untyped_storage().nbytes()]
+
+
+def check_storage(state: Any, what: str, error: Type[BamModelsError] = CheckpointError,
+                  fix: str = 'save the weights with .contiguous() (or safetensors)') -> None:
+    """Refuses `state` (a state dict, or a run checkpoint with optimizer, scheduler and EMA states nested in it)
+    if any tensor in it claims more data than its storage holds, before anything reads their values."""
+    overclaimed = _overclaimed(state)
+    if overclaimed:
+        raise error(f"{what} has {count(len(overclaimed), 'tensor')} whose shape claims more data than the file holds: "
+                    f"{_examples(overclaimed)}; it was saved from expanded or strided views, not weights: {fix}")
 
 
 def _bad_values(state_dict: Dict[str, torch.Tensor]) -> List[str]:
@@ -59,11 +88,7 @@ def check_state_dict(
 ) -> Dict[str, torch.Tensor]:
     """The tensors of `state_dict` (other entries dropped), refused with `error` if any holds impossible values."""
     tensors = {k: v for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-    overclaimed = _overclaimed(tensors)
-    if overclaimed:
-        raise error(f"{what} has {count(len(overclaimed), 'tensor')} whose shape claims more data than the file holds: "
-                    f"{_examples(overclaimed)}; it was saved from expanded or strided views, not weights: save "
-                    f"the weights with .contiguous() (or safetensors)")
+    check_storage(tensors, what, error)
     bad = _bad_values(tensors)
     if bad:
         raise error(f"{what} holds values no trained network has in {count(len(bad), 'tensor')}: "

@@ -66,9 +66,9 @@ def trace_size(model: nn.Module, input_size: Optional[Tuple[int, int]] = None) -
     if input_size is not None:
         if min(input_size) < min_side:
             name = model.pretrained_cfg.get('architecture') or type(model).__name__
-            raise UsageError(f"--input-size {input_size[0]} {input_size[1]} is too small for {name}: H and W "
+            raise UsageError(f"--img-size {input_size[0]} {input_size[1]} is too small for {name}: H and W "
                              f"must be at least {min_side} (its total stride {min_side - 1}, plus one); "
-                             f"pass e.g. --input-size 224 224")
+                             f"pass e.g. --img-size 224")
         return tuple(input_size)
     height, width = model.pretrained_cfg.get('input_size', (3, 224, 224))[-2:]
     return max(height, min_side), max(width, min_side)

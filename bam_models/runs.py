@@ -6,8 +6,9 @@ One safety story for `bam-models train` and `bam-models detect-train`:
   resumes it or the caller asks to overwrite it (then the earlier run's files are removed first).
 - A lock file (`.lock`, created with O_EXCL, holding the pid) keeps a second run out of a folder in use; a
   lock left by a process that no longer exists (a killed run) is taken over.
-- Every checkpoint is written atomically (a `.tmp` next to it, fsync, rename); a failed write (a full disk)
-  removes the `.tmp` and leaves the previous file as it was.
+- Every checkpoint and weights file is written atomically (`atomic_write`: a `.tmp` next to it, fsync, rename)
+  with the permissions of any new file; a failed write (a full disk) removes the `.tmp` and leaves the
+  previous file as it was.
 - Run checkpoints are read with `weights_only=True` (no pickled code runs), and a file that is not a run
   checkpoint of this job (a best.pth, a truncated file, another architecture or config) gives one clear line.
 - RNG states of every process are saved with the checkpoint, so a run resumed mid-epoch replays exactly.
@@ -26,19 +27,20 @@ import shutil
 import signal
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from bam_models.checkpoint import describe_mismatch, key_mismatch
+from bam_models.checkpoint import check_storage, describe_mismatch, key_mismatch
 from bam_models.errors import CheckpointError, ConfigError, UsageError, count
 
-__all__ = ['AMP_MODES', 'BEST', 'LAST', 'Checkpointer', 'RunFolderLock', 'atomic_save', 'autocast_for',
-           'config_changes', 'flat_config', 'prepare_run_folder', 'read_resume', 'read_run_checkpoint',
-           'resolve_resume', 'rng_state', 'seed_epoch', 'set_rng_state', 'share_resume', 'StopRequest']
+__all__ = ['AMP_MODES', 'BEST', 'LAST', 'Checkpointer', 'RunFolderLock', 'atomic_save', 'atomic_write',
+           'autocast_for', 'config_changes', 'flat_config', 'prepare_run_folder', 'read_resume',
+           'read_run_checkpoint', 'resolve_resume', 'rng_state', 'seed_epoch', 'set_rng_state', 'share_resume',
+           'StopRequest']
 
 LAST, BEST = 'last.pth', 'best.pth'
 LOCK = '.lock'
@@ -137,14 +139,20 @@ class RunFolderLock:
 
 # ---------------------------------------------------------------------------------------------- files
 
-def atomic_save(obj: Any, path: PathLike) -> None:
-    """torch.save through a `.tmp` and a rename: `path` holds either the old or the new file, never a part."""
+def atomic_write(path: PathLike, write: Callable[[Path], None], then: str = 'continue with --resume') -> None:
+    """`write(tmp)` writes the file at `tmp`, a `.tmp` next to `path`, which is then synced and renamed:
+    `path` holds either the old or the new file, never a part. The file gets the permissions of any new file
+    (0666 less the umask) also where `write` makes it private (safetensors writes through a 0600 temporary
+    file). A failed write (a full disk) removes the `.tmp` and raises CheckpointError, ending with `then`."""
     path = Path(path)
     tmp = path.with_name(path.name + '.tmp')
     try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
+        tmp.unlink(missing_ok=True)  # a `.tmp` left by a killed write keeps its own mode
+        with open(tmp, 'wb'):  # created as an ordinary new file is, whatever `write` does with it
+            mode = os.stat(tmp).st_mode & 0o777
+        write(tmp)
+        os.chmod(tmp, mode)
+        with open(tmp, 'rb+') as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
@@ -153,8 +161,16 @@ def atomic_save(obj: Any, path: PathLike) -> None:
             reason = 'the disk is full' if e.errno == errno.ENOSPC else (e.strerror or str(e))
             kept = f'{path} still holds the previous checkpoint' if path.exists() else f'{path} was not written'
             raise CheckpointError(f"could not write {path} ({reason}); {kept}; free space or fix the folder, "
-                                  f"then continue with --resume") from None
+                                  f"then {then}") from None
         raise
+
+
+def atomic_save(obj: Any, path: PathLike) -> None:
+    """torch.save through `atomic_write`."""
+    def write(tmp: Path) -> None:
+        with open(tmp, 'wb') as f:
+            torch.save(obj, f)
+    atomic_write(path, write)
 
 
 def read_run_checkpoint(path: PathLike, required: Sequence[str], what: str = '--resume') -> Dict[str, Any]:
@@ -169,6 +185,9 @@ def read_run_checkpoint(path: PathLike, required: Sequence[str], what: str = '--
         raise CheckpointError(f"{what} {path} could not be read ({type(e).__name__}: {first}): it is truncated "
                               f"(an interrupted or disk-full write) or not a torch file; resume from an intact "
                               f"last.pth or start again with --overwrite") from None
+    check_storage(state, f'{what} {path}', fix='resume from an intact last.pth or start again with --overwrite')
+    if isinstance(state, dict) and 'config' in state:
+        _check_saved_config(state['config'], f'{what} {path}')
     missing = [key for key in required if not (isinstance(state, dict) and key in state)]
     if missing and isinstance(state, dict) and 'metrics' in state and 'state_dict' in state:
         raise CheckpointError(f"{what} {path} is a best-model file (weights only, no optimizer state); resume "
@@ -178,6 +197,25 @@ def read_run_checkpoint(path: PathLike, required: Sequence[str], what: str = '--
         raise CheckpointError(f"{what} {path} is not a run checkpoint (it lacks {', '.join(missing)}); pass a "
                               f"last.pth written by an earlier run")
     return state
+
+
+# far more than any run's config holds (about 70 keys); a pickle of shared references can mean 2**40 of them
+MAX_CONFIG_VALUES, MAX_CONFIG_DEPTH = 10_000, 16
+
+
+def _check_saved_config(config: Any, what: str) -> None:
+    """A run checkpoint's config is a small tree of sections: one that spells out to more values or deeper
+    nesting than any config has (a few bytes of shared references) is refused before it is compared."""
+    stack, values = [(config, 0)], 0
+    while stack:
+        value, depth = stack.pop()
+        values += 1
+        if values > MAX_CONFIG_VALUES or depth > MAX_CONFIG_DEPTH:
+            raise CheckpointError(f"{what} holds a config of more than {MAX_CONFIG_VALUES:,} values or "
+                                  f"{MAX_CONFIG_DEPTH} levels, which no run writes (a damaged or crafted file); "
+                                  f"resume from an intact last.pth or start again with --overwrite")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else ()
+        stack.extend((child, depth + 1) for child in children)
 
 
 def flat_config(config: Mapping[str, Any], prefix: str = '') -> Dict[str, Any]:

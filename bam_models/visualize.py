@@ -19,12 +19,13 @@ Value definitions, all in [0, 1]:
   blocks of their spatial maps and of their channel weights; the per-block maps stay in `modules`.
 
 `save_attention_figure(model, images, out_path)` draws the input, every stage's spatial attention upsampled
-onto it, and a Grad-CAM (the `grad-cam` package) of the top class at the last stage. `load_images` reads image
+onto it, and a Grad-CAM (the `grad-cam` package) of the top class at the deepest stage whose map is at least 4x4
+(`choose_cam_layer`). `load_images` reads image
 files with the model's preprocessing and `class_names` gives the label names for the titles.
 """
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -36,8 +37,8 @@ from bam_models.layers import BAM, CBAM
 from bam_models.train.data import image_as_rgb
 
 __all__ = [
-    'AttentionMap', 'AttentionCapture', 'capture_attention', 'class_names', 'grad_cam', 'default_cam_layer',
-    'load_images', 'save_attention_figure',
+    'MIN_CAM_SIZE', 'AttentionMap', 'AttentionCapture', 'CamLayer', 'capture_attention', 'class_names', 'grad_cam',
+    'choose_cam_layer', 'load_images', 'save_attention_figure',
 ]
 
 
@@ -67,6 +68,7 @@ class AttentionCapture:
     output: Any
     modules: Dict[str, AttentionMap] = field(default_factory=dict)
     stages: Dict[str, AttentionMap] = field(default_factory=dict)
+    cam: Optional['CamLayer'] = None  # set by save_attention_figure: the layer its Grad-CAM explains
 
 
 def _stage_name(model: nn.Module, module_name: str) -> str:
@@ -244,9 +246,7 @@ def class_names(model: nn.Module) -> Optional[List[str]]:
     return None
 
 
-def _cam_layer(model: nn.Module, target_layer: Optional[str]) -> Tuple[str, nn.Module]:
-    if target_layer is None:
-        return default_cam_layer(model)
+def _cam_layer(model: nn.Module, target_layer: str) -> Tuple[str, nn.Module]:
     names = [name for name, _ in model.named_modules() if name]
     if target_layer not in names:
         children = ', '.join(name for name, _ in model.named_children())
@@ -269,17 +269,84 @@ def _check_out_path(out_path: str) -> None:
                          f"pass e.g. maps.png")
 
 
-def default_cam_layer(model: nn.Module) -> Tuple[str, nn.Module]:
-    """The module whose output Grad-CAM explains by default: the last feature stage (`layer4`, `blocks.4`)."""
+MIN_CAM_SIZE = 4  # a coarser Grad-CAM map is a blob; at 1x1 (layer4 of a 32 px model) one flat colour
+
+
+class CamLayer(NamedTuple):
+    """The module Grad-CAM explains, the (H, W) of its output at the images' size, and a note when that map is
+    coarser than MIN_CAM_SIZE (why, and what to do), else None."""
+    name: str
+    module: nn.Module
+    size: Tuple[int, int]
+    note: Optional[str]
+
+
+def _feature_stages(model: nn.Module) -> List[str]:
+    """The feature stages, shallow to deep: timm's `feature_info` modules, else ResNet's layer1..layer4."""
     feature_info = getattr(model, 'feature_info', None)
     if feature_info:
-        name = feature_info[-1]['module']
-        return name, model.get_submodule(name)
-    if hasattr(model, 'layer4'):
-        return 'layer4', model.layer4
-    raise UsageError(
-        f"cannot tell the last feature stage of {type(model).__name__} (no timm feature_info, no layer4); "
-        f"pass target_layer= the module whose activations Grad-CAM should use.")
+        return [info['module'] for info in feature_info]
+    return [name for name in ('layer1', 'layer2', 'layer3', 'layer4') if hasattr(model, name)]
+
+
+def _map_sizes(model: nn.Module, names: Sequence[str], images: torch.Tensor) -> Dict[str, Tuple[int, int]]:
+    """(H, W) of each named module's (B, C, H, W) output for the first image, in eval mode without grad (the
+    model's mode is restored, no running statistics change)."""
+    sizes: Dict[str, Tuple[int, int]] = {}
+
+    def record(name: str):
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and output.dim() == 4:
+                sizes.setdefault(name, tuple(output.shape[-2:]))
+        return hook
+
+    handles = [model.get_submodule(name).register_forward_hook(record(name)) for name in dict.fromkeys(names)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(images[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return sizes
+
+
+def choose_cam_layer(model: nn.Module, images: torch.Tensor, target_layer: Optional[str] = None) -> CamLayer:
+    """The module Grad-CAM explains for `images`: by default the deepest feature stage whose map is at least
+    MIN_CAM_SIZE on each side at the images' size (`layer4` at 224 px, `layer2` at 32 px), or the stage with the
+    largest map and a note when none is; `target_layer` (a module name) is used as asked, with a note when its
+    map is coarser than that. One forward pass of the first image measures the maps."""
+    stages = _feature_stages(model)
+    asked = None if target_layer is None else _cam_layer(model, target_layer)[0]
+    sizes = _map_sizes(model, [*stages, *([asked] if asked else [])], images)
+    measured = [stage for stage in stages if stage in sizes]
+    fine = [stage for stage in measured if min(sizes[stage]) >= MIN_CAM_SIZE]
+    best = fine[-1] if fine else max(measured, key=lambda stage: sizes[stage][0] * sizes[stage][1], default=None)
+    name = asked or best
+    if name is None:
+        raise UsageError(f"cannot tell the feature stages of {type(model).__name__} (no timm feature_info, no "
+                         f"layer4); pass target_layer= the module whose activations Grad-CAM should use.")
+    if name not in sizes:
+        raise UsageError(f"{name} puts out no (B, C, H, W) feature map for Grad-CAM; pass a feature stage"
+                         f"{f' such as {best}' if best else ''}")
+    return CamLayer(name, model.get_submodule(name), sizes[name], _cam_note(asked, best, fine, sizes, images))
+
+
+def _cam_note(asked: Optional[str], best: Optional[str], fine: Sequence[str], sizes: Dict[str, Tuple[int, int]],
+              images: torch.Tensor) -> Optional[str]:
+    """Why the Grad-CAM map is coarser than MIN_CAM_SIZE, or None when it is not."""
+    input_size = 'x'.join(str(side) for side in images.shape[-2:])
+    shape = {name: f'{size[0]}x{size[1]}' for name, size in sizes.items()}
+    if asked and min(sizes[asked]) < MIN_CAM_SIZE:
+        default = f"; the default target, {best}, is {shape[best]}" if best else ''
+        return (f"Grad-CAM at {asked} is {shape[asked]} at input {input_size}, too coarse to show where the model "
+                f"looks (below {MIN_CAM_SIZE}x{MIN_CAM_SIZE}){default}")
+    if not asked and not fine:
+        return (f"no feature stage reaches {MIN_CAM_SIZE}x{MIN_CAM_SIZE} at input {input_size}: Grad-CAM uses "
+                f"{best}, the largest map ({shape[best]}); a larger input size gives a finer one")
+    return None
 
 
 def grad_cam(
@@ -288,7 +355,8 @@ def grad_cam(
         target_layer: Optional[nn.Module] = None,
         classes: Optional[Sequence[int]] = None,
 ) -> Tuple[np.ndarray, List[int]]:
-    """Grad-CAM (pytorch_grad_cam.GradCAM) at `target_layer` (default: the last stage) for `classes`
+    """Grad-CAM (pytorch_grad_cam.GradCAM) at `target_layer` (default: `choose_cam_layer`'s choice, the deepest
+    stage whose map is at least 4x4 at the images' size) for `classes`
     (default: each image's top class). Returns (B, H, W) heatmaps in [0, 1] at input resolution and the
     classes explained.
 
@@ -298,7 +366,7 @@ def grad_cam(
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     if target_layer is None:
-        target_layer = default_cam_layer(model)[1]
+        target_layer = choose_cam_layer(model, images).module
     was_training = model.training
     saved_grads = [(p, p.grad) for p in model.parameters()]
     try:
@@ -395,9 +463,11 @@ def save_attention_figure(
         display_images: what to draw under the overlays, (B, H, W[, 3]) or (B, 3, H, W), floats in [0, 1]
             or 0-255; default: `images` un-normalised with the model's pretrained_cfg mean/std.
         class_names: names of the classes, for the Grad-CAM titles.
-        target_layer: module name for Grad-CAM (default: the last feature stage, e.g. 'layer4').
+        target_layer: module name for Grad-CAM (default: `choose_cam_layer`'s choice, the deepest feature stage
+            whose map is at least 4x4: 'layer4' at 224 px, 'layer2' at 32 px).
         titles: one label per image (e.g. the true class), shown over the input.
-    Returns the `capture_attention` result (eval mode) behind the figure.
+    Returns the `capture_attention` result (eval mode) behind the figure, with `cam` the Grad-CAM layer chosen
+    (its `note` says when its map is below 4x4).
 
     Overlays are min-max scaled per panel for visibility; each panel's title gives the stage, the module
     type and count, the map size, and the actual range of the map (mean attention, see module docstring).
@@ -407,21 +477,17 @@ def save_attention_figure(
     _check_out_path(out_path)
     if images.shape[0] == 0:
         raise UsageError("the image batch is empty; pass at least one image")
-    cam_layer_name, cam_layer = _cam_layer(model, target_layer)
-    cam_sizes = []
-    size_hook = cam_layer.register_forward_hook(lambda module, args, output: cam_sizes.append(output.shape[-2:]))
+    cam = choose_cam_layer(model, images, target_layer)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             capture = capture_attention(model, images)
-        size_hook.remove()
         probs = _class_probabilities(model, capture.output)
-        heatmaps, classes = grad_cam(model, images, cam_layer, classes=probs.argmax(1).tolist())
+        heatmaps, classes = grad_cam(model, images, cam.module, classes=probs.argmax(1).tolist())
     finally:
-        size_hook.remove()
         model.train(was_training)
-    cam_size = tuple(cam_sizes[0])
+    capture.cam = cam
 
     shown = _display_images(model, images, display_images)
     height, width = shown.shape[1:3]
@@ -446,7 +512,7 @@ def save_attention_figure(
         axes[row, -1].imshow(image)
         axes[row, -1].imshow(heatmaps[row], cmap='jet', alpha=0.5, vmin=0., vmax=1.)
         axes[row, -1].set_title(
-            f'Grad-CAM {cam_layer_name}\n{cam_size[0]}x{cam_size[1]}, top: {label} p={probs[row, cls]:.2f}', fontsize=7)
+            f'Grad-CAM {cam.name}\n{cam.size[0]}x{cam.size[1]}, top: {label} p={probs[row, cls]:.2f}', fontsize=7)
         for ax in axes[row]:
             ax.axis('off')
     fig.tight_layout()

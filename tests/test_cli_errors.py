@@ -161,7 +161,8 @@ def test_validate_more_classes_than_outputs(capsys, files, tmp_path):
 
 
 @pytest.mark.parametrize('argv,pattern', [
-    (['--input-size', '0', '0'], r'--input-size 0 0 is too small for resnet18_bam: H and W must be at least 33'),
+    (['--input-size', '0', '0'], r'--img-size 0 0 is too small for resnet18_bam: H and W must be at least 33'),
+    (['--img-size', '32'], r'--img-size 32 32 is too small for resnet18_bam: .*; pass e.g. --img-size 224$'),
     (['--format', 'torchscript', '--out-is-folder'], r'is a folder; pass the path of the file to write'),
 ])
 def test_export_inputs(capsys, files, tmp_path, argv, pattern):

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import timm
+import torch
 from PIL import Image
 
 import bam_models  # noqa: F401
@@ -43,6 +44,16 @@ def test_a_symlink_loop_in_the_data_is_refused_in_one_line(tmp_path, capsys):
     os.symlink('..', data / 'train' / '3' / 'again')  # train/3/again -> train/
     assert _train(data, tmp_path / 'out') == 2
     assert 'link' in _one_line(capsys) and not (tmp_path / 'out').exists()
+
+
+def test_validate_refuses_a_symlink_loop_in_the_split_it_scores(tmp_path, capsys):
+    data = make_digits_folder(tmp_path / 'data')
+    os.symlink('..', data / 'val' / '3' / 'again')  # val/3/again -> val/: every val image 40 times over
+    checkpoint = tmp_path / 'weights.pth'
+    torch.save(timm.create_model('resnet18_bam', num_classes=10).state_dict(), checkpoint)
+    assert main(['validate', '--model', 'resnet18_bam', '--checkpoint', str(checkpoint), '--data', str(data),
+                 '--img-size', '32']) == 2
+    assert f"has a link {data / 'val' / '3' / 'again'} -> {data / 'val'}, a folder above it" in _one_line(capsys)
 
 
 def test_16_bit_grey_images_are_scaled_not_saturated(tmp_path):

@@ -12,6 +12,7 @@ import pytest
 import timm
 import torch
 from huggingface_hub import constants as hf_constants
+from PIL import Image
 from safetensors.torch import save_file
 
 import bam_models  # noqa: F401  (registers the zoo)
@@ -20,6 +21,8 @@ from bam_models.cli import main
 from bam_models.errors import BamModelsError, CheckpointError, ConfigError, UsageError, count, excerpt
 from bam_models.hub import insert_into_folder
 from bam_models.hub.load import create_model_from_name
+from bam_models.insert.inserted import check_attention_args
+from bam_models.layers import BAM, CBAM
 from bam_models.train.config import load_config
 
 BASE = 'test_efficientnet'  # a small timm CNN with stages: quick to build, insert into and save
@@ -75,6 +78,28 @@ def test_attention_args_from_a_folder_are_checked_before_building(inserted, tmp_
     assert time.monotonic() - start < 10 and _max_rss_mb() - rss < 300
 
 
+@pytest.mark.parametrize('layer', [BAM, CBAM], ids=['bam', 'cbam'])
+def test_the_layers_and_the_file_check_enforce_one_declaration_of_bounds(layer):
+    attention = layer.__name__.lower()
+    for key, (low, high) in layer.BOUNDS.items():
+        for outside in (low - 1, high * 2 + 1):  # high * 2 + 1 is odd: spatial_kernel_size fails on its bound
+            with pytest.raises(ValueError, match=rf'{key} is {outside!r}; use a value in \['):
+                layer(64, device='meta', **{key: outside})
+            with pytest.raises(UsageError, match=rf"'{key}' is {outside!r}; use a value in \["):
+                check_attention_args(attention, {key: outside})
+        for inside in (low, high):  # the bounds themselves are allowed by both
+            layer(64, device='meta', **{key: inside})
+            assert check_attention_args(attention, {key: inside}) == {key: inside}
+
+
+def test_a_bound_changed_in_the_layer_is_enforced_by_the_file_check_too(monkeypatch):
+    monkeypatch.setitem(BAM.BOUNDS, 'num_dilated', (0, 1))
+    with pytest.raises(ValueError, match=r'BAM num_dilated is 2; use a value in \[0, 1\]'):
+        BAM(64, num_dilated=2, device='meta')
+    with pytest.raises(UsageError, match=r"'num_dilated' is 2; use a value in \[0, 1\]"):
+        check_attention_args('bam', {'num_dilated': 2})
+
+
 def test_good_attention_args_from_a_folder_still_build(inserted, tmp_path):
     name = _edited(inserted, tmp_path / 'silu', attention_args={'act_layer': 'silu'})
     model = create_model_from_name(name, pretrained=False)
@@ -103,6 +128,34 @@ def test_architecture_far_larger_than_its_weights_is_refused_up_front(inserted, 
     assert _max_rss_mb() - rss < 300
     unknown = _edited(inserted, tmp_path / 'unknown', bogus_kw=3)
     _one_error(capsys, ['export', unknown, tmp_path / 'out'], "unexpected keyword argument 'bogus_kw'")
+
+
+@pytest.mark.parametrize('source', ['config.json', 'best.pth'])
+@pytest.mark.parametrize('stored, fragment', [
+    ({'input_size': [3, 100_000, 100_000]}, 'input_size [3, 100000, 100000] with crop_pct'),  # 120 GB an image
+    ({'input_size': [3, 224, 224], 'crop_pct': 1e-6}, 'resizes images to more than 4096 px'),
+    ({'input_size': 'x'}, "input_size 'x' is not (channels, height, width)"),
+    ({'input_size': [3, 64, 64], 'std': [0, 1, 1]}, 'std [0, 1, 1] is not a list of positive numbers'),
+])
+def test_stored_preprocessing_cannot_ask_for_huge_or_unusable_images(inserted, tmp_path, capsys, source, stored,
+                                                                      fragment):
+    image = tmp_path / 'red.png'
+    Image.new('RGB', (40, 30), (200, 30, 30)).save(image)
+    if source == 'config.json':
+        folder = Path(shutil.copytree(inserted, tmp_path / 'folder'))
+        config = json.loads((folder / 'config.json').read_text())
+        config['pretrained_cfg'].update(stored)
+        (folder / 'config.json').write_text(json.dumps(config))
+        model = ['--model', f'local-dir:{folder}']
+    else:
+        checkpoint = tmp_path / 'best.pth'
+        state_dict = timm.create_model('resnet18_bam', num_classes=3).state_dict()
+        torch.save({'state_dict': state_dict, 'data_config': stored}, checkpoint)
+        model = ['--model', 'resnet18_bam', '--checkpoint', checkpoint]
+    rss = _max_rss_mb()
+    _one_error(capsys, ['visualize', *model, '--image', image, '--out', tmp_path / 'maps.png'],
+               'the preprocessing stored with ', fragment)
+    assert _max_rss_mb() - rss < 300 and not (tmp_path / 'maps.png').exists()
 
 
 def _laughs(levels: int) -> str:
@@ -136,8 +189,9 @@ def test_messages_quote_short_excerpts_of_long_values(tmp_path):
 
 
 @pytest.mark.parametrize('overrides, fragment', [
-    (['train.seed=100000000000000000000'], "'train.seed' is 100000000000000000000 but must be in [0, "),
+    (['train.seed=100000000000000000000'], "'train.seed' is 100000000000000000000 but must be in [0, 4294967295]"),
     (['schedule.epochs=5', 'schedule.warmup_epochs=5'], "'schedule.warmup_epochs' is 5 but the run has only 5"),
+    (['schedule.epochs=1', 'schedule.warmup_epochs=1'], "has only 1 epoch (schedule.epochs), so it would never"),
     (['train.seed=' + '9' * 5000], 'cannot be read'),
 ])
 def test_ranges_checked_before_work(overrides, fragment):

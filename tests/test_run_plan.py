@@ -8,12 +8,12 @@ import time
 
 import pytest
 
+from bam_models.errors import count
 from bam_models.train import load_config, train
 from bam_models.train.build import build_run, check_config
 from bam_models.train.plan import RunClock, describe_plan, format_duration
 
-from test_train import _run, _train_args
-from train_helpers import TINY_SETTINGS
+from train_helpers import TINY_SETTINGS, run_cli as _run, train_args as _train_args
 
 
 def test_plan_comes_first_and_the_estimate_after_the_first_steps(tiny_data, tmp_path, capsys):
@@ -31,10 +31,17 @@ def test_plan_comes_first_and_the_estimate_after_the_first_steps(tiny_data, tmp_
     (estimate,) = [line for line in lines if line.startswith('estimate:')]
     # step 1 pays for lazy initialisation; then up to the 4 other steps of the 5-step first epoch are timed
     # (fewer when they take over 20 s on a loaded machine), and the steps after them remain of the 10
-    timed = int(re.search(r' s a step over (\d) steps, \d+ % of it waiting for data \(', estimate).group(1))
-    assert 1 <= timed <= 4 and f'{10 - 1 - timed} steps left: about ' in estimate, estimate
+    timed = int(re.search(r' s a step over (\d) steps?, \d+ % of it waiting for data \(', estimate).group(1))
+    assert 1 <= timed <= 4 and f'{count(10 - 1 - timed, "step")} left: about ' in estimate, estimate
     assert estimate.endswith('plus validation after each epoch')
     assert lines.index(estimate) > 0
+
+
+def test_one_epoch_of_one_step_reads_in_the_singular(tiny_data, tmp_path):
+    cfg = load_config(None, [*TINY_SETTINGS, f'data.dataset={tiny_data}', 'data.batch_size=40',
+                             'schedule.epochs=1', f'train.output={tmp_path}'])
+    assert '; input 3x32x32; 1 epoch of 1 step (40 images x 1 process); ' in describe_plan(
+        build_run(cfg, check_config(cfg)))
 
 
 def test_the_minimal_call_says_its_epochs_and_input_size_are_defaults(tiny_data, tmp_path):

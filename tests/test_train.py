@@ -2,7 +2,6 @@
 DDP (2 Gloo processes) against one process, Hub export reloaded with timm's local-dir:. """
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,31 +22,12 @@ from bam_models.train.build import attention_parameter_names, check_config, para
 from bam_models.train.loop import NonFiniteLossError, train
 
 sys.path.insert(0, str(Path(__file__).parent))
-from train_helpers import TINY_SETTINGS  # noqa: E402
+from train_helpers import (  # noqa: E402
+    TINY_SETTINGS, run_cli as _run, subprocess_env as _env, train_args as _train_args)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / 'configs').glob('*.yaml'))
-HELPER = Path(__file__).parent / 'train_helpers.py'
 STEPS_PER_EPOCH = 5  # 40 tiny train images / batch 8
-
-
-def _env():
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS='1')
-    env.pop('WORLD_SIZE', None)
-    return env
-
-
-def _run(args, how='none', step=0, check=True):
-    cmd = [sys.executable, str(HELPER), how, str(step), '--', *args]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
-    if check and proc.returncode != 0:
-        raise AssertionError(f'{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}')
-    return proc
-
-
-def _train_args(data, output, *extra):
-    sets = [*TINY_SETTINGS, f'data.dataset={data}', f'train.output={output}', *extra]
-    return ['train', *[a for s in sets for a in ('--set', s)]]
 
 
 def _log(output):

@@ -2,9 +2,12 @@
 a resume continues exactly the run it names (or says in one line why not), a failed write leaves the previous
 checkpoint intact, class names come from the reader that labels the data, and nothing pickled is executed. """
 import json
+import os
+import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,8 @@ import torch
 import bam_models.runs as runs_module
 from bam_models.cli import main
 from bam_models.errors import CheckpointError, UsageError
-from bam_models.runs import RunFolderLock, atomic_save, check_model_fits
+from bam_models.hub.save import insert_into_folder
+from bam_models.runs import RunFolderLock, atomic_save, atomic_write, check_model_fits
 from bam_models.train.config import load_config
 from bam_models.train.data import DigitsDataset, build_dataset, shared_class_to_idx
 from bam_models.train.build import base_weights, check_config
@@ -168,6 +172,70 @@ def test_resume_of_another_architecture_is_one_line(run_copy, tiny_data, capsys)
     state = torch.load(run_copy / 'last.pth', weights_only=True)
     with pytest.raises(CheckpointError, match=r'written for another model than resnet18_cbam: \d+ missing keys'):
         check_model_fits(state['state_dict'], timm.create_model('resnet18_cbam', num_classes=10), 'last.pth')
+
+
+@pytest.mark.parametrize('where', ['optimizer', 'state_dict_ema', 'scheduler'])
+def test_resume_state_claiming_more_than_its_storage_is_refused_unread(run_copy, tiny_data, capsys, where):
+    last = run_copy / 'last.pth'
+    state = torch.load(last, weights_only=True)
+    claims_4_tb = torch.zeros(1).expand(10 ** 6, 10 ** 6)  # 4 bytes on disk
+    if where == 'optimizer':
+        state['optimizer']['state'][0]['momentum_buffer'] = claims_4_tb
+        key = 'optimizer.state.0.momentum_buffer'
+    elif where == 'state_dict_ema':
+        state['state_dict_ema'] = {'conv1.weight': claims_4_tb}
+        key = 'state_dict_ema.conv1.weight'
+    else:
+        state['scheduler']['base_values'][1] = claims_4_tb
+        key = 'scheduler.base_values.1'
+    torch.save(state, last)
+    assert last.stat().st_size < 100_000_000
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    err = _error(capsys, _args(tiny_data, run_copy) + ['--resume', 'auto'])
+    assert f'{key} ((1000000, 1000000), 4,000,000,000,000 bytes from 4 stored)' in err, err
+    assert 'whose shape claims more data than the file holds' in err and 'resume from an intact last.pth' in err
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 300 * 1024  # KiB: nothing materialised
+
+
+def test_a_resume_config_of_shared_references_is_refused_before_it_is_compared(tmp_path):
+    from bam_models.runs import read_resume
+    laughs = {'lr': 0.1}
+    for _ in range(40):  # 2**40 values spelled out, a few hundred bytes pickled
+        laughs = {'a': laughs, 'b': laughs}
+    deep = {'lr': 0.1}
+    for _ in range(100):  # deeper than any config
+        deep = {'a': deep}
+    for config in (dict(optim=laughs), dict(optim=deep)):
+        torch.save(dict(epoch=1, config=config), tmp_path / 'last.pth')
+        assert (tmp_path / 'last.pth').stat().st_size < 200_000
+        with pytest.raises(CheckpointError, match=r'holds a config of more than 10,000 values or 16 levels'):
+            read_resume(tmp_path / 'last.pth', ['epoch'], {'optim': {'lr': 0.1}}, [], 'start again')
+
+
+def test_written_files_get_the_permissions_of_any_new_file(tiny_data, tmp_path):
+    """safetensors writes through a private (0600) temporary file; the one atomic writer gives every file the
+    mode a new file gets under the umask."""
+    previous = os.umask(0o022)
+    try:
+        assert main(_args(tiny_data, tmp_path / 'run')) == 0
+        insert_into_folder('resnet18', 'cbam', tmp_path / 'inserted')
+        os.replace(_private_file(tmp_path), tmp_path / 'private.bin.tmp')  # left by a killed write
+        atomic_write(tmp_path / 'private.bin', lambda tmp: os.replace(_private_file(tmp_path), tmp))
+    finally:
+        os.umask(previous)
+    names = ['last.pth', 'best.pth', 'log.jsonl', 'summary.json', 'hub/model.safetensors', 'hub/config.json',
+             'hub/README.md']
+    written = [tmp_path / 'run' / name for name in names] + [tmp_path / 'private.bin']
+    written += [tmp_path / 'inserted' / name for name in ('model.safetensors', 'config.json')]
+    modes = {str(path.relative_to(tmp_path)): oct(path.stat().st_mode & 0o777) for path in written}
+    assert set(modes.values()) == {'0o644'}, modes
+
+
+def _private_file(folder: Path) -> Path:
+    fd, name = tempfile.mkstemp(dir=folder)  # 0600, as safetensors' own temporary file
+    os.write(fd, b'data')
+    os.close(fd)
+    return Path(name)
 
 
 def test_a_failed_write_leaves_no_tmp_and_the_previous_file_intact(tmp_path, monkeypatch):

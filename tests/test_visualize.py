@@ -14,7 +14,7 @@ from PIL import Image
 import bam_models
 from bam_models import BAM, CBAM, insert_bam, insert_cbam
 from bam_models.cli import main as cli_main
-from bam_models.visualize import capture_attention, grad_cam, save_attention_figure
+from bam_models.visualize import capture_attention, choose_cam_layer, grad_cam, save_attention_figure
 
 SIZE = 64
 # stage -> (modules, channels, spatial size) at 64 px
@@ -209,22 +209,70 @@ def test_grad_cam_matches_hand_computation_and_restores_model():
 
     assert model.training and model.fc.weight.grad is sentinel
     assert all(p.grad is None for n, p in model.named_parameters() if n != 'fc.weight')
-    # the textbook Grad-CAM, computed here by hand: ReLU(sum_k mean(dy_c/dA_k) A_k) at layer4, min-max
-    # normalised, then resized bilinearly to the input
+    # the textbook Grad-CAM, computed here by hand: ReLU(sum_k mean(dy_c/dA_k) A_k) at layer3 (the deepest stage
+    # whose map is 4x4 at 64 px; layer4's is 2x2), min-max normalised, resized bilinearly to the input and
+    # normalised again, as pytorch_grad_cam does
     ref = copy.deepcopy(model).eval()
     activations = []
-    handle = ref.layer4.register_forward_hook(lambda m, a, out: activations.append(out))
+    handle = ref.layer3.register_forward_hook(lambda m, a, out: activations.append(out))
     logits = ref(images)
     handle.remove()
     assert classes == logits.argmax(1).tolist()
     score = logits.gather(1, torch.tensor(classes)[:, None]).sum()
     (grads,) = torch.autograd.grad(score, activations[0])
     cam = F.relu((grads.mean((2, 3), keepdim=True) * activations[0]).sum(1)).detach()
-    low, high = cam.amin((1, 2), keepdim=True), cam.amax((1, 2), keepdim=True)
-    cam = F.interpolate(((cam - low) / (high - low + 1e-7))[:, None], size=(SIZE, SIZE), mode='bilinear',
-                        align_corners=False)[:, 0]
+    for resize in (True, False):  # min-max, resize, and min-max again: interior peaks of a 4x4 map blur
+        low, high = cam.amin((1, 2), keepdim=True), cam.amax((1, 2), keepdim=True)
+        cam = (cam - low) / (high - low + 1e-7)
+        if resize:
+            cam = F.interpolate(cam[:, None], size=(SIZE, SIZE), mode='bilinear', align_corners=False)[:, 0]
     assert heatmaps.shape == (2, SIZE, SIZE)
     np.testing.assert_allclose(heatmaps, cam.numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize('size, layer, side', [(224, 'layer4', 7), (64, 'layer3', 4), (48, 'layer2', 6),
+                                              (32, 'layer2', 4)])
+def test_the_default_grad_cam_layer_is_the_deepest_with_a_map_of_at_least_4x4(size, layer, side):
+    model = _model('resnet18_bam').train()
+    running_mean = model.layer1[0].bn1.running_mean.clone()
+    cam = choose_cam_layer(model, torch.randn(2, 3, size, size))
+    assert (cam.name, cam.size, cam.note) == (layer, (side, side), None)
+    assert cam.module is model.get_submodule(layer)
+    assert model.training and torch.equal(model.layer1[0].bn1.running_mean, running_mean)  # measured unchanged
+
+
+def test_grad_cam_layers_below_4x4_say_why():
+    model = _model('resnet18_bam').eval()
+    asked = choose_cam_layer(model, torch.randn(1, 3, 32, 32), target_layer='layer4')
+    assert (asked.name, asked.size) == ('layer4', (1, 1))  # drawn as asked, with the reason it is blank
+    assert asked.note == ("Grad-CAM at layer4 is 1x1 at input 32x32, too coarse to show where the model looks "
+                          "(below 4x4); the default target, layer2, is 4x4")
+    inserted = insert_bam(timm.create_model('resnet18', num_classes=10)).eval()  # takes 4 px, as timm's does
+    tiny = choose_cam_layer(inserted, torch.randn(1, 3, 4, 4))
+    assert (tiny.name, tiny.size) == ('act1', (2, 2))
+    assert tiny.note == ("no feature stage reaches 4x4 at input 4x4: Grad-CAM uses act1, the largest map (2x2); "
+                         "a larger input size gives a finer one")
+    with pytest.raises(ValueError, match='fc puts out no .B, C, H, W. feature map for Grad-CAM; pass a feature '
+                                         'stage such as layer2'):
+        choose_cam_layer(model, torch.randn(1, 3, 32, 32), target_layer='fc')
+
+
+def test_cli_visualize_of_a_32_px_checkpoint_draws_grad_cam_at_4x4(tmp_path, image_files, capsys):
+    model = _model('resnet18_bam', num_classes=7)
+    checkpoint = tmp_path / 'best.pth'  # as `bam-models train` writes it: with the preprocessing it trained at
+    torch.save({'state_dict': model.state_dict(), 'data_config': {'input_size': (3, 32, 32), 'crop_pct': 1.0}},
+               checkpoint)
+    argv = ['visualize', '--model', 'resnet18_bam', '--checkpoint', str(checkpoint), '--image', *image_files]
+    assert cli_main([*argv, '--out', str(tmp_path / 'default.png')]) == 0
+    out, err = capsys.readouterr()
+    assert 'layer3: 1 BAM, 2x2' in out and 'Grad-CAM: layer2, 4x4' in out and err == ''
+    cam_panel = _panels(tmp_path / 'default.png', 2 + 3)[1][-1]
+    assert cam_panel.std() > 10
+    assert cli_main([*argv, '--out', str(tmp_path / 'layer4.png'), '--target-layer', 'layer4']) == 0
+    out, err = capsys.readouterr()
+    assert 'Grad-CAM: layer4, 1x1' in out
+    assert err == ('warning: Grad-CAM at layer4 is 1x1 at input 32x32, too coarse to show where the model looks '
+                   '(below 4x4); the default target, layer2, is 4x4\n')
 
 
 def _panels(path, columns):

@@ -1,7 +1,9 @@
 """ Helpers for the training tests: a tiny ImageFolder made of real digits images, and a subprocess entry point
-that interrupts a run at a chosen training step (`python tests/train_helpers.py kill|sigint|none STEP -- ARGS`). """
+that interrupts a run at a chosen training step (`python tests/train_helpers.py kill|sigint|none STEP -- ARGS`,
+run by `run_cli`). """
 import os
 import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,6 +35,28 @@ def make_digits_folder(root: Path) -> Path:
         image.save(folder / f'{index}.png')
         counts[label] = seen + 1
     return root
+
+
+def train_args(data, output, *extra) -> list:
+    """`bam-models train` arguments of a tiny run of `data` into `output`, with `extra` settings."""
+    sets = [*TINY_SETTINGS, f'data.dataset={data}', f'train.output={output}', *extra]
+    return ['train', *[a for s in sets for a in ('--set', s)]]
+
+
+def subprocess_env() -> dict:
+    """The environment of a subprocess run of this checkout: one thread, not part of a distributed run."""
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS='1')
+    env.pop('WORLD_SIZE', None)
+    return env
+
+
+def run_cli(args, how='none', step=0, check=True) -> subprocess.CompletedProcess:
+    """`bam-models ARGS` in a subprocess of this checkout, interrupted (`how`: kill, sigint) at training `step`."""
+    cmd = [sys.executable, str(Path(__file__)), how, str(step), '--', *args]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'{cmd} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}')
+    return proc
 
 
 def _interrupt_at(step: int, how: str):

@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
             raise
         raise PretrainedWeightsError(
             f"{error}, or --random-init to export random weights (e.g. to test a deployment pipeline)") from error
-    shapes = check_shapes(model, size)  # checks --input-size before any work
+    shapes = check_shapes(model, size)  # checks --img-size before any work
     result = export_model(model, Path(args.out), args.format, input_size=size, opset=args.opset)
     print(f"{args.model} as {result.exporter}, dynamic batch, height and width")
     for path in result.files:

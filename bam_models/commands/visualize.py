@@ -1,5 +1,6 @@
 """ `bam-models visualize`: a figure of every stage's BAM/CBAM spatial attention and a Grad-CAM of the top class. """
 import argparse
+import sys
 from pathlib import Path
 
 from bam_models.errors import PretrainedWeightsError
@@ -22,6 +23,10 @@ def run(args: argparse.Namespace) -> int:
             f', spatial attention mean {stage.spatial.mean():.3f} range [{stage.spatial.min():.3f}, '
             f'{stage.spatial.max():.3f}]')
         print(f'{stage.name}: {len(stage.modules)} {stage.kind}, {size}{spatial}')
+    cam = capture.cam
+    print(f'Grad-CAM: {cam.name}, {cam.size[0]}x{cam.size[1]}')
+    if cam.note:
+        print(f'warning: {cam.note}', file=sys.stderr)
     print(f'wrote {args.out}')
     return 0
 
@@ -31,7 +36,8 @@ def register(subparsers) -> None:
         'visualize', help='draw BAM/CBAM attention maps and Grad-CAM for images',
         description='One row per image: the input, the spatial attention of every stage upsampled onto it '
                     '(mean over the stage\'s modules and channels, min-max scaled per panel; the title gives '
-                    'the actual range) and a Grad-CAM of the top class at the last stage. Images are '
+                    'the actual range) and a Grad-CAM of the top class at the deepest stage whose map is at least '
+                    '4x4 at the input size (layer4 at 224 px, layer2 at 32 px). Images are '
                     'preprocessed as the model was trained (its pretrained cfg, a local-dir: config.json, or '
                     'the data config stored in a best.pth/last.pth of `bam-models train`).')
     parser.add_argument('--model', required=True,
@@ -41,5 +47,6 @@ def register(subparsers) -> None:
     parser.add_argument('--image', nargs='+', required=True, metavar='PATH', help='image files')
     parser.add_argument('--out', required=True, help='figure path, e.g. maps.png')
     parser.add_argument('--img-size', type=int, help='input size (default: the one the model was trained at)')
-    parser.add_argument('--target-layer', help='module for Grad-CAM (default: the last stage, e.g. layer4)')
+    parser.add_argument('--target-layer', help='module for Grad-CAM (default: the deepest stage whose map is at '
+                                               'least 4x4; a coarser one is drawn with a warning)')
     parser.set_defaults(func=run)

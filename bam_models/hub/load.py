@@ -18,6 +18,7 @@ from what the name names (a registry tag, the folder, the repo), else the model 
 `bam_models.weights.download.describe_hub_error`, as in the verified build.
 """
 import json
+import math
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Type, Union
 
@@ -33,7 +34,8 @@ from bam_models.models import list_zoo_models
 from bam_models.weights import HUB_FILENAME, WEIGHT_LOCATION_FIELDS, check_published
 from bam_models.weights.download import bounded_downloads, describe_hub_error
 
-__all__ = ['check_model_name', 'create_model_from_name', 'fitting_architecture']
+__all__ = ['MAX_INPUT_SIDE', 'check_model_name', 'check_preprocessing', 'create_model_from_name',
+           'fitting_architecture']
 
 _OWN_WEIGHTS = ('pass your weights with --checkpoint FILE, name a local-dir:PATH / hf-hub:ORG/NAME model, or use '
                 'random weights (pretrained=False, --random-init)')
@@ -60,6 +62,8 @@ def _check_local_dir(name: str, folder: Path, error: Type[BamModelsError]) -> No
     if not isinstance(config, dict) or not isinstance(config.get('architecture'), str):
         raise error(f"{name}: {config_file} names no architecture; {_WRITTEN_BY}")
     _check_architecture(config['architecture'], f' named in {config_file}', error)
+    if isinstance(config.get('pretrained_cfg'), dict):  # timm asserts on a malformed input_size while building
+        check_preprocessing(config['pretrained_cfg'], name, 'fix the pretrained_cfg of its config.json', error)
     _check_size_against_weights(name, folder, error)
 
 
@@ -198,6 +202,41 @@ def _hub_failure(name: str, error: Exception) -> Optional[PretrainedWeightsError
     return PretrainedWeightsError(f"{name}: {described[0]}; {described[1]}") if described else None
 
 
+# far above any pretrained cfg (timm's largest are about 1,000 px); one 100,000 px image alone is 120 GB
+MAX_INPUT_SIDE = 4096
+
+
+def check_preprocessing(cfg: Dict[str, object], source: str, fix: str,
+                        error: Type[BamModelsError] = UsageError) -> None:
+    """The preprocessing a folder's config.json or a checkpoint's data_config gives a model (the entries it has),
+    checked before any image is resized by it: a few bytes could ask for images of 100,000 px (or resize to
+    input / crop_pct) or hold values no transform takes."""
+    size, crop_pct = cfg.get('input_size', (3, 1, 1)), cfg.get('crop_pct', 1.0)
+    problem = None
+    if not (isinstance(size, (list, tuple)) and len(size) == 3 and all(_whole(v) and v >= 1 for v in size)
+            and size[0] <= 4):
+        problem = f"input_size {excerpt(size)} is not (channels, height, width)"
+    elif not (_number(crop_pct) and 0 < crop_pct and max(size[1:]) / crop_pct <= MAX_INPUT_SIDE):
+        problem = (f"input_size {list(size)} with crop_pct {excerpt(crop_pct)} resizes images to more than "
+                   f"{MAX_INPUT_SIDE} px")
+    for key in ('mean', 'std'):
+        value = cfg.get(key)
+        if not problem and value is not None and not (
+                isinstance(value, (list, tuple)) and value and all(_number(v) for v in value)
+                and (key == 'mean' or min(value) > 0)):
+            problem = f"{key} {excerpt(value)} is not a list of {'positive ' if key == 'std' else ''}numbers"
+    if problem:
+        raise error(f"the preprocessing stored with {source} is unusable: {problem}; {fix}")
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def create_model_from_name(
         name: str,
         checkpoint: Optional[Union[str, Path]] = None,
@@ -214,7 +253,11 @@ def create_model_from_name(
     check_model_name(name, pretrained=pretrained and checkpoint is None)
     try:
         with bounded_downloads():
-            return _build(name, checkpoint, pretrained, **model_kwargs)
+            model = _build(name, checkpoint, pretrained, **model_kwargs)
+        check_preprocessing(model.pretrained_cfg, *(
+            (f'checkpoint {checkpoint}', "save it again with the data_config of the run's own config")
+            if checkpoint else (name, "fix the pretrained_cfg of its config.json")))
+        return model
     except BamModelsError:
         raise
     except Exception as e:

@@ -14,12 +14,13 @@ import safetensors.torch
 import timm
 import torch
 import torch.nn as nn
-from timm.models import save_for_hf, split_model_name_tag
+from timm.models import split_model_name_tag
 
 from bam_models._compat import save_config_for_hf
 from bam_models.checkpoint import create_sized_model, load_strict, read_state_dict
 from bam_models.errors import OutputExistsError, UsageError
 from bam_models.insert.inserted import ARCHITECTURE as WITH_ATTENTION
+from bam_models.runs import atomic_write
 from bam_models.weights import HUB_FILENAME, file_sha256
 from bam_models.weights.manifest import entry_pretrained_cfg, load_manifest, manifest_path, update_manifest_entry
 
@@ -146,13 +147,12 @@ def save_pretrained(
     if arch_tag is None:
         tag = model.pretrained_cfg.get('tag')
         arch_tag = f'{architecture}.{tag}' if tag else architecture
-    if state_dict is None:
-        save_for_hf(model, out_dir, model_config=model_config, safe_serialization=True, data_config=data_config)
-    else:
-        safetensors.torch.save_file(
-            {k: v.contiguous() for k, v in state_dict.items()}, out_dir / HUB_FILENAME, metadata={'format': 'pt'})
-        save_config_for_hf(model, out_dir / 'config.json', model_config=model_config, data_config=data_config)
+    # what timm's save_for_hf writes, the weights through the one atomic writer (ordinary permissions, no part file)
+    tensors = {k: v.contiguous() for k, v in (model.state_dict() if state_dict is None else state_dict).items()}
     weights = out_dir / HUB_FILENAME
+    atomic_write(weights, lambda tmp: safetensors.torch.save_file(tensors, tmp, metadata={'format': 'pt'}),
+                 then='write the folder again')
+    save_config_for_hf(model, out_dir / 'config.json', model_config=model_config, data_config=data_config)
     num_params = sum(p.numel() for p in model.parameters())
     (out_dir / 'README.md').write_text(model_card(
         arch_tag, repo_id=repo_id, metrics=metrics, license=license, description=description,

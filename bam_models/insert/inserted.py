@@ -9,11 +9,12 @@ the pushed folder) rebuilds the same network and, with `pretrained=True`, loads 
 key checks.
 
 Those arguments come from files (config.json of a folder or a Hub repo), so `with_attention` checks them before
-any module exists (`check_attention_args`): only the keys BAM / CBAM take, of their types, within bounds, an
-activation only by a name `timm.layers.get_act_layer` knows; then the whole model is built once on the meta
-device (no memory), where the layers' own checks run and every hidden width is compared with its module's
-channels. A base model that has attention already (a `with_attention` folder or repo, itself included, or a zoo
-BAM model) is refused in one line instead of recursing.
+any module exists (`check_attention_args`): only the keys BAM / CBAM take, of their types, within the bounds
+the layers declare and enforce themselves (`BAM.BOUNDS`, `CBAM.BOUNDS`), an activation only by a name
+`timm.layers.get_act_layer` knows; then the whole model is built once on the meta device (no memory), where the
+layers' own checks run and every hidden width is compared with its module's channels. A base model that has
+attention already (a `with_attention` folder or repo, itself included, or a zoo BAM model) is refused in one line
+instead of recursing.
 """
 import collections.abc
 import contextvars
@@ -29,6 +30,7 @@ from timm.models import generate_default_cfgs, register_model
 
 from bam_models.errors import BamModelsError, UsageError, did_you_mean, excerpt
 from bam_models.layers import BAM, CBAM
+from bam_models.layers.bounds import bound_problem
 from bam_models.weights import WEIGHT_LOCATION_FIELDS, build_model_with_weights
 from .insertion import insert_bam, insert_cbam
 
@@ -43,13 +45,6 @@ ATTENTIONS = ('bam', 'cbam')
 _LAYERS = {'bam': BAM, 'cbam': CBAM}
 _SEQUENCES = (collections.abc.Sequence, list, tuple)
 _NOT_ARGS = ('self', 'channels', 'device', 'dtype')  # set by the insertion, per module
-# Bounds of the integer and float arguments the layers' constructors take unchecked: past them a few bytes of
-# config.json build for minutes or allocate terabytes (num_dilated=100000, rd_divisor=0). The hidden width is
-# bounded by each module's channels, checked on the meta-device build.
-_BOUNDS = {
-    'num_dilated': (0, 16), 'dilation': (1, 64), 'rd_channels': (1, 1 << 16), 'rd_divisor': (1, 1024),
-    'rd_ratio': (1e-4, 1.0), 'spatial_kernel_size': (1, 31), 'spatial_bn_momentum': (0.0, 1.0),
-}
 _building = contextvars.ContextVar('with_attention_building', default=None)
 
 
@@ -103,9 +98,10 @@ def _checked_value(attention: str, key: str, value: Any, annotation: Any, where:
             return _refuse_act(what, error)
     if not _accepts(annotation, value):
         raise error(f"{what}; {attention.upper()} takes {_type_name(annotation)} there")
-    low, high = _BOUNDS.get(key, (None, None))
-    if value is not None and low is not None and not low <= value <= high:
-        raise error(f"{what}; use a value in [{low:g}, {high:g}]")
+    # the layer's own declaration (bam_models.layers.bounds), checked here before any module exists
+    problem = bound_problem(_LAYERS[attention].BOUNDS, key, value)
+    if problem:
+        raise error(f"{what}; {problem}")
     return value
 
 

@@ -22,6 +22,7 @@ from timm.layers import make_divisible, register_notrace_module
 
 from bam_models.errors import UsageError
 
+from .bounds import BAM_BOUNDS, check_bounds
 from .config import exporting, use_fused_gating, use_gate_ops
 from .fused_gates import bam_gate, bam_refine, bam_single_branch
 from .gating_reference import bam_attention_logits, bam_refine_reference
@@ -330,7 +331,10 @@ class BAM(nn.Module):
             before: in training BAM then keeps only its output for backward, which the next layer keeps anyway,
             instead of its input next to the ReLU's copy of it (the zoo's ResNets set it and make that block's
             last activation an identity).
+
+    The numeric arguments are checked against `BOUNDS` (`bam_models.layers.bounds`).
     """
+    BOUNDS = BAM_BOUNDS
 
     def __init__(
             self,
@@ -358,6 +362,8 @@ class BAM(nn.Module):
             raise ValueError(
                 f"BAM fusion={fusion!r} combines two branches but gates={gates!r} keeps one; "
                 f"use fusion='product' (ignored for a single branch) or gates='both'.")
+        check_bounds('BAM', self.BOUNDS, dict(rd_ratio=rd_ratio, rd_channels=rd_channels, rd_divisor=rd_divisor,
+                                             dilation=dilation, num_dilated=num_dilated))
         dd = {'device': device, 'dtype': dtype}
         if rd_channels is None:
             rd_channels = make_divisible(channels * rd_ratio, rd_divisor, round_limit=0.)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from timm.layers import make_divisible, register_notrace_module
 
+from .bounds import CBAM_BOUNDS, check_bounds
 from .config import exporting, use_fused_gating
 from .fused_gates import cbam_refine
 from .gating_reference import (
@@ -175,7 +176,10 @@ class CBAM(nn.Module):
         fused: True / False runs this module with / without the fused gating whatever the process-wide switch
             says (`bam_models.layers.set_fused_gating`); None (default) follows the switch. The fused gating
             covers the released configuration only (`path` says which one a module takes).
+
+    The numeric arguments are checked against `BOUNDS` (`bam_models.layers.bounds`).
     """
+    BOUNDS = CBAM_BOUNDS
 
     def __init__(
             self,
@@ -199,6 +203,9 @@ class CBAM(nn.Module):
     ):
         super().__init__()
         pool_types = tuple(pool_types)
+        check_bounds('CBAM', self.BOUNDS, dict(rd_ratio=rd_ratio, rd_channels=rd_channels, rd_divisor=rd_divisor,
+                                              spatial_kernel_size=spatial_kernel_size,
+                                              spatial_bn_momentum=spatial_bn_momentum))
         _check_options(pool_types, spatial_descriptor, arrangement, spatial_kernel_size, no_channel, no_spatial)
         dd = {'device': device, 'dtype': dtype}
         if rd_channels is None:

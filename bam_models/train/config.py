@@ -9,7 +9,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import yaml
 
-from bam_models.errors import ConfigError, did_you_mean, excerpt
+from bam_models.errors import ConfigError, count, did_you_mean, excerpt
 from bam_models.insert.inserted import check_attention_args
 
 
@@ -125,13 +125,19 @@ class Range(NamedTuple):
         return None if not (too_low or too_high) and math.isfinite(value) else self.describe()
 
     def describe(self) -> str:
+        low, high = _number(self.low), _number(self.high)
         if self.low is None and self.high is None:
             return 'a finite number'
         if self.high is None:
-            return f"{'above' if self.low_open else 'at least'} {self.low:g}"
+            return f"{'above' if self.low_open else 'at least'} {low}"
         if self.low is None:
-            return f"{'below' if self.high_open else 'at most'} {self.high:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"{'below' if self.high_open else 'at most'} {high}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+def _number(value: Optional[float]) -> str:
+    """Whole numbers in full (train.seed's 4294967295, not 4.29497e+09), others short."""
+    return str(value) if isinstance(value, int) else f'{value:g}' if value is not None else ''
 
 
 class Pair(NamedTuple):
@@ -402,8 +408,8 @@ def _check_warmup(schedule: ScheduleConfig) -> None:
     """A warmup as long as the run would train the whole run at the warmup learning rate."""
     if schedule.warmup_epochs and schedule.warmup_epochs >= schedule.epochs:
         raise ConfigError(f"config key 'schedule.warmup_epochs' is {schedule.warmup_epochs} but the run has only "
-                          f"{schedule.epochs} epochs (schedule.epochs), so it would never leave the warmup; set "
-                          f"schedule.warmup_epochs below schedule.epochs")
+                          f"{count(schedule.epochs, 'epoch')} (schedule.epochs), so it would never leave the warmup; "
+                          f"set schedule.warmup_epochs below schedule.epochs")
 
 
 # far more values than any configuration has: YAML aliases can make a few hundred bytes mean billions of them

@@ -197,8 +197,9 @@ def build_dataset(dataset: str, split: str, train_split: str = 'train', val_spli
         return DigitsDataset('test' if val_split == 'test' else 'val')
     if cifar_folder(dataset):  # the official splits: 'train' and test, whatever the split names say
         return cifar_dataset(dataset, 'train' if split == 'train' else 'test')
-    return create_dataset('', root=dataset, split=train_split if split == 'train' else val_split,
-                          is_training=split == 'train', class_map=class_to_idx)
+    split_name = train_split if split == 'train' else val_split
+    check_no_symlink_loop(search_split(dataset, split_name))  # validate reads a split no class scan has seen
+    return create_dataset('', root=dataset, split=split_name, is_training=split == 'train', class_map=class_to_idx)
 
 
 def dataset_classes(dataset) -> List[str]:

@@ -8,6 +8,7 @@ from typing import Iterable, Iterator
 
 from tqdm import tqdm
 
+from bam_models.errors import count
 from bam_models.train.config import DataConfig, ScheduleConfig
 from bam_models.train.data import train_sample_count
 
@@ -46,8 +47,8 @@ def describe_plan(run, start_epoch: int = 0, start_step: int = 0) -> str:
     return (f"plan: {cfg.model.name}, {_parameters(sum(p.numel() for p in params))} parameters "
             f"({_parameters(trained)} trained); {train_sample_count(run.train_loader.dataset)} training and "
             f"{train_sample_count(run.val_loader.dataset)} validation images of {len(run.classes)} classes; "
-            f"input {size}{size_note}; {epochs} epochs{epochs_note} of {run.steps_per_epoch} steps "
-            f"({cfg.data.batch_size} images x {run.world} process{'es' if run.world > 1 else ''}); "
+            f"input {size}{size_note}; {count(epochs, 'epoch')}{epochs_note} of {count(run.steps_per_epoch, 'step')} "
+            f"({count(cfg.data.batch_size, 'image')} x {count(run.world, 'process', 'processes')}); "
             f"device {run.device}; output {cfg.train.output}{resumed}")
 
 
@@ -103,6 +104,6 @@ class RunClock:
         else:
             loader = 'the loader kept ahead of the model'
         left = self.steps_left - self.seen
-        tqdm.write(f"estimate: {per_step:.3g} s a step over {self.timed} steps, {100 * wait_share:.0f} % of it "
-                   f"waiting for data ({loader}, data.workers={self.workers}); {left} steps left: about "
+        tqdm.write(f"estimate: {per_step:.3g} s a step over {count(self.timed, 'step')}, {100 * wait_share:.0f} % of "
+                   f"it waiting for data ({loader}, data.workers={self.workers}); {count(left, 'step')} left: about "
                    f"{format_duration(left * per_step)}, plus validation after each epoch")
