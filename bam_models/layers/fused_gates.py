@@ -642,7 +642,7 @@ def _bam_refine_backward(ctx, grads):
     node = types.SimpleNamespace(
         saved_tensors=(saved, channel, spatial, conv_reduce[0]), graphs=(leaves[0], graphs[0], leaves[1], graphs[1]),
         params=params, conv_reduce=conv_reduce, fusion=ctx.fusion, input_relu=ctx.input_relu,
-        tuning=tuning_for(saved.device), needs_input_grad=(True,))
+        tuning=tuning_for(saved.device), needs_input_grad=ctx.needs_input_grad[:1])
     # only the output takes a gradient
     grad_x, *param_grads = _Bam.backward(node, grads[0])
     return (grad_x, *_state_grads(ctx, param_grads[6:]), None, None, None, None)  # after the node's six other inputs
@@ -699,7 +699,7 @@ def _cbam_refine_backward(ctx, grads):
         ctx, [('pooled', 1), ('pooled', 2)])
     node = types.SimpleNamespace(
         saved_tensors=(x, channel, spatial, peak_hw, peak_c), graphs=(leaves[0], graphs[0], leaves[1], graphs[1]),
-        params=params, tuning=tuning_for(x.device), needs_input_grad=(True,))
+        params=params, tuning=tuning_for(x.device), needs_input_grad=ctx.needs_input_grad[:1])
     grad_x, *param_grads = _Cbam.backward(node, grads[0])
     return (grad_x, *_state_grads(ctx, param_grads[4:]), None, None)  # after the node's four other inputs
 
