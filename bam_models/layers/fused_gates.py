@@ -11,9 +11,10 @@ slice at a time in reused buffers, and writes the gradient of x into a single fu
 the broadcast dimensions are batched matrix products.
 
 Gradients equal those of the plain formulas (`gating_reference.py`) up to float rounding. The modules run these
-nodes only where `config.use_fused_gating` says so: scripting, tracing, ONNX export, torch.export, torch.compile
-and torch.func see the plain formulas, because custom autograd functions are opaque to them and compilers fuse
-these elementwise ops on their own. Double backward through a node raises `FusedGatingError`, naming the switch
+nodes only where `config.use_fused_gating` says so: scripting, tracing, ONNX export, torch.export and torch.func
+see the plain formulas, because custom autograd functions are opaque to them. A torch.compile'd training step runs
+the nodes' steps as the custom ops at the end of this file (`config.use_gate_ops`); compiled inference sees the
+plain formulas, which the compiler fuses. Double backward through a node raises `FusedGatingError`, naming the switch
 that turns the nodes off. FX symbolic tracing (timm's feature extractors) treats BAM and CBAM as leaf modules.
 Kernel choices (matrix products, batch slices, two-step maxima, recomputation) come from `gating_tuning.TUNING`
 for the input's device kind.
