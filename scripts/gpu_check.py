@@ -17,8 +17,8 @@
 2. Measurements for resnet50_bam, resnet50_cbam and resnet50: training-step time (forward, loss, backward, SGD
    step), inference throughput and the peak memory of one training step (`torch.cuda.max_memory_allocated` on
    CUDA, the profiler's tensor peak on CPU), for the fused path, the reference path and torch.compile (with the
-   switch on: BAM's full-size step as the custom op `bam_models::bam_gate`), as ratios to the plain
-   resnet50 in eager mode measured in the same run.
+   switch on: a training step runs BAM and CBAM as the custom ops `bam_models::bam_refine` / `cbam_refine`), as
+   ratios to the plain resnet50 in eager mode measured in the same run.
 
 Prints a Markdown table and writes JSON. `--device cpu --quick` runs the same code at a tiny size, so that the
 script is tested without a GPU:
@@ -219,7 +219,8 @@ def _new_subject(name: str, variant: str, args, device: torch.device, inputs: In
     model = timm.create_model(name, num_classes=args.num_classes).to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    # compiled: the switch on, so the compiler sees BAM's full-size step as the custom op bam_models::bam_gate
+    # compiled: the switch on, so a training step sees BAM and CBAM as the custom ops bam_models::bam_refine /
+    # cbam_refine
     fused = variant in ('fused', 'compiled')
 
     @contextlib.contextmanager

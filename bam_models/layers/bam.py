@@ -24,7 +24,7 @@ from bam_models.errors import UsageError
 
 from .bounds import BAM_BOUNDS, check_bounds
 from .config import exporting, use_fused_gating, use_gate_ops
-from .fused_gates import bam_gate, bam_refine, bam_single_branch
+from .fused_gates import bam_op_config, bam_refine, bam_refine_compiled, bam_single_branch
 from .gating_reference import bam_attention_logits, bam_refine_reference
 from .gating_tuning import choose_kernel, tuning_for
 
@@ -50,7 +50,8 @@ class GateBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         use_batch_stats = not self.track_running_stats
         if self.training and not use_batch_stats:
-            use_batch_stats = x.shape[0] * x.shape[2] * x.shape[3] > 1
+            # a bool also for symbolic shapes (the compiled BAM op's backward traces this), which F.batch_norm needs
+            use_batch_stats = bool(x.shape[0] * x.shape[2] * x.shape[3] > 1)
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and use_batch_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -423,15 +424,18 @@ class BAM(nn.Module):
         if use_fused_gating(self.fused):
             return self._forward_fused(x)
         if self.channel_gate is not None and self.spatial_gate is not None and use_gate_ops(self.fused):
-            return self._forward_gate_op(x)
+            return self._forward_op(x)
         return self.forward_reference(x)
 
     @torch.jit.unused
-    def _forward_gate_op(self, x: torch.Tensor) -> torch.Tensor:
-        """Under torch.compile: the branches as plain ops for the compiler, the full-size step as the custom op
-        `bam_models::bam_gate`, so backward keeps no full-size gate."""
-        features = F.relu(x) if self.input_relu else x
-        return bam_gate(features, self.channel_gate(features), self.spatial_gate(features), self.fusion)
+    def _forward_op(self, x: torch.Tensor) -> torch.Tensor:
+        """Under torch.compile: the whole refinement, small networks included, as the custom op
+        `bam_models::bam_refine`, so the compiled step keeps only what the eager node keeps; gates the op has no
+        template for take the plain formulas."""
+        config = bam_op_config(self.channel_gate, self.spatial_gate, self.fusion)
+        if config is None:
+            return self.forward_reference(x)
+        return bam_refine_compiled(x, self.channel_gate, self.spatial_gate, config, self.fusion, self.input_relu)
 
     @torch.jit.unused
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from timm.layers import make_divisible, register_notrace_module
 
 from .bounds import CBAM_BOUNDS, check_bounds
-from .config import exporting, use_fused_gating
-from .fused_gates import cbam_refine
+from .config import exporting, use_fused_gating, use_gate_ops
+from .fused_gates import cbam_op_config, cbam_refine, cbam_refine_compiled
 from .gating_reference import (
     CBAM_POOL_TYPES, cbam_channel_descriptors, cbam_channel_weights_for_export, cbam_spatial_descriptors,
     mlp_pool_sum,
@@ -261,10 +261,24 @@ class CBAM(nn.Module):
         return refined * self.spatial_gate(refined)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting() or not self.fusable or not use_fused_gating(self.fused) or x.shape[0] == 0:
+        if torch.jit.is_scripting() or not self.fusable or x.shape[0] == 0:
             # an empty batch has nothing to save memory on
             return self.forward_reference(x)
-        return self._forward_fused(x)
+        if use_fused_gating(self.fused):
+            return self._forward_fused(x)
+        if use_gate_ops(self.fused):
+            return self._forward_op(x)
+        return self.forward_reference(x)
+
+    @torch.jit.unused
+    def _forward_op(self, x: torch.Tensor) -> torch.Tensor:
+        """Under torch.compile: the whole refinement, small networks included, as the custom op
+        `bam_models::cbam_refine`, so the compiled step keeps only what the eager node keeps; gates the op has no
+        template for take the plain formulas."""
+        config = cbam_op_config(self.channel_gate, self.spatial_gate)
+        if config is None:
+            return self.forward_reference(x)
+        return cbam_refine_compiled(x, self.channel_gate, self.spatial_gate, config)
 
     @torch.jit.unused
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:

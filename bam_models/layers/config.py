@@ -5,8 +5,9 @@ BAM and CBAM have two implementations of the same formulas: the memory-lean fuse
 differentiates on its own. The switch picks one, in this order:
 
 1. Scripting, tracing, ONNX export, torch.export and torch.func transforms always take the reference: custom
-   autograd nodes are opaque to them. torch.compile takes BAM's full-size step as the `torch.library` custom
-   op `bam_models::bam_gate` (`use_gate_ops`), which keeps the fused path's memory under the compiler.
+   autograd nodes are opaque to them. A torch.compile'd training step takes BAM's and CBAM's whole refinement as
+   the `torch.library` custom ops `bam_models::bam_refine` and `bam_models::cbam_refine` (`use_gate_ops`), which
+   keep the fused path's memory under the compiler; compiled inference takes the reference, which it fuses.
 2. A module's own `fused` attribute (constructor argument `fused=True|False`), where it is not None.
 3. The process-wide setting: `set_fused_gating(enabled)`, the `fused_gating(enabled)` context manager, or the
    environment variable `BAM_MODELS_FUSED_GATING=0|1` (default 1), read the first time the setting is needed:
@@ -98,12 +99,13 @@ def exporting() -> bool:
 
 @torch.jit.unused
 def use_gate_ops(override: Optional[bool] = None) -> bool:
-    """Whether a module with `fused=override` runs its full-size step as the library custom ops now: under
-    torch.compile with the switch on. Not under torch.export or ONNX export, whose programs must run where
-    bam_models is not installed, nor in eager mode, where the autograd nodes save more."""
+    """Whether a module with `fused=override` runs its refinement as its library custom op now: under
+    torch.compile with the switch on, where autograd records. Not under torch.export or ONNX export, whose
+    programs must run where bam_models is not installed; not in eager mode, which has the autograd nodes; and not
+    for compiled inference, which keeps nothing for backward and whose plain formulas the compiler fuses."""
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
         return False
-    if not torch.compiler.is_compiling() or torch.compiler.is_exporting():
+    if not torch.compiler.is_compiling() or torch.compiler.is_exporting() or not torch.is_grad_enabled():
         return False
     return _process_setting() if override is None else bool(override)
 

@@ -11,17 +11,19 @@ slice at a time in reused buffers, and writes the gradient of x into a single fu
 the broadcast dimensions are batched matrix products.
 
 Gradients equal those of the plain formulas (`gating_reference.py`) up to float rounding. The modules run these
-nodes only where `config.use_fused_gating` says so: scripting, tracing, ONNX export, torch.export, torch.compile
-and torch.func see the plain formulas, because custom autograd functions are opaque to them and compilers fuse
-these elementwise ops on their own. Double backward through a node raises `FusedGatingError`, naming the switch
+nodes only where `config.use_fused_gating` says so: scripting, tracing, ONNX export, torch.export and torch.func
+see the plain formulas, because custom autograd functions are opaque to them. A torch.compile'd training step runs
+the nodes' steps as the custom ops at the end of this file (`config.use_gate_ops`); compiled inference sees the
+plain formulas, which the compiler fuses. Double backward through a node raises `FusedGatingError`, naming the switch
 that turns the nodes off. FX symbolic tracing (timm's feature extractors) treats BAM and CBAM as leaf modules.
 Memory choices (batch slices, recomputation) come from `gating_tuning.TUNING` for the input's device kind;
 speed choices between equivalent kernels (BAM's 1x1 reduction as a convolution or a matrix product, CBAM's max
 over channels in one step or two) are measured at first use by `gating_tuning.choose_kernel`, with the table's
 defaults where nothing is measured.
 """
-from functools import partial
-from typing import List, Optional
+import functools
+import types
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +31,10 @@ import torch.nn.functional as F
 from .config import double_backward_error, fused_gating_supported
 from .gating_tuning import GatingTuning, choose_kernel, tuning_for
 
-__all__ = ['bam_gate', 'bam_refine', 'bam_single_branch', 'cbam_refine', 'channel_amax']
+__all__ = [
+    'bam_op_config', 'bam_refine', 'bam_refine_compiled', 'bam_refine_op', 'bam_single_branch', 'cbam_op_config',
+    'cbam_refine', 'cbam_refine_compiled', 'cbam_refine_op', 'channel_amax',
+]
 
 
 # CBAM's max over channels in two steps runs over strided groups of one of these many channels
@@ -56,7 +61,7 @@ def channel_amax(x: torch.Tensor, group: Optional[int] = None) -> torch.Tensor:
     candidates = {'amax': _amax}
     for g in sorted(set(_AMAX_GROUPS) | ({group} if group else set())):
         if channels > g and channels % g == 0:
-            candidates[f'two-step/{g}'] = partial(_grouped_amax, group=g)
+            candidates[f'two-step/{g}'] = functools.partial(_grouped_amax, group=g)
     default = f'two-step/{group}' if f'two-step/{group}' in candidates else 'amax'
     return candidates[choose_kernel('cbam_channel_max', (x,), candidates, default)](x)
 
@@ -482,70 +487,284 @@ def _keeps_dtype(x: torch.Tensor, factor: torch.Tensor) -> bool:
     return torch.promote_types(x.dtype, factor.dtype) == x.dtype
 
 
-# BAM's full-size step as a torch.library custom op, for torch.compile: compilers see it as one opaque node
-# with a fake (meta) kernel for shapes and a registered autograd formula, so `fullgraph=True` and torch.export
-# trace through it, while backward keeps only the refined input and the small gates instead of the plain
-# formula's full-size sigmoid and `1 + sigmoid`.
-@torch.library.custom_op('bam_models::bam_gate', mutates_args=())
-def bam_gate(features: torch.Tensor, channel: torch.Tensor, spatial: torch.Tensor, fusion: str) -> torch.Tensor:
-    """`features * (1 + sigmoid(fuse(channel, spatial)))` for (B, C, 1, 1) and (B, 1, H, W) logits, into a new
-    tensor laid out like `features` (written one batch slice of gate at a time)."""
-    return _refine(features, channel, spatial, fusion, tuning_for(features.device), overwrite=False)
+# torch.compile: BAM's and CBAM's whole refinement, small networks included, as torch.library custom ops.
+#
+# A compiler cannot see into the autograd nodes above, and from the plain formulas its graph keeps what they avoid:
+# BAM keeps relu(x) besides its output, CBAM the channel-refined map, and x's several full-size gradients are
+# summed. So each refinement is one custom op with a fake (meta) kernel and a registered autograd formula. Its
+# kernel runs the node's forward steps without autograd, the gates' small networks through
+# `torch.func.functional_call` on parameterless copies of the gates (`_bam_templates`, `_cbam_templates`) with the
+# module's own parameters and buffers, and also returns the small tensors the node keeps. Its backward rebuilds the
+# small networks' graphs from those and runs the node's own backward, so a compiled step keeps what an eager one
+# keeps. The BatchNorm buffers after the step come back as outputs, which the caller copies into the module: an op
+# with an autograd formula may not mutate its inputs. Gates that differ from the templates (another activation,
+# other BatchNorm settings, frozen norms) keep the plain formulas under the compiler (`bam_op_config`).
+
+def _meta_module(module: torch.nn.Module, training: bool) -> torch.nn.Module:
+    return module.to('meta').train(training)
 
 
-@bam_gate.register_fake
-def _bam_gate_fake(features, channel, spatial, fusion):
-    dtype = torch.promote_types(features.dtype, torch.promote_types(channel.dtype, spatial.dtype))
-    return torch.empty_like(features, dtype=dtype)
+@functools.lru_cache(maxsize=None)
+def _bam_templates(channels: int, rd_channels: int, dilation: int, num_dilated: int, out_norm: bool, training: bool):
+    from .bam import BamChannelGate, BamSpatialGate  # bam.py imports this module
+    return (_meta_module(BamChannelGate(channels, rd_channels, out_norm=out_norm), training),
+            _meta_module(BamSpatialGate(channels, rd_channels, dilation, num_dilated, out_norm=out_norm), training))
 
 
-@torch.library.custom_op('bam_models::bam_gate_backward', mutates_args=())
-def bam_gate_backward(
-        grad: torch.Tensor, features: torch.Tensor, channel: torch.Tensor, spatial: torch.Tensor, fusion: str,
+@functools.lru_cache(maxsize=None)
+def _cbam_templates(channels: int, rd_channels: int, mlp_bias: bool, kernel_size: int, training: bool):
+    from .cbam import CbamChannelGate, CbamSpatialGate  # cbam.py imports this module
+    return (_meta_module(CbamChannelGate(channels, rd_channels, mlp_bias=mlp_bias), training),
+            _meta_module(CbamSpatialGate(kernel_size), training))
+
+
+def _fits(gates, templates) -> bool:
+    """Whether the gates compute what the templates compute: the same layers with the same settings and mode."""
+    return all(repr(g) == repr(t) and all(m.training == t.training for m in g.modules())
+               for g, t in zip(gates, templates))
+
+
+@torch.compiler.assume_constant_result  # evaluated when the compiler traces, not in the compiled graph
+def bam_op_config(channel_gate: torch.nn.Module, spatial_gate: torch.nn.Module, fusion: str) -> Optional[List[int]]:
+    """The `config` of `bam_refine_op` for a BAM's two gates, or None where they differ from its templates."""
+    num_dilated = sum(name.startswith('conv_dil') for name in spatial_gate._modules)
+    dilation = spatial_gate.conv_dil0.dilation[0] if num_dilated else 1
+    config = [channel_gate.fc1.in_channels, channel_gate.fc1.out_channels, dilation, num_dilated,
+              int(fusion != 'product')]
+    return config if _fits((channel_gate, spatial_gate), _bam_templates(*config, channel_gate.training)) else None
+
+
+@torch.compiler.assume_constant_result
+def cbam_op_config(channel_gate: torch.nn.Module, spatial_gate: torch.nn.Module) -> Optional[List[int]]:
+    """The `config` of `cbam_refine_op` for a CBAM's two gates, or None where they differ from its templates."""
+    fc1 = channel_gate.fc1
+    config = [fc1.in_channels, fc1.out_channels, int(fc1.bias is not None), spatial_gate.conv.kernel_size[0]]
+    return config if _fits((channel_gate, spatial_gate), _cbam_templates(*config, channel_gate.training)) else None
+
+
+def _state(module: torch.nn.Module) -> List[torch.Tensor]:
+    """A gate's parameters, then its buffers: what a template runs on."""
+    return [*module.parameters(), *module.buffers()]
+
+
+def _num_params(template: torch.nn.Module) -> int:
+    return sum(1 for _ in template.parameters())
+
+
+def _call(template: torch.nn.Module, state: List[torch.Tensor], **inputs) -> torch.Tensor:
+    """The template run on `state`; BatchNorm updates the state's buffers in place."""
+    names = [name for name, _ in template.named_parameters()] + [name for name, _ in template.named_buffers()]
+    return torch.func.functional_call(template, dict(zip(names, state)), (), inputs)
+
+
+def _with_buffer_copies(templates, states) -> Tuple[List[List[torch.Tensor]], List[torch.Tensor]]:
+    """The states with copies of their buffers, and all those copies."""
+    owned, copies = [], []
+    for template, state in zip(templates, states):
+        num_params = _num_params(template)
+        own = [b.clone() for b in state[num_params:]]
+        owned.append([*state[:num_params], *own])
+        copies += own
+    return owned, copies
+
+
+def _setup(ctx, config, training, states, kept, buffers) -> None:
+    """Saves the kept tensors, the parameters and the buffers after the step; the kept small tensors and the
+    buffers are outputs that take no gradient."""
+    ctx.num_params = [_num_params(t) for t in ctx.templates(*config, training)]
+    ctx.num_state = [len(s) for s in states]
+    params = [p for state, n in zip(states, ctx.num_params) for p in state[:n]]
+    ctx.params_need_grad = [p.requires_grad for p in params]
+    ctx.num_kept = len(kept)
+    ctx.config, ctx.training = config, training
+    ctx.save_for_backward(*kept, *params, *buffers)
+    ctx.mark_non_differentiable(*kept[1:], *buffers)
+
+
+def _small_graphs(ctx, gate_inputs: List[Tuple[str, int]]) -> Tuple[list, list, list, list]:
+    """The kept tensors; the gates' inputs as leaves (for each gate, its keyword argument and the index of the kept
+    tensor it takes); the gates' small networks rebuilt with autograd from those on leaf copies of the parameters
+    and copies of the buffers after the step; and the parameter leaves, per gate."""
+    saved = ctx.saved_tensors
+    kept, state = saved[:ctx.num_kept], iter(saved[ctx.num_kept:])
+    params = [[next(state).detach().requires_grad_(r) for r in requires]
+              for requires in _split(ctx.params_need_grad, ctx.num_params)]
+    leaves = [_leaf(kept[index]) for _, index in gate_inputs]
+    outputs = []
+    with torch.enable_grad():
+        for template, own, num_state, (name, _), leaf in zip(
+                ctx.templates(*ctx.config, ctx.training), params, ctx.num_state, gate_inputs, leaves):
+            buffers = [next(state).clone() for _ in range(num_state - len(own))]
+            outputs.append(_call(template, own + buffers, **{name: leaf}))
+    return kept, leaves, outputs, params
+
+
+def _split(items: list, sizes: List[int]) -> List[list]:
+    parts, start = [], 0
+    for size in sizes:
+        parts.append(items[start:start + size])
+        start += size
+    return parts
+
+
+def _state_grads(ctx, param_grads) -> List[List[Optional[torch.Tensor]]]:
+    """Gradients for the two state inputs: the parameters', none for the buffers."""
+    return [[*grads, *[None] * (num_state - len(grads))]
+            for grads, num_state in zip(_split(list(param_grads), ctx.num_params), ctx.num_state)]
+
+
+def _leaf(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().requires_grad_()
+
+
+def _copy_buffers(gates, buffers: List[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for buffer, value in zip([b for gate in gates for b in gate.buffers()], buffers):
+            buffer.copy_(value)
+
+
+@torch.library.custom_op('bam_models::bam_refine', mutates_args=())
+def bam_refine_op(
+        x: torch.Tensor,
+        channel_state: List[torch.Tensor],
+        spatial_state: List[torch.Tensor],
+        config: List[int],
+        training: bool,
+        fusion: str,
+        input_relu: bool,
 ) -> List[torch.Tensor]:
-    """Gradients of `bam_gate` for features, channel and spatial, with the gate rebuilt per batch slice."""
-    dtype = torch.promote_types(grad.dtype, torch.promote_types(features.dtype, channel.dtype))
-    tuning = tuning_for(features.device)
-    slices = _batch_slices(features, tuning, channel, spatial)
-    gate_buffer = _gate_like(features[slices[0]], channel, spatial)
-    logits_buffer = torch.empty_like(gate_buffer, dtype=dtype)
-    grad_features = torch.empty_like(features, dtype=dtype)
-    grad_channel = torch.empty_like(channel, dtype=dtype)
-    grad_spatial = torch.empty_like(spatial, dtype=dtype)
-    for part in slices:
-        g, r = grad[part], features[part]
-        n = g.shape[0]
-        gate = _combined_sigmoid(channel[part], spatial[part], fusion, gate_buffer[:n])
-        # d out / d logits = g * r * gate * (1 - gate)
-        grad_logits = torch.mul(g, r, out=logits_buffer[:n])
-        torch.ops.aten.sigmoid_backward.grad_input(grad_logits, gate, grad_input=grad_logits)
-        _reduce_logit_grads(grad_logits, channel[part], spatial[part], fusion, grad_channel, grad_spatial, part)
-        torch.addcmul(g, g, gate, out=grad_features[part])
-    return [grad_features, grad_channel.to(channel.dtype), grad_spatial.to(spatial.dtype)]
+    """`_Bam`'s refinement of x (r = relu(x) with `input_relu`) for the gates of `bam_op_config` `config` with the
+    states `_state` gives: [output, mean of r over H, W, 1x1-reduced r, Mc, Ms, the gates' buffers after the step]."""
+    templates = _bam_templates(*config, training)
+    (channel_state, spatial_state), buffers = _with_buffer_copies(templates, (channel_state, spatial_state))
+    tuning = tuning_for(x.device)
+    r = torch.relu(x) if input_relu else x
+    pooled = r.mean((2, 3))
+    reduced = _pointwise_conv(r, spatial_state[0], spatial_state[1], tuning)  # conv_reduce's weight and bias
+    channel = _call(templates[0], channel_state, pooled=pooled)
+    spatial = _call(templates[1], spatial_state, reduced=reduced)
+    # the ReLU's output is the kernel's own: the refinement may go over it
+    out = _refine(r, channel, spatial, fusion, tuning, overwrite=input_relu)
+    return [out, pooled, reduced.contiguous(), channel.contiguous(), spatial.contiguous(), *buffers]
 
 
-@bam_gate_backward.register_fake
-def _bam_gate_backward_fake(grad, features, channel, spatial, fusion):
-    dtype = torch.promote_types(grad.dtype, torch.promote_types(features.dtype, channel.dtype))
-    return [torch.empty_like(features, dtype=dtype), torch.empty_like(channel), torch.empty_like(spatial)]
+@bam_refine_op.register_fake
+def _bam_refine_fake(x, channel_state, spatial_state, config, training, fusion, input_relu):
+    batch, channels, height, width = x.shape
+    num_params = [_num_params(t) for t in _bam_templates(*config, training)]
+    buffers = [*channel_state[num_params[0]:], *spatial_state[num_params[1]:]]
+    return [torch.empty_like(x), x.new_empty(batch, channels), x.new_empty(batch, config[1], height, width),
+            x.new_empty(batch, channels, 1, 1), x.new_empty(batch, 1, height, width),
+            *[torch.empty_like(b) for b in buffers]]
 
 
-def _bam_gate_setup_context(ctx, inputs, output):
-    features, channel, spatial, fusion = inputs
-    ctx.save_for_backward(features, channel, spatial)
-    ctx.fusion = fusion
+def _bam_refine_setup(ctx, inputs, output):
+    x, channel_state, spatial_state, config, training, fusion, input_relu = inputs
+    out, pooled, reduced, channel, spatial, *buffers = output
+    ctx.templates, ctx.fusion, ctx.input_relu = _bam_templates, fusion, input_relu
+    # with r = relu(x), the output, which the next layer keeps anyway, instead of x: r is rebuilt from it
+    _setup(ctx, config, training, (channel_state, spatial_state),
+           (out if input_relu else x, pooled, reduced, channel, spatial), buffers)
 
 
-def _bam_gate_autograd(ctx, grad):
-    features, channel, spatial = ctx.saved_tensors
-    grad_features, grad_channel, grad_spatial = bam_gate_backward(
-        grad.contiguous(memory_format=_memory_format(features)), features, channel, spatial, ctx.fusion)
-    return grad_features.to(features.dtype), grad_channel, grad_spatial, None
+def _bam_refine_backward(ctx, grads):
+    (saved, _, _, channel, spatial), leaves, graphs, params = _small_graphs(ctx, [('pooled', 1), ('reduced', 2)])
+    conv_reduce = params[1][:2]  # its weight and bias
+    node = types.SimpleNamespace(
+        saved_tensors=(saved, channel, spatial, conv_reduce[0]), graphs=(leaves[0], graphs[0], leaves[1], graphs[1]),
+        params=params, conv_reduce=conv_reduce, fusion=ctx.fusion, input_relu=ctx.input_relu,
+        tuning=tuning_for(saved.device), needs_input_grad=ctx.needs_input_grad[:1])
+    # only the output takes a gradient
+    grad_x, *param_grads = _Bam.backward(node, grads[0])
+    return (grad_x, *_state_grads(ctx, param_grads[6:]), None, None, None, None)  # after the node's six other inputs
 
 
-def _memory_format(t: torch.Tensor) -> torch.memory_format:
-    return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) \
-        and not t.is_contiguous() else torch.contiguous_format
+bam_refine_op.register_autograd(_bam_refine_backward, setup_context=_bam_refine_setup)
 
 
-bam_gate.register_autograd(_bam_gate_autograd, setup_context=_bam_gate_setup_context)
+@torch.library.custom_op('bam_models::cbam_refine', mutates_args=())
+def cbam_refine_op(
+        x: torch.Tensor,
+        channel_state: List[torch.Tensor],
+        spatial_state: List[torch.Tensor],
+        config: List[int],
+        training: bool,
+) -> List[torch.Tensor]:
+    """`_Cbam`'s refinement of x for the gates of `cbam_op_config` `config` with the states `_state` gives:
+    [output, [mean; max] over H, W, [max; mean] over C of x * Mc, Mc, Ms, max over H, W, max over C, the gates'
+    buffers after the step]."""
+    templates = _cbam_templates(*config, training)
+    (channel_state, spatial_state), buffers = _with_buffer_copies(templates, (channel_state, spatial_state))
+    peak_hw = x.amax((2, 3))
+    pooled_hw = torch.cat([x.mean((2, 3)), peak_hw], dim=0)
+    channel = _call(templates[0], channel_state, pooled=pooled_hw)
+    refined = x * channel
+    peak_c = channel_amax(refined, tuning_for(x.device).amax_group)
+    pooled_c = torch.cat([peak_c, refined.mean(1, keepdim=True)], dim=1)
+    spatial = _call(templates[1], spatial_state, pooled=pooled_c)
+    out = refined.mul_(spatial) if _keeps_dtype(refined, spatial) else refined * spatial
+    small = (pooled_hw, pooled_c, channel, spatial, peak_hw, peak_c)
+    return [out, *[t.contiguous() for t in small], *buffers]
+
+
+@cbam_refine_op.register_fake
+def _cbam_refine_fake(x, channel_state, spatial_state, config, training):
+    batch, channels, height, width = x.shape
+    num_params = [_num_params(t) for t in _cbam_templates(*config, training)]
+    buffers = [*channel_state[num_params[0]:], *spatial_state[num_params[1]:]]
+    return [torch.empty_like(x), x.new_empty(2 * batch, channels), x.new_empty(batch, 2, height, width),
+            x.new_empty(batch, channels, 1, 1), x.new_empty(batch, 1, height, width), x.new_empty(batch, channels),
+            x.new_empty(batch, 1, height, width), *[torch.empty_like(b) for b in buffers]]
+
+
+def _cbam_refine_setup(ctx, inputs, output):
+    x, channel_state, spatial_state, config, training = inputs
+    out, pooled_hw, pooled_c, channel, spatial, peak_hw, peak_c, *buffers = output
+    ctx.templates = _cbam_templates
+    _setup(ctx, config, training, (channel_state, spatial_state),
+           (x, pooled_hw, pooled_c, channel, spatial, peak_hw, peak_c), buffers)
+
+
+def _cbam_refine_backward(ctx, grads):
+    (x, _, _, channel, spatial, peak_hw, peak_c), leaves, graphs, params = _small_graphs(
+        ctx, [('pooled', 1), ('pooled', 2)])
+    node = types.SimpleNamespace(
+        saved_tensors=(x, channel, spatial, peak_hw, peak_c), graphs=(leaves[0], graphs[0], leaves[1], graphs[1]),
+        params=params, tuning=tuning_for(x.device), needs_input_grad=ctx.needs_input_grad[:1])
+    grad_x, *param_grads = _Cbam.backward(node, grads[0])
+    return (grad_x, *_state_grads(ctx, param_grads[4:]), None, None)  # after the node's four other inputs
+
+
+cbam_refine_op.register_autograd(_cbam_refine_backward, setup_context=_cbam_refine_setup)
+
+
+def bam_refine_compiled(
+        x: torch.Tensor,
+        channel_gate: torch.nn.Module,
+        spatial_gate: torch.nn.Module,
+        config: List[int],
+        fusion: str,
+        input_relu: bool,
+) -> torch.Tensor:
+    """BAM's refinement as the custom op `bam_models::bam_refine` (under torch.compile; `config` from
+    `bam_op_config`), with the gates' BatchNorm buffers updated as the eager node updates them."""
+    training = channel_gate.training
+    outputs = bam_refine_op(x, _state(channel_gate), _state(spatial_gate), config, training, fusion, input_relu)
+    if training:
+        _copy_buffers((channel_gate, spatial_gate), outputs[5:])
+    return outputs[0]
+
+
+def cbam_refine_compiled(
+        x: torch.Tensor,
+        channel_gate: torch.nn.Module,
+        spatial_gate: torch.nn.Module,
+        config: List[int],
+) -> torch.Tensor:
+    """CBAM's refinement as the custom op `bam_models::cbam_refine` (under torch.compile; `config` from
+    `cbam_op_config`), with the spatial gate's BatchNorm buffers updated as the eager node updates them."""
+    training = channel_gate.training
+    outputs = cbam_refine_op(x, _state(channel_gate), _state(spatial_gate), config, training)
+    if training:
+        _copy_buffers((channel_gate, spatial_gate), outputs[7:])
+    return outputs[0]

@@ -90,7 +90,9 @@ def cbam_spatial_descriptors(x: torch.Tensor) -> torch.Tensor:
 
 def cbam_channel_weights_for_export(x: torch.Tensor, fc1: torch.nn.Module, act: torch.nn.Module,
                                     fc2: torch.nn.Module) -> torch.Tensor:
-    """sigmoid(MLP(AvgPool(F)) + MLP(MaxPool(F))), (B, C, 1, 1), with (B, C, 1, 1) pools and the MLP's 1x1
-    convolutions applied to each: the pools become ONNX's GlobalAveragePool / GlobalMaxPool and the graph needs no
-    stacking and slicing of the two descriptors. The same numbers as the (2B, C) form."""
-    return torch.sigmoid(fc2(act(fc1(x.mean((2, 3), keepdim=True)))) + fc2(act(fc1(x.amax((2, 3), keepdim=True)))))
+    """sigmoid(MLP(AvgPool(F)) + MLP(MaxPool(F))), (B, C, 1, 1), as few ONNX nodes: the (B, C, 1, 1) pools
+    (GlobalAveragePool / GlobalMaxPool) side by side along W, the MLP's 1x1 convolutions once on both, and the sum
+    over the two. No stacking and slicing along the batch, no second copy of the MLP; the same numbers as the
+    (2B, C) form."""
+    pooled = torch.cat([x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)], dim=3)  # (B, C, 1, 2)
+    return torch.sigmoid(fc2(act(fc1(pooled))).sum(3, keepdim=True))
