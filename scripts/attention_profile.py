@@ -24,7 +24,8 @@ def main(argv=None) -> int:
     parser.add_argument('--quick', action='store_true', help='a tiny run (resnet18, 64 px, batch 2) to test it')
     parser.add_argument('--markdown', help='also write the tables to a file')
     args = parser.parse_args(argv)
-    from bam_models.benchmark.attention_profile import copy_bandwidth, format_attention_profile, profile_attention
+    from bam_models.benchmark.attention_profile import (
+        attention_ops, copy_bandwidth, format_attention_ops, format_attention_profile, profile_attention)
     from bam_models.benchmark.report import describe_machine, write_report
     if args.quick:
         args.models, args.trunk, args.img_size, args.batch_size, args.repeats = ['resnet18_bam'], 'resnet18', 64, 2, 1
@@ -35,6 +36,8 @@ def main(argv=None) -> int:
     machine = describe_machine()
     tables = [format_attention_profile(profile_attention(
         name, args.trunk, args.img_size, args.batch_size, args.repeats, bandwidth=bandwidth)) for name in args.models]
+    tables += [format_attention_ops(name, attention_ops(name, args.img_size, args.batch_size, train=train), train)
+               for name in args.models for train in (True, False)]
     footer = (f"{machine['cpu']}, {machine['threads']} threads, torch {machine['torch']}, {machine['date']}; "
               f"{args.img_size} px, batch {args.batch_size}, median of {args.repeats}")
     write_report({}, '\n\n'.join(tables) + '\n\n' + footer, None, args.markdown)

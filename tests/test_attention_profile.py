@@ -6,7 +6,8 @@ import pytest
 import timm
 import torch
 
-from bam_models.benchmark.attention_profile import MIN_PASSES, AttentionTimer, copy_bandwidth, profile_attention
+from bam_models.benchmark.attention_profile import (
+    MIN_PASSES, AttentionTimer, attention_ops, copy_bandwidth, profile_attention)
 
 _SCRIPT = Path(__file__).parents[1] / 'scripts' / 'attention_profile.py'
 
@@ -51,6 +52,17 @@ def test_profile_rows_set_time_against_the_floor():
             assert row['floor_ms'] == pytest.approx(1e3 * MIN_PASSES[row['pass_']] * row['map_mib'] * 2**20 / 1e10)
 
 
+@pytest.mark.parametrize('train', [True, False])
+def test_attention_ops_are_the_modules_own_aten_calls(train):
+    rows = attention_ops('resnet18_cbam', img_size=64, batch_size=2, top=50, train=train)
+    names = [row['op'] for row in rows]
+    assert all(row['calls'] > 0 and row['ms'] >= 0 for row in rows)
+    # CBAM's 7x7 spatial convolution and its sigmoids run in both passes, gradients only in training
+    assert 'aten::sigmoid' in names or 'aten::sigmoid_' in names, names
+    assert any('backward' in name for name in names) == train, names
+    assert 'aten::max_pool2d' not in names  # the stem's pool is the trunk's, not the attention's
+
+
 def test_copy_bandwidth_is_a_rate():
     assert 1e8 < copy_bandwidth(mib=16, repeats=2) < 1e13
 
@@ -60,4 +72,5 @@ def test_quick_script_prints_both_tables(tmp_path, capsys):
     assert _load_script().main(['--quick', '--markdown', str(out)]) == 0
     table = capsys.readouterr().out
     assert '| `resnet18_bam` | train |' in table and 'GB/s' in table and '64 px, batch 2' in table
+    assert "`resnet18_bam`'s attention modules alone, forward and backward" in table
     assert out.read_text().strip() == table.strip()

@@ -9,6 +9,7 @@ inside a real training step and inference pass, and sets the sum against that fl
 module hooks; backward time by hooks on the module's autograd node, which on the fused path (the default) holds
 the module's whole backward, small networks included (the CPU runs autograd in one thread, one node at a time).
 """
+import math
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -19,7 +20,8 @@ import torch.nn as nn
 from bam_models.benchmark.subject import Inputs, Subject, create_benchmarked_model
 from bam_models.layers import BAM, CBAM
 
-__all__ = ['MIN_PASSES', 'AttentionTimer', 'copy_bandwidth', 'profile_attention', 'format_attention_profile']
+__all__ = ['MIN_PASSES', 'AttentionTimer', 'attention_ops', 'copy_bandwidth', 'format_attention_ops',
+           'format_attention_profile', 'profile_attention']
 
 # whole-map passes any implementation needs: forward reads x and writes y; backward reads dy and x (or y) and
 # writes dx
@@ -131,4 +133,49 @@ def format_attention_profile(rows: List[Dict]) -> str:
             f"{row['total_ms'] / trunk_total[row['pass_']]:.3f}× | {row['attention_ms']:.1f} | "
             f"{row['map_mib']:.0f} | {floor:.1f} | " + (f"{row['attention_ms'] / floor:.1f}×" if floor else '–') + ' |')
     lines.append(f"\nmemory bandwidth (best large copy): {rows[0]['bandwidth_gbs']:.1f} GB/s")
+    return '\n'.join(lines)
+
+
+def attention_ops(name: str, img_size: int = 224, batch_size: int = 16, top: int = 8,
+                  train: bool = True) -> List[Dict]:
+    """The `top` ATen ops by own time inside `name`'s attention modules, each run alone on the inputs it meets in
+    the model (forward and, with `train`, backward), with the bytes of the tensors each call reads."""
+    model = create_benchmarked_model(name).train(train)
+    captured = []
+    handles = [m.register_forward_pre_hook(lambda m, args: captured.append((m, args[0].detach().clone())))
+               for m in model.modules() if isinstance(m, (BAM, CBAM))]
+    with torch.no_grad():
+        model(Inputs.draw(img_size, batch_size).batch)
+    for handle in handles:
+        handle.remove()
+
+    grads = {}  # made in the warm-up, so that filling them is not counted as the modules' work
+
+    def run_modules():
+        for index, (module, x) in enumerate(captured):
+            x = x.requires_grad_(train)
+            with torch.set_grad_enabled(train):
+                out = module(x)
+            if train:
+                out.backward(grads.setdefault(index, torch.ones_like(out)))
+
+    run_modules()  # warm-up: kernel choices, oneDNN primitives
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+        run_modules()
+    rows = {}
+    for event in prof.key_averages(group_by_input_shape=True):
+        read = sum(math.prod(shape) for shape in event.input_shapes if shape) * 4 * event.count
+        row = rows.setdefault(event.key, dict(op=event.key, ms=0.0, calls=0, read_mib=0.0))
+        row['ms'] += event.self_cpu_time_total / 1e3
+        row['calls'] += event.count
+        row['read_mib'] += read / 2**20
+    return sorted(rows.values(), key=lambda r: -r['ms'])[:top]
+
+
+def format_attention_ops(name: str, rows: List[Dict], train: bool) -> str:
+    lines = [f"`{name}`'s attention modules alone, {'forward and backward' if train else 'inference'}: "
+             "the ops with the most own time",
+             '', '| op | calls | ms | MiB its calls take as inputs |', '|---|---:|---:|---:|']
+    lines += [f"| `{r['op']}` | {r['calls']} | {r['ms']:.1f} | {r['read_mib']:.0f} |" for r in rows]
     return '\n'.join(lines)
