@@ -1,6 +1,4 @@
 """ scripts/attention_profile.py: the attention modules' own time inside real passes, and the bandwidth floor. """
-import importlib.util
-from pathlib import Path
 
 import pytest
 import timm
@@ -9,14 +7,8 @@ import torch
 from bam_models.benchmark.attention_profile import (
     MIN_PASSES, AttentionTimer, attention_ops, copy_bandwidth, profile_attention)
 
-_SCRIPT = Path(__file__).parents[1] / 'scripts' / 'attention_profile.py'
+from _scripts import load_script
 
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location('attention_profile', _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize('name', ['resnet18_bam', 'resnet18_cbam'])
@@ -69,7 +61,7 @@ def test_copy_bandwidth_is_a_rate():
 
 def test_quick_script_prints_both_tables(tmp_path, capsys):
     out = tmp_path / 'profile.md'
-    assert _load_script().main(['--quick', '--markdown', str(out)]) == 0
+    assert load_script('attention_profile').main(['--quick', '--markdown', str(out)]) == 0
     table = capsys.readouterr().out
     assert '| `resnet18_bam` | train |' in table and 'GB/s' in table and '64 px, batch 2' in table
     assert "`resnet18_bam`'s attention modules alone, forward and backward" in table

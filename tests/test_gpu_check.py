@@ -1,25 +1,17 @@
 """ scripts/gpu_check.py runs end to end on CPU at its quick size, so it is ready for a GPU machine. """
-import importlib.util
 import json
-import os
 
 import pytest
 import torch
 
+from _scripts import load_script
+
 pytestmark = pytest.mark.slow  # the whole module runs a CLI end to end
 
-_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts', 'gpu_check.py')
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location('gpu_check', _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_quick_cpu_run_checks_fused_against_reference_and_measures_every_variant(tmp_path, capsys):
-    gpu_check = _load_script()
+    gpu_check = load_script('gpu_check')
     out_json, out_md = tmp_path / 'check.json', tmp_path / 'check.md'
     try:
         # the quick size itself (64 px): at 32 px the last stages are 1-2 pixels wide and bf16 gradients of both
@@ -59,6 +51,6 @@ def test_quick_cpu_run_checks_fused_against_reference_and_measures_every_variant
 
 
 def test_a_measurement_precision_the_device_cannot_train_in_is_refused(capsys):
-    gpu_check = _load_script()
+    gpu_check = load_script('gpu_check')
     assert gpu_check.main(['--device', 'cpu', '--quick', '--precision', 'fp16', '-q']) == 2
     assert 'error: --precision fp16 cannot be measured on cpu' in capsys.readouterr().err

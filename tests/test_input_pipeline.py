@@ -1,26 +1,18 @@
 """ scripts/input_pipeline.py measures the training loader alone, the same images as a folder and as shards. """
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from _scripts import load_script
+
 pytestmark = pytest.mark.slow  # loader worker processes
 
-_SCRIPT = Path(__file__).parents[1] / 'scripts' / 'input_pipeline.py'
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location('input_pipeline', _SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_quick_run_times_folder_and_shards_over_the_same_images(tmp_path, capsys):
     pytest.importorskip('webdataset')
     out = tmp_path / 'pipeline.json'
-    assert _load_script().main(['--quick', '--workers', '0', '1', '--json', str(out)]) == 0
+    assert load_script('input_pipeline').main(['--quick', '--workers', '0', '1', '--json', str(out)]) == 0
     result = json.loads(out.read_text())
     rows = {(r['source'], r['workers']): r for r in result['rows']}
     assert set(rows) == {(source, workers) for source in ('folder', 'shards') for workers in (0, 1)}
@@ -33,7 +25,7 @@ def test_quick_run_times_folder_and_shards_over_the_same_images(tmp_path, capsys
 
 
 def test_too_few_images_for_a_batch_is_one_line(capsys):
-    assert _load_script().main(['--images', '3', '--batch-size', '32', '--workers', '0']) == 2
+    assert load_script('input_pipeline').main(['--images', '3', '--batch-size', '32', '--workers', '0']) == 2
     err = capsys.readouterr().err.strip()
     assert err == ('error: 3 images make no full batch of 32 with every one of the 10 classes; measure at least 32 '
                    'images (--images)')
