@@ -176,9 +176,10 @@ RESNET18 = {'Conv': 20, 'Relu': 17, 'Add': 8, 'MaxPool': 1, 'GlobalAveragePool':
     # x * (1 + sigmoid(Mc * Ms))
     ('resnet18_bam', 3, {'GlobalAveragePool': 1, 'Conv': 6, 'Relu': 4, 'Mul': 2, 'Sigmoid': 1, 'Add': 1}),
     # each CBAM: the two global pools side by side through one pass of the shared MLP (two 1x1 convolutions and
-    # a ReLU) and a ReduceSum over the two, then the channel max and mean side by side through the 7x7 convolution
-    ('resnet18_cbam', 8, {'GlobalAveragePool': 1, 'GlobalMaxPool': 1, 'Concat': 2, 'Conv': 3, 'Relu': 1,
-                          'ReduceSum': 1, 'ReduceMax': 1, 'ReduceMean': 1, 'Sigmoid': 2, 'Mul': 2}),
+    # a ReLU) and a ReduceSum over the two, then the channel max and the channel mean (a 1x1 convolution with
+    # weights 1 / C, no strided ReduceMean) side by side through the 7x7 convolution
+    ('resnet18_cbam', 8, {'GlobalAveragePool': 1, 'GlobalMaxPool': 1, 'Concat': 2, 'Conv': 4, 'Relu': 1,
+                          'ReduceSum': 1, 'ReduceMax': 1, 'Sigmoid': 2, 'Mul': 2}),
 ])
 def test_onnx_graph_is_one_onnxruntime_runs_well(tmp_path, name, gates, per_gate):
     import collections
