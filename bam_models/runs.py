@@ -251,6 +251,12 @@ def read_resume(path: PathLike, required: Sequence[str], config: Mapping[str, An
     return state
 
 
+def is_main_process() -> bool:
+    """Whether this process is rank 0 of its launch (torchrun sets RANK; a plain run is rank 0), readable before
+    torch.distributed starts and after it ends: only rank 0 owns the run folder and speaks for the run."""
+    return int(os.environ.get('RANK', '0')) == 0
+
+
 def resolve_resume(resume: Optional[str], output: PathLike) -> Optional[str]:
     """The checkpoint a run continues from: `resume` as given; for 'auto', OUTPUT/last.pth when it exists, else
     None (the run starts: the first start of a job launched with auto, or a restart before an epoch ended)."""

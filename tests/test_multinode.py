@@ -99,7 +99,8 @@ def test_two_single_process_nodes_write_one_run_folder_with_equal_weights(shards
     # both nodes were given the same output folder: only rank 0 locked and wrote it, one set of files
     assert sorted(p.name for p in output.iterdir()) == RUN_FILES
     assert sorted(p.name for p in tmp_path.iterdir()) == ['node0.txt', 'node1.txt', 'run']
-    assert sum(text.count('plan: ') for text in texts) == 1, texts
+    # one plan line and one report line for the run, not one per process
+    assert sum(text.count('plan: ') for text in texts) == 1 and sum(text.count('done in ') for text in texts) == 1
     assert json.loads((output / 'summary.json').read_text())['processes'] == 2
     (record,) = _log(output)
     assert record['val_images'] == 20  # 3 validation shards over 2 processes: 12 + 8, each sample once

@@ -19,9 +19,12 @@ def require_job(config: Optional[str], overrides: List[str]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bam_models.runs import is_main_process
     from bam_models.train import load_config, train
     require_job(args.config, args.set)
     summary = train(load_config(args.config, args.set), resume=args.resume, overwrite=args.overwrite)
+    if not is_main_process():  # one report per run, not one per process
+        return 0
     if summary.get('best') is not None and summary.get('output'):
         best = summary['best']
         hub = f", Hub format in {summary['hub_dir']}" if 'hub_dir' in summary else ''

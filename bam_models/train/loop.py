@@ -9,7 +9,6 @@ Epochs are numbered from 1 everywhere: the console, `log.jsonl`, `summary.json`,
 """
 import hashlib
 import json
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -27,8 +26,8 @@ from bam_models.checkpoint import describe_mismatch, key_mismatch, read_state_di
 from bam_models.errors import CheckpointError, NonFiniteLossError
 from bam_models.hub import save_pretrained
 from bam_models.runs import (
-    BEST, Checkpointer, RunFolderLock, StopRequest, autocast_for, prepare_run_folder, read_resume, resolve_resume,
-    seed_epoch, set_rng_state, share_resume)
+    BEST, Checkpointer, RunFolderLock, StopRequest, autocast_for, is_main_process, prepare_run_folder, read_resume,
+    resolve_resume, seed_epoch, set_rng_state, share_resume)
 from bam_models.train.build import Run, base_weights, build_run, check_config
 from bam_models.train.config import RunConfig
 from bam_models.train.data import dataset_name, start_epoch
@@ -312,7 +311,7 @@ def train(cfg: RunConfig, resume: Optional[str] = None, overwrite: bool = False)
     """
     classes = check_config(cfg)
     output = Path(cfg.train.output)
-    is_main = int(os.environ.get('RANK', '0')) == 0  # before torch.distributed starts: only rank 0 owns the folder
+    is_main = is_main_process()
     resume = resolve_resume(resume, output) if is_main else None  # the others get rank 0's state from it
     resumed = resume_state(cfg, resume) if resume else None
     started = time.perf_counter()
