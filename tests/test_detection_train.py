@@ -40,15 +40,17 @@ def test_detect_train_checkpoints_resumes_and_scores(tmp_path, capsys, monkeypat
     with monkeypatch.context() as patch:
         _crash_in_epoch(patch, 1)
         with pytest.raises(RuntimeError, match='killed'):
-            main(common + ['--epochs', '2', '--amp'])
+            # 'auto' with no OUT/last.pth yet starts the run
+            main(common + ['--epochs', '2', '--amp', '--resume', 'auto'])
     state = torch.load(out / 'last.pth', weights_only=True)
     assert state['epoch'] == 1 and state['num_classes'] == 4  # category ids 1-3 plus background
     capsys.readouterr()
     # where the validation set is and how many loader processes may change on resume; what is trained may not
-    assert main(common + ['--epochs', '2', '--amp', '--resume', str(out / 'last.pth'),
+    # 'auto' continues OUT/last.pth, as an elastic restart needs
+    assert main(common + ['--epochs', '2', '--amp', '--resume', 'auto',
                           '--val-images', str(images), '--val-annotations', str(annotations)]) == 0
     printed = capsys.readouterr().out
-    assert 'resumed from' in printed and 'epoch 2/2' in printed and 'epoch 1/2' not in printed
+    assert f"resumed from {out / 'last.pth'}" in printed and 'epoch 2/2' in printed and 'epoch 1/2' not in printed
     assert 'validation: box AP' in printed
 
     state = torch.load(out / 'last.pth', weights_only=True)

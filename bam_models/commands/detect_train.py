@@ -15,7 +15,8 @@ def _check_paths(args: argparse.Namespace) -> None:
             ('--annotations', args.annotations, file, 'the COCO instances JSON of the training images'),
             ('--val-images', args.val_images, folder, 'the validation image folder'),
             ('--val-annotations', args.val_annotations, file, 'the COCO instances JSON of the validation images'),
-            ('--resume', args.resume, file, 'a last.pth written by an earlier run')):
+            ('--resume', None if args.resume == 'auto' else args.resume, file,
+             "a last.pth written by an earlier run, or 'auto'")):
         if path is not None and not exists(path):
             raise UsageError(f"{option} {path} is not an existing {kind}; pass {what}")
     if (args.val_images is None) != (args.val_annotations is None):
@@ -58,7 +59,9 @@ def register(subparsers) -> None:
     parser.add_argument('--device', default=defaults.device)
     parser.add_argument('--val-images', help='folder of validation images (scored with COCO box AP)')
     parser.add_argument('--val-annotations', help='COCO instances JSON of the validation images')
-    parser.add_argument('--resume', help='checkpoint (OUT/last.pth) to continue from')
+    parser.add_argument('--resume', metavar='PATH|auto',
+                        help="checkpoint (OUT/last.pth) to continue from ('auto': OUT/last.pth when it exists, else "
+                             "start the run)")
     parser.add_argument('--overwrite', action='store_true', help='start afresh in an OUT that holds an earlier run')
     parser.add_argument('--seed', type=int, default=defaults.seed)
     parser.set_defaults(func=run)

@@ -24,7 +24,7 @@ from torchvision.transforms import v2 as T
 
 from bam_models.detection.backbones import NUM_STAGES, fasterrcnn_fpn, maskrcnn_fpn, retinanet_fpn
 from bam_models.errors import NonFiniteLossError, UsageError
-from bam_models.runs import Checkpointer, RunFolderLock, autocast_for, prepare_run_folder, read_resume
+from bam_models.runs import Checkpointer, RunFolderLock, autocast_for, prepare_run_folder, read_resume, resolve_resume
 from bam_models.train.build import build_optimizer, build_scheduler
 from bam_models.train.config import NON_EMPTY, POSITIVE_INT, OptimConfig, Range, ScheduleConfig, check_constraint
 
@@ -159,10 +159,10 @@ def _build(config: DetectionTrainConfig, device: torch.device) -> Tuple[Any, Dat
     return model, loader, num_classes, dict(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
 
 
-def _read_resume(config: DetectionTrainConfig) -> Dict[str, Any]:
+def _read_resume(config: DetectionTrainConfig, resume: str) -> Dict[str, Any]:
     """The checkpoint to continue from, refused before any work when it was written with other arguments
     (RESUME_FREE_ARGS excepted)."""
-    return read_resume(config.resume, CHECKPOINT_KEYS, vars(config), RESUME_FREE_ARGS,
+    return read_resume(resume, CHECKPOINT_KEYS, vars(config), RESUME_FREE_ARGS,
                        "start a new run with another --out")
 
 
@@ -191,21 +191,22 @@ def _train_epoch(config, objects, loader, device, epoch: int, checkpointer: Chec
 def train_detector(config: DetectionTrainConfig) -> Dict[str, float]:
     """Fine-tune a detector; returns the last epoch's mean loss (and validation AP when a val set is given)."""
     _check_inputs(config)
-    resumed = _read_resume(config) if config.resume else None
     out = Path(config.out)
+    resume = resolve_resume(config.resume, out)  # 'auto': OUT/last.pth where there is one, else a new run
+    resumed = _read_resume(config, resume) if resume else None
     torch.manual_seed(config.seed)
     auto_device = 'cuda' if torch.cuda.is_available() else 'cpu'
     device = torch.device(auto_device if config.device == 'auto' else config.device)
     summary: Dict[str, float] = {}
     with RunFolderLock(out):
-        prepare_run_folder(out, resume=bool(config.resume), overwrite=config.overwrite)
+        prepare_run_folder(out, resume=resume is not None, overwrite=config.overwrite)
         model, loader, num_classes, objects = _build(config, device)
         checkpointer = Checkpointer(out, objects)
         start_epoch = 0
         if resumed is not None:
-            checkpointer.restore(resumed, config.resume, 'model', model)
+            checkpointer.restore(resumed, resume, 'model', model)
             start_epoch = resumed['epoch']
-            print(f"resumed from {config.resume} after epoch {start_epoch}")
+            print(f"resumed from {resume} after epoch {start_epoch}")
         for epoch in range(start_epoch, config.epochs):
             started = time.perf_counter()
             summary = {'epoch': epoch + 1, 'loss': _train_epoch(config, objects, loader, device, epoch, checkpointer)}
