@@ -180,12 +180,12 @@ def test_deterministic_algorithms_take_the_table(measured):
 
 
 def test_switch_from_the_environment_read_on_first_use(monkeypatch):
-    monkeypatch.setattr(gating_tuning, '_AUTOTUNE', None)
+    monkeypatch.setattr(gating_tuning.AUTOTUNE, '_value', None)
     monkeypatch.setenv(AUTOTUNE_ENV, '0')
     assert not gating_tuning.use_gating_autotune()
     set_gating_autotune(True)
     assert gating_tuning.use_gating_autotune()
-    monkeypatch.setattr(gating_tuning, '_AUTOTUNE', None)
+    monkeypatch.setattr(gating_tuning.AUTOTUNE, '_value', None)
     monkeypatch.setenv(AUTOTUNE_ENV, 'yes')
     with pytest.raises(UsageError, match=f"{AUTOTUNE_ENV}='yes' is not a valid setting; set it to 1"):
         gating_tuning.use_gating_autotune()

@@ -19,54 +19,73 @@ anything else autograd supports work. On, double backward stops with `FusedGatin
 """
 import contextlib
 import os
-from typing import Iterator, Optional
+from typing import ContextManager, Iterator, Optional
 
 import torch
 
 from bam_models.errors import FusedGatingError, UsageError
 
 __all__ = [
-    'FusedGatingError', 'FUSED_GATING_ENV', 'fused_gating', 'fused_gating_from_env', 'fused_gating_supported',
-    'exporting', 'set_fused_gating', 'use_fused_gating', 'use_gate_ops',
+    'FUSED_GATING', 'FUSED_GATING_ENV', 'FusedGatingError', 'ProcessSwitch', 'exporting', 'fused_gating',
+    'fused_gating_from_env', 'fused_gating_supported', 'set_fused_gating', 'use_fused_gating', 'use_gate_ops',
 ]
 
 FUSED_GATING_ENV = 'BAM_MODELS_FUSED_GATING'
 
 
+class ProcessSwitch:
+    """A process-wide on/off setting: set in code (`set`, or `scoped` for a block), else read from the environment
+    variable `env` (0 or 1, default 1) the first time it is needed, so a bad value raises a `UsageError` where it
+    can be reported, not during `import bam_models`. `on` and `off` say what each value does, for that error."""
+
+    def __init__(self, env: str, on: str, off: str):
+        self.env, self.on, self.off = env, on, off
+        self._value: Optional[bool] = None  # None: not set in code yet; the environment decides on first use
+
+    def from_env(self) -> bool:
+        """The environment variable as a bool (1 when unset); a `UsageError` for any value but 0 or 1."""
+        value = os.environ.get(self.env, '1').strip()
+        if value not in ('0', '1'):
+            raise UsageError(f"{self.env}={value!r} is not a valid setting; set it to 1 ({self.on}, the default) or "
+                             f"0 ({self.off})")
+        return value == '1'
+
+    def get(self) -> bool:
+        if self._value is None:
+            self._value = self.from_env()
+        return self._value
+
+    def set(self, enabled: bool) -> None:
+        self._value = bool(enabled)
+
+    @contextlib.contextmanager
+    def scoped(self, enabled: bool) -> Iterator[None]:
+        """Runs the block with the switch set, then restores the previous setting."""
+        previous = self.get()
+        self.set(enabled)
+        try:
+            yield
+        finally:
+            self.set(previous)
+
+
+FUSED_GATING = ProcessSwitch(FUSED_GATING_ENV, 'fused BAM/CBAM gating',
+                             'plain autograd through the reference formulas')
+
+
 def fused_gating_from_env() -> bool:
     """`BAM_MODELS_FUSED_GATING` as a bool (1 when unset); a `UsageError` for any value but 0 or 1."""
-    value = os.environ.get(FUSED_GATING_ENV, '1').strip()
-    if value not in ('0', '1'):
-        raise UsageError(f"{FUSED_GATING_ENV}={value!r} is not a valid setting; set it to 1 (fused BAM/CBAM "
-                         f"gating, the default) or 0 (plain autograd through the reference formulas)")
-    return value == '1'
-
-
-_FUSED_GATING: Optional[bool] = None  # None: not set in code yet; the environment decides on first use
-
-
-def _process_setting() -> bool:
-    global _FUSED_GATING
-    if _FUSED_GATING is None:
-        _FUSED_GATING = fused_gating_from_env()
-    return _FUSED_GATING
+    return FUSED_GATING.from_env()
 
 
 def set_fused_gating(enabled: bool) -> None:
     """Turn the fused BAM/CBAM gating on (default) or off for every module without its own `fused` setting."""
-    global _FUSED_GATING
-    _FUSED_GATING = bool(enabled)
+    FUSED_GATING.set(enabled)
 
 
-@contextlib.contextmanager
-def fused_gating(enabled: bool) -> Iterator[None]:
+def fused_gating(enabled: bool) -> ContextManager[None]:
     """`with fused_gating(False): ...` runs the block with the switch set, then restores the previous setting."""
-    previous = _process_setting()
-    set_fused_gating(enabled)
-    try:
-        yield
-    finally:
-        set_fused_gating(previous)
+    return FUSED_GATING.scoped(enabled)
 
 
 @torch.jit.unused
@@ -86,7 +105,7 @@ def use_fused_gating(override: Optional[bool] = None) -> bool:
     """Whether a module with `fused=override` runs the fused nodes now (see the module docstring for the order)."""
     if not fused_gating_supported():
         return False
-    return _process_setting() if override is None else bool(override)
+    return FUSED_GATING.get() if override is None else bool(override)
 
 
 @torch.jit.unused
@@ -107,7 +126,7 @@ def use_gate_ops(override: Optional[bool] = None) -> bool:
         return False
     if not torch.compiler.is_compiling() or torch.compiler.is_exporting() or not torch.is_grad_enabled():
         return False
-    return _process_setting() if override is None else bool(override)
+    return FUSED_GATING.get() if override is None else bool(override)
 
 
 def double_backward_error(module: str) -> FusedGatingError:

@@ -21,23 +21,20 @@ reference on a GPU).
 """
 import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from bam_models.errors import UsageError
-
-from .config import fused_gating_supported
+from .config import ProcessSwitch, fused_gating_supported
 
 __all__ = [
-    'AUTOTUNE_ENV', 'GatingTuning', 'KernelChoice', 'TUNING', 'WHOLE_BATCH', 'choose_kernel', 'forced_kernel',
-    'gating_autotune', 'gating_autotune_from_env', 'kernel_choices', 'set_gating_autotune', 'tuning_for',
-    'use_gating_autotune',
+    'AUTOTUNE', 'AUTOTUNE_ENV', 'GatingTuning', 'KernelChoice', 'TUNING', 'WHOLE_BATCH', 'choose_kernel',
+    'forced_kernel', 'gating_autotune', 'gating_autotune_from_env', 'kernel_choices', 'set_gating_autotune',
+    'tuning_for', 'use_gating_autotune',
 ]
 
 
@@ -99,41 +96,28 @@ def tuning_for(device: torch.device) -> GatingTuning:
 AUTOTUNE_ENV = 'BAM_MODELS_GATING_AUTOTUNE'
 
 
+AUTOTUNE = ProcessSwitch(AUTOTUNE_ENV, 'kernel choices of the fused gating measured at first use',
+                         "the tuning table's defaults")
+
+
 def gating_autotune_from_env() -> bool:
     """`BAM_MODELS_GATING_AUTOTUNE` as a bool (1 when unset); a `UsageError` for any value but 0 or 1."""
-    value = os.environ.get(AUTOTUNE_ENV, '1').strip()
-    if value not in ('0', '1'):
-        raise UsageError(f"{AUTOTUNE_ENV}={value!r} is not a valid setting; set it to 1 (kernel choices of the "
-                         f"fused gating measured at first use, the default) or 0 (the tuning table's defaults)")
-    return value == '1'
-
-
-_AUTOTUNE: Optional[bool] = None  # None: not set in code yet; the environment decides on first use
+    return AUTOTUNE.from_env()
 
 
 def use_gating_autotune() -> bool:
     """Whether kernel choices are measured now (the process-wide setting)."""
-    global _AUTOTUNE
-    if _AUTOTUNE is None:
-        _AUTOTUNE = gating_autotune_from_env()
-    return _AUTOTUNE
+    return AUTOTUNE.get()
 
 
 def set_gating_autotune(enabled: bool) -> None:
     """Measure kernel choices at first use (default), or take the tuning table's defaults."""
-    global _AUTOTUNE
-    _AUTOTUNE = bool(enabled)
+    AUTOTUNE.set(enabled)
 
 
-@contextlib.contextmanager
-def gating_autotune(enabled: bool) -> Iterator[None]:
+def gating_autotune(enabled: bool) -> ContextManager[None]:
     """`with gating_autotune(False): ...` runs the block with the switch set, then restores the previous setting."""
-    previous = use_gating_autotune()
-    set_gating_autotune(enabled)
-    try:
-        yield
-    finally:
-        set_gating_autotune(previous)
+    return AUTOTUNE.scoped(enabled)
 
 
 @dataclass(frozen=True)
