@@ -5,7 +5,7 @@ import timm
 import torch
 
 from bam_models.benchmark.attention_profile import (
-    MIN_PASSES, AttentionTimer, attention_ops, copy_bandwidth, profile_attention)
+    MIN_PASSES, AttentionTimer, attention_ops, copy_bandwidth, onnxruntime_ops, profile_attention)
 
 from _scripts import load_script
 
@@ -55,14 +55,29 @@ def test_attention_ops_are_the_modules_own_aten_calls(train):
     assert 'aten::max_pool2d' not in names  # the stem's pool is the trunk's, not the attention's
 
 
+def test_onnxruntime_profile_counts_the_graph_onnxruntime_runs():
+    pytest.importorskip('onnxruntime')
+    trunk = {r['op']: r for r in onnxruntime_ops('resnet18', img_size=64, repeats=2)}
+    cbam = {r['op']: r for r in onnxruntime_ops('resnet18_cbam', img_size=64, repeats=2)}
+    assert all(r['ms'] >= 0 for r in (*trunk.values(), *cbam.values()))
+    # resnet18: 20 convolutions (onnxruntime fuses each residual Add and ReLU into one); no channel reduction
+    assert trunk['Conv']['calls'] == 20 and 'ReduceMax' not in trunk and 'Add' not in trunk
+    # resnet18_cbam: per CBAM a max over channels (its mean is a 1x1 convolution: 4 more convolutions per CBAM,
+    # MLP, mean, 7x7), two gating products and the residual Add that can no longer be fused
+    assert cbam['ReduceMax']['calls'] == 8 and 'ReduceMean' not in cbam
+    assert cbam['Conv']['calls'] == 20 + 8 * 4 and cbam['Mul']['calls'] == 16 and cbam['Add']['calls'] == 8
+    assert cbam['ReorderOutput']['calls'] > trunk.get('ReorderOutput', {'calls': 0})['calls']
+
+
 def test_copy_bandwidth_is_a_rate():
     assert 1e8 < copy_bandwidth(mib=16, repeats=2) < 1e13
 
 
 def test_quick_script_prints_both_tables(tmp_path, capsys):
     out = tmp_path / 'profile.md'
-    assert load_script('attention_profile').main(['--quick', '--markdown', str(out)]) == 0
+    assert load_script('attention_profile').main(['--quick', '--onnxruntime', '--markdown', str(out)]) == 0
     table = capsys.readouterr().out
     assert '| `resnet18_bam` | train |' in table and 'GB/s' in table and '64 px, batch 2' in table
+    assert '`resnet18_bam` exported, in onnxruntime at batch 1: kernel time per op type' in table
     assert "`resnet18_bam`'s attention modules alone, forward and backward" in table
     assert out.read_text().strip() == table.strip()

@@ -9,7 +9,13 @@ inside a real training step and inference pass, and sets the sum against that fl
 module hooks; backward time by hooks on the module's autograd node, which on the fused path (the default) holds
 the module's whole backward, small networks included (the CPU runs autograd in one thread, one node at a time).
 """
+import collections
+import contextlib
+import json
 import math
+import os
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
@@ -17,11 +23,11 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from bam_models.benchmark.subject import Inputs, Subject, create_benchmarked_model
+from bam_models.benchmark.subject import Inputs, OnnxRuntimeSubject, Subject, create_benchmarked_model
 from bam_models.layers import BAM, CBAM
 
 __all__ = ['MIN_PASSES', 'AttentionTimer', 'attention_ops', 'copy_bandwidth', 'format_attention_ops',
-           'format_attention_profile', 'profile_attention']
+           'format_attention_profile', 'format_onnxruntime_ops', 'onnxruntime_ops', 'profile_attention']
 
 # whole-map passes any implementation needs: forward reads x and writes y; backward reads dy and x (or y) and
 # writes dx
@@ -178,4 +184,37 @@ def format_attention_ops(name: str, rows: List[Dict], train: bool) -> str:
              "the ops with the most own time",
              '', '| op | calls | ms | MiB its calls take as inputs |', '|---|---:|---:|---:|']
     lines += [f"| `{r['op']}` | {r['calls']} | {r['ms']:.1f} | {r['read_mib']:.0f} |" for r in rows]
+    return '\n'.join(lines)
+
+
+def onnxruntime_ops(name: str, img_size: int = 224, batch_size: int = 1, repeats: int = 20) -> List[Dict]:
+    """onnxruntime's own profile of `name` exported to ONNX (`bam_models.export.export_onnx`) and run `repeats`
+    times on the CPU with torch's thread count: per op type as onnxruntime runs it (after its graph optimisations,
+    so its layout reorders count), the kernel time and calls per run, most time first."""
+    from bam_models.export import export_onnx
+
+    model = create_benchmarked_model(name).eval()
+    inputs = Inputs.draw(img_size, batch_size)
+    with tempfile.TemporaryDirectory() as work_dir:
+        path = os.path.join(work_dir, 'model.onnx')
+        with contextlib.redirect_stdout(sys.stderr):  # the exporter's progress lines, not part of the tables
+            export_onnx(model, path, inputs.batch)
+        subject = OnnxRuntimeSubject(path, inputs, torch.get_num_threads(), os.path.join(work_dir, 'profile'))
+        subject.infer(inputs.batch, repeats)
+        with open(subject.session.end_profiling()) as trace:
+            events = json.load(trace)
+    ms, calls = collections.Counter(), collections.Counter()
+    for event in events:
+        if event.get('cat') == 'Node' and event['name'].endswith('_kernel_time'):
+            ms[event['args']['op_name']] += event['dur'] / 1e3 / repeats
+            calls[event['args']['op_name']] += 1
+    return [dict(op=op, ms=total, calls=calls[op] // repeats) for op, total in ms.most_common()]
+
+
+def format_onnxruntime_ops(name: str, rows: List[Dict], batch_size: int = 1) -> str:
+    total = sum(r['ms'] for r in rows)
+    lines = [f"`{name}` exported, in onnxruntime at batch {batch_size}: kernel time per op type, {total:.1f} ms per "
+             "run in all", '',
+             '| op type | calls per run | ms per run |', '|---|---:|---:|']
+    lines += [f"| {r['op']} | {r['calls']} | {r['ms']:.2f} |" for r in rows]
     return '\n'.join(lines)

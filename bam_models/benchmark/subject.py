@@ -96,13 +96,16 @@ class OnnxRuntimeSubject:
     """An exported ONNX graph run by onnxruntime on the CPU with `threads` intra-op threads: inference only (what a
     deployment runs), on the same inputs as the PyTorch models."""
 
-    def __init__(self, path: str, inputs: Inputs, threads: int):
+    def __init__(self, path: str, inputs: Inputs, threads: int, profile_prefix: Optional[str] = None):
         import onnxruntime  # optional: only for `bam-models benchmark --onnxruntime`
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3  # errors only: the exporter's unused initializers are not the user's concern
+        if profile_prefix is not None:  # onnxruntime's own profiler: a JSON trace of every kernel run
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
         self.session = onnxruntime.InferenceSession(path, options, providers=['CPUExecutionProvider'])
         self.input_name = self.session.get_inputs()[0].name
         self.inputs = inputs
