@@ -93,9 +93,9 @@ def cbam_spatial_descriptors(x: torch.Tensor) -> torch.Tensor:
 
 def _channel_mean(x: torch.Tensor) -> torch.Tensor:
     """The mean over channels, (B, 1, H, W); torch.export-based exporters get a 1x1 convolution with weights 1 / C,
-    the same numbers, which onnxruntime runs as one matrix product instead of a strided ReduceMean (resnet50_cbam at
-    batch 1: 1.17-1.22x of resnet50 instead of 1.26-1.28x). Tracing exporters keep the mean: they would trace C
-    from x's shape into a weight of unknown shape."""
+    the same numbers, which onnxruntime runs with its convolution kernels instead of a strided ReduceMean
+    (resnet50_cbam at batch 1: 1.17-1.22x of resnet50 instead of 1.26-1.28x). Tracing exporters keep the mean:
+    they would trace C from x's shape into a weight of unknown shape."""
     if not torch.jit.is_scripting():
         if exporting() and not torch.jit.is_tracing():
             channels = x.shape[1]
