@@ -190,7 +190,8 @@ def format_attention_ops(name: str, rows: List[Dict], train: bool) -> str:
 def onnxruntime_ops(name: str, img_size: int = 224, batch_size: int = 1, repeats: int = 20) -> List[Dict]:
     """onnxruntime's own profile of `name` exported to ONNX (`bam_models.export.export_onnx`) and run `repeats`
     times on the CPU with torch's thread count: per op type as onnxruntime runs it (after its graph optimisations,
-    so its layout reorders count), the kernel time and calls per run, most time first."""
+    so its layout reorders count), the kernel time and calls per run, most time first. A first, untimed run warms
+    up the session (its memory arena, prepacked weights); the profile counts the `repeats` after it."""
     from bam_models.export import export_onnx
 
     model = create_benchmarked_model(name).eval()
@@ -200,12 +201,13 @@ def onnxruntime_ops(name: str, img_size: int = 224, batch_size: int = 1, repeats
         with contextlib.redirect_stdout(sys.stderr):  # the exporter's progress lines, not part of the tables
             export_onnx(model, path, inputs.batch)
         subject = OnnxRuntimeSubject(path, inputs, torch.get_num_threads(), os.path.join(work_dir, 'profile'))
-        subject.infer(inputs.batch, repeats)
+        subject.infer(inputs.batch, 1 + repeats)
         with open(subject.session.end_profiling()) as trace:
             events = json.load(trace)
+    warm_up_end = min(e['ts'] + e['dur'] for e in events if e.get('cat') == 'Session' and e['name'] == 'model_run')
     ms, calls = collections.Counter(), collections.Counter()
     for event in events:
-        if event.get('cat') == 'Node' and event['name'].endswith('_kernel_time'):
+        if event.get('cat') == 'Node' and event['name'].endswith('_kernel_time') and event['ts'] > warm_up_end:
             ms[event['args']['op_name']] += event['dur'] / 1e3 / repeats
             calls[event['args']['op_name']] += 1
     return [dict(op=op, ms=total, calls=calls[op] // repeats) for op, total in ms.most_common()]
