@@ -310,6 +310,107 @@ def test_cbam_keeps_only_its_input_for_backward():
     assert len(_full_size_saved(lambda t: _plain_cbam(module, t), x)) == 2
 
 
+def _saved_bytes(model, x) -> int:
+    """Bytes of the distinct storages autograd keeps for backward, parameters aside."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(n for ptr, n in storages.items() if ptr not in params)
+
+
+def test_zoo_cbam_resnet_keeps_little_more_for_backward_than_its_trunk():
+    x = torch.randn(2, 3, 128, 128)
+    trunk = _saved_bytes(timm.create_model('resnet50').train(), x)
+    cbam = _saved_bytes(timm.create_model('resnet50_cbam').train(), x)
+    # each CBAM applies its block's last BN and keeps the BN's input, not its output besides (1.267x before;
+    # seresnet50 keeps 1.259x); what remains is the gates' small tensors
+    assert trunk < cbam < 1.02 * trunk
+
+
+def _cbam_block(block_cls, **norm_kwargs):
+    """A timm block with CBAM and its `bam_models` twin, the same random weights in both, in double precision."""
+    from timm.models.resnet import BasicBlock
+    from bam_models.models.attention_resnet import cbam_resnet_args
+
+    torch.manual_seed(0)
+    width = 32 if block_cls is BasicBlock else 8  # Bottleneck widens by 4
+    args = cbam_resnet_args(block_cls, (1,), cbam_args=dict(rd_ratio=1 / 4))
+    ours = args['block'](32, width, **args['block_args'])
+    plain = block_cls(32, width, **args['block_args'])
+    for block in (ours, plain):
+        for module in block.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.momentum = norm_kwargs.get('momentum', module.momentum)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.normal_(0, 0.5)
+    ours.load_state_dict(plain.state_dict())
+    return ours.double().train(), plain.double().train()
+
+
+@pytest.mark.parametrize('block', ['BasicBlock', 'Bottleneck'])
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('momentum', [0.1, None], ids=['momentum', 'cumulative'])
+def test_cbam_applying_the_blocks_last_norm_equals_timms_block(block, channels_last, momentum):
+    from timm.models import resnet
+
+    ours, plain = _cbam_block(getattr(resnet, block), momentum=momentum)
+    last_norm = ours.bn3 if block == 'Bottleneck' else ours.bn2
+    x = torch.randn(3, 32, 6, 5, dtype=torch.double)
+    if channels_last:
+        ours, plain = ours.to(memory_format=torch.channels_last), plain.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    results = []
+    for module in (ours, plain, ours, plain):  # two steps each: the batch count matters
+        inputs = x.detach().clone().requires_grad_()
+        out = module(inputs)
+        out.square().mean().backward()
+        results.append((out, inputs.grad))
+    for (out, grad), (out_ref, grad_ref) in ((results[0], results[1]), (results[2], results[3])):
+        torch.testing.assert_close(out, out_ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-10)
+    if channels_last:
+        assert results[2][0].is_contiguous(memory_format=torch.channels_last)
+    for (name, p), q in zip(ours.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-10, msg=name)
+    for (name, b), c in zip(ours.named_buffers(), plain.buffers(), strict=True):
+        torch.testing.assert_close(b, c, rtol=1e-10, atol=1e-12, msg=name)
+    assert int(last_norm.num_batches_tracked) == 2
+    # the node applied the norm: the CBAM's input (the BN's output) is no longer kept, only the BN's input
+    assert _saved_bytes(ours, x.requires_grad_()) < _saved_bytes(plain, x)
+
+
+def test_cbam_leaves_norms_it_cannot_apply_to_themselves():
+    from timm.models.resnet import Bottleneck
+    from torchvision.ops import FrozenBatchNorm2d
+
+    ours, plain = _cbam_block(Bottleneck)
+    x = torch.randn(2, 32, 4, 4, dtype=torch.double)
+    # eval-mode statistics (fine-tuning with frozen BN), frozen norms (detection backbones), SyncBatchNorm
+    # (DDP's conversion) and one value per channel (BatchNorm's own error) stay BatchNorm's
+    for norm in (copy.deepcopy(ours.bn3).eval(), FrozenBatchNorm2d(8),
+                 torch.nn.SyncBatchNorm(8).double(), torch.nn.BatchNorm2d(8).float()):
+        assert not fused_gates.takes_norm(x, norm)
+    assert not fused_gates.takes_norm(x[:1, :, :1, :1], ours.bn3)
+    assert fused_gates.takes_norm(x, ours.bn3)
+    hooked, seen = copy.deepcopy(ours), []
+    hooked.bn3.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    assert not fused_gates.takes_norm(x, hooked.bn3)
+    hooked(x.clone().requires_grad_()).sum().backward()
+    assert seen == [(2, 32, 4, 4)]  # a hook on the norm still runs
+    ours.bn3.eval()
+    plain.bn3.eval()
+    inputs = x.clone().requires_grad_()
+    torch.testing.assert_close(ours(inputs), plain(x))
+    with pytest.raises(ValueError, match='more than 1 value per channel'):
+        ours.train()(x[:1, :, :1, :1])
+
+
 @pytest.mark.parametrize('cls', [BAM, CBAM])
 def test_channels_last(cls):
     module = cls(32).train()

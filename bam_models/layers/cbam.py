@@ -27,7 +27,7 @@ from timm.layers import make_divisible, register_notrace_module
 
 from .bounds import CBAM_BOUNDS, check_bounds
 from .config import exporting, use_fused_gating, use_gate_ops
-from .fused_gates import cbam_op_config, cbam_refine, cbam_refine_compiled
+from .fused_gates import cbam_op_config, cbam_refine, cbam_refine_compiled, takes_norm
 from .gating_reference import (
     CBAM_POOL_TYPES, cbam_channel_descriptors, cbam_channel_weights_for_export, cbam_spatial_descriptors,
     mlp_pool_sum,
@@ -269,6 +269,18 @@ class CBAM(nn.Module):
         if use_gate_ops(self.fused):
             return self._forward_op(x)
         return self.forward_reference(x)
+
+    @torch.jit.unused
+    def forward_after_norm(self, x: torch.Tensor, norm: nn.Module) -> torch.Tensor:
+        """`self(norm(x))`, for the BatchNorm whose output only this CBAM reads (a residual block's last). In an
+        eager training step on the fused path, with `norm` a training-mode BatchNorm2d, one autograd node applies
+        the norm too and keeps x for backward, which BatchNorm keeps anyway, instead of norm(x) besides it: one
+        full-size tensor fewer per block; outputs, gradients and running statistics are BatchNorm's."""
+        fx_tracing = isinstance(x, torch.fx.Proxy)  # FX records norm and this module as calls, as in the block
+        if (not fx_tracing and torch.is_grad_enabled() and self.path == 'fused' and x.shape[0] > 0
+                and takes_norm(x, norm)):
+            return cbam_refine(x, self.channel_gate, self.spatial_gate, tuning=tuning_for(x.device), norm=norm)
+        return self(norm(x))
 
     @torch.jit.unused
     def _forward_op(self, x: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from .gating_tuning import GatingTuning, choose_kernel, gating_autotune, tuning_
 
 __all__ = [
     'bam_op_config', 'bam_refine', 'bam_refine_compiled', 'bam_refine_op', 'bam_single_branch', 'cbam_op_config',
-    'cbam_refine', 'cbam_refine_compiled', 'cbam_refine_op', 'channel_amax',
+    'cbam_refine', 'cbam_refine_compiled', 'cbam_refine_op', 'channel_amax', 'takes_norm',
 ]
 
 
@@ -361,24 +361,34 @@ class _Cbam(torch.autograd.Function):
     Written with plain ops, autograd keeps the channel-refined map and gives x three full-size gradients (the
     output product's, the channel-wise pools' and the spatial pools'), each a fresh allocation, then adds them.
     Here the gates' small networks (shared MLP; 7x7 conv, BN) run with their own autograd graph from the pooled
-    descriptors, and backward walks the full-size steps itself, one batch slice at a time in reused buffers:
-    d out / d Ms, then through Ms's network to the channel-wise pools, then d refined, d Mc and Mc's share of
-    d x, then through Mc's network to the spatial pools, then their share of d x. Tied maxima share the
-    gradient, as with amax.
+    descriptors, and backward walks the full-size steps itself (`_cbam_backward`).
+
+    Given the training-mode BatchNorm2d before the CBAM (`norm`, the block's last), the node applies it too and
+    keeps its input instead of its output: plain BatchNorm keeps its input for its own backward, so the block
+    keeps one full-size tensor fewer. Backward rebuilds the normalised map from the batch statistics with the
+    forward's own kernel, bit for bit, so that the maxima found in forward are found again.
     """
 
     @staticmethod
-    def forward(ctx, x, channel_gate, spatial_gate, tuning, num_channel_params, *params):
+    def forward(ctx, x, norm_weight, norm_bias, channel_gate, spatial_gate, norm, tuning, num_channel_params,
+                *params):
+        norm_state = ()
+        kept = x
+        if norm is not None:
+            norm_state = _train_batch_norm(x, norm)
+            x = _normalize(x, *norm_state[:2])  # the node's own: the refinement may go over it
+            ctx.norm_eps = norm.eps
         peak_hw = x.amax((2, 3))
         pooled_hw = torch.cat([x.mean((2, 3)), peak_hw], dim=0).requires_grad_()
         with torch.enable_grad():
             channel = channel_gate.from_pooled(pooled_hw)
-        refined = x * channel.detach()
+        owned = norm is not None and _keeps_dtype(x, channel)
+        refined = x.mul_(channel.detach()) if owned else x * channel.detach()
         peak_c = channel_amax(refined, tuning.amax_group)
         pooled_c = torch.cat([peak_c, refined.mean(1, keepdim=True)], dim=1).requires_grad_()
         with torch.enable_grad():
             spatial = spatial_gate.from_pooled(pooled_c)
-        ctx.save_for_backward(x, channel.detach(), spatial.detach(), peak_hw, peak_c)
+        ctx.save_for_backward(kept, channel.detach(), spatial.detach(), peak_hw, peak_c, *norm_state)
         ctx.graphs = (pooled_hw, channel, pooled_c, spatial)
         ctx.params = (params[:num_channel_params], params[num_channel_params:])
         ctx.tuning = tuning
@@ -390,61 +400,100 @@ class _Cbam(torch.autograd.Function):
     def backward(ctx, grad):
         if torch.is_grad_enabled():  # the engine enables grad mode for backward only under create_graph=True
             raise double_backward_error('CBAM')
-        x, channel, spatial, peak_hw, peak_c = ctx.saved_tensors
-        pooled_hw, channel_graph, pooled_c, spatial_graph = ctx.graphs
-        channel_params, spatial_params = ctx.params
-        batch, channels, height, width = x.shape
-        dtype = torch.promote_types(grad.dtype, torch.promote_types(x.dtype, channel.dtype))
-        slices = _batch_slices(x, ctx.tuning)
-        # reused per-slice buffers and a floating-point mask: fresh pages and bool-to-number conversions cost
-        # more than the math. product_buffer holds g * x, then d refined; mask_buffer the maxima's masks and
-        # d refined * x in between
-        product_buffer = torch.empty_like(x[slices[0]], dtype=dtype)
-        mask_buffer = torch.empty_like(product_buffer)
-        grad_x = torch.empty_like(x, dtype=dtype) if ctx.needs_input_grad[0] else None
+        x, channel, spatial, peak_hw, peak_c, *norm_state = ctx.saved_tensors
+        needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
+        if not norm_state:
+            grad_x, channel_grads, spatial_grads = _cbam_backward(
+                ctx, grad, x, channel, spatial, peak_hw, peak_c, needs_x)
+            return (grad_x, None, None, None, None, None, None, None, *channel_grads, *spatial_grads)
+        scale, shift, mean, invstd, weight = norm_state
+        grad_normalized, channel_grads, spatial_grads = _cbam_backward(
+            ctx, grad, _normalize(x, scale, shift), channel, spatial, peak_hw, peak_c, True)
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_normalized, x, weight, None, None, mean, invstd, True, ctx.norm_eps,
+            [needs_x, needs_weight, needs_bias])
+        return (grad_x, grad_weight, grad_bias, None, None, None, None, None, *channel_grads, *spatial_grads)
 
-        # d Ms = sum over C of g * x * Mc, as the row Mc^T times (g * x)
-        grad_spatial = torch.empty_like(spatial, dtype=dtype)
-        for part in slices:
-            g, xs, ch = grad[part], x[part], channel[part]
-            gx = _as_matrix(torch.mul(g, xs, out=product_buffer[:xs.shape[0]]))  # (b, C, HW)
-            ch_row = ch.to(dtype).reshape(xs.shape[0], 1, channels)
-            grad_spatial[part] = torch.bmm(ch_row, gx).view(grad_spatial[part].shape)
-        # d [max_c; mean_c] and the spatial gate's parameter gradients, through its small graph
-        grad_pooled_c, spatial_param_grads = _small_backward(spatial_graph, grad_spatial, pooled_c, spatial_params)
-        grad_pooled_c = grad_pooled_c.to(dtype)
-        grad_peak_c, grad_mean_c = grad_pooled_c[:, :1], grad_pooled_c[:, 1:] / channels
 
-        grad_channel = torch.empty_like(channel, dtype=dtype)
-        for part in slices:
-            g, xs, ch, sp = grad[part], x[part], channel[part], spatial[part]
-            n = xs.shape[0]
-            # d refined = g * Ms + d mean_c / C + d max_c shared among the channels that hold the maximum
-            is_peak = torch.mul(xs, ch, out=mask_buffer[:n]).eq_(peak_c[part])
-            share = grad_peak_c[part] / is_peak.sum(1, keepdim=True)
-            grad_refined = torch.addcmul(grad_mean_c[part], g, sp, out=product_buffer[:n]).addcmul_(is_peak, share)
-            # d Mc = sum over H, W of d refined * x; the mask's buffer is free again, and a product into it and a
-            # sum beat a batch of row dot products (0.5 vs 1.5 ms for a quarter batch of layer1 maps)
-            grad_channel[part] = torch.mul(grad_refined, xs, out=mask_buffer[:n]).sum((2, 3), keepdim=True)
-            if grad_x is not None:
-                # d x = d refined * Mc, so far
-                torch.mul(grad_refined, ch, out=grad_x[part])
-        # d [mean_hw; max_hw] and the channel gate's parameter gradients, through its small graph
-        grad_pooled_hw, channel_param_grads = _small_backward(
-            channel_graph, grad_channel, pooled_hw, channel_params)
+def _train_batch_norm(x: torch.Tensor, norm: torch.nn.BatchNorm2d) -> Tuple[torch.Tensor, ...]:
+    """A training-mode BatchNorm2d step on x as `norm.forward` takes it (running statistics and batch count
+    advanced alike), returned as the per-channel affine map of the batch statistics: (scale, shift, mean,
+    1 / std, weight), norm(x) = x * scale + shift."""
+    momentum = norm.momentum
+    norm.num_batches_tracked.add_(1)
+    if momentum is None:  # a cumulative average, as BatchNorm's
+        momentum = 1.0 / float(norm.num_batches_tracked)
+    # BatchNorm's own statistics kernel: the biased variance, the running statistics advanced with the unbiased
+    # one (3x faster than var_mean over (0, 2, 3) on a contiguous map)
+    mean, var = torch.batch_norm_update_stats(x, norm.running_mean, norm.running_var, momentum)
+    invstd = torch.rsqrt(var + norm.eps)
+    scale = invstd * norm.weight
+    return scale, norm.bias - mean * scale, mean, invstd, norm.weight
 
+
+def _normalize(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """x * scale + shift per channel: one kernel, which forward and backward call alike for the same bits."""
+    return torch.addcmul(shift.view(1, -1, 1, 1), x, scale.view(1, -1, 1, 1))
+
+
+def _cbam_backward(ctx, grad, x, channel, spatial, peak_hw, peak_c, needs_grad_x):
+    """The gradients of `_Cbam`'s refinement of x (x: the map the gates saw): (d x or None, the channel gate's and
+    the spatial gate's parameter gradients). One batch slice at a time in reused buffers: d out / d Ms, then
+    through Ms's network to the channel-wise pools, then d refined, d Mc and Mc's share of d x, then through Mc's
+    network to the spatial pools, then their share of d x. Tied maxima share the gradient, as with amax."""
+    pooled_hw, channel_graph, pooled_c, spatial_graph = ctx.graphs
+    channel_params, spatial_params = ctx.params
+    batch, channels, height, width = x.shape
+    dtype = torch.promote_types(grad.dtype, torch.promote_types(x.dtype, channel.dtype))
+    slices = _batch_slices(x, ctx.tuning)
+    # reused per-slice buffers and a floating-point mask: fresh pages and bool-to-number conversions cost
+    # more than the math. product_buffer holds g * x, then d refined; mask_buffer the maxima's masks and
+    # d refined * x in between
+    product_buffer = torch.empty_like(x[slices[0]], dtype=dtype)
+    mask_buffer = torch.empty_like(product_buffer)
+    grad_x = torch.empty_like(x, dtype=dtype) if needs_grad_x else None
+
+    # d Ms = sum over C of g * x * Mc, as the row Mc^T times (g * x)
+    grad_spatial = torch.empty_like(spatial, dtype=dtype)
+    for part in slices:
+        g, xs, ch = grad[part], x[part], channel[part]
+        gx = _as_matrix(torch.mul(g, xs, out=product_buffer[:xs.shape[0]]))  # (b, C, HW)
+        ch_row = ch.to(dtype).reshape(xs.shape[0], 1, channels)
+        grad_spatial[part] = torch.bmm(ch_row, gx).view(grad_spatial[part].shape)
+    # d [max_c; mean_c] and the spatial gate's parameter gradients, through its small graph
+    grad_pooled_c, spatial_param_grads = _small_backward(spatial_graph, grad_spatial, pooled_c, spatial_params)
+    grad_pooled_c = grad_pooled_c.to(dtype)
+    grad_peak_c, grad_mean_c = grad_pooled_c[:, :1], grad_pooled_c[:, 1:] / channels
+
+    grad_channel = torch.empty_like(channel, dtype=dtype)
+    for part in slices:
+        g, xs, ch, sp = grad[part], x[part], channel[part], spatial[part]
+        n = xs.shape[0]
+        # d refined = g * Ms + d mean_c / C + d max_c shared among the channels that hold the maximum
+        is_peak = torch.mul(xs, ch, out=mask_buffer[:n]).eq_(peak_c[part])
+        share = grad_peak_c[part] / is_peak.sum(1, keepdim=True)
+        grad_refined = torch.addcmul(grad_mean_c[part], g, sp, out=product_buffer[:n]).addcmul_(is_peak, share)
+        # d Mc = sum over H, W of d refined * x; the mask's buffer is free again, and a product into it and a
+        # sum beat a batch of row dot products (0.5 vs 1.5 ms for a quarter batch of layer1 maps)
+        grad_channel[part] = torch.mul(grad_refined, xs, out=mask_buffer[:n]).sum((2, 3), keepdim=True)
         if grad_x is not None:
-            # d x += d mean_hw / HW + d max_hw shared among the positions that hold the maximum
-            grad_pooled_hw = grad_pooled_hw.to(dtype)
-            grad_mean_hw = (grad_pooled_hw[:batch] / (height * width)).view(batch, channels, 1, 1)
-            grad_peak_hw = grad_pooled_hw[batch:].reshape(batch, channels, 1, 1)
-            for part in slices:
-                xs = x[part]
-                n = xs.shape[0]
-                is_peak = torch.eq(xs, peak_hw[part].view(n, channels, 1, 1), out=mask_buffer[:n])
-                share = grad_peak_hw[part] / is_peak.sum((2, 3), keepdim=True)
-                grad_x[part].add_(torch.addcmul(grad_mean_hw[part], is_peak, share, out=is_peak))
-        return (grad_x, None, None, None, None, *channel_param_grads, *spatial_param_grads)
+            # d x = d refined * Mc, so far
+            torch.mul(grad_refined, ch, out=grad_x[part])
+    # d [mean_hw; max_hw] and the channel gate's parameter gradients, through its small graph
+    grad_pooled_hw, channel_param_grads = _small_backward(channel_graph, grad_channel, pooled_hw, channel_params)
+
+    if grad_x is not None:
+        # d x += d mean_hw / HW + d max_hw shared among the positions that hold the maximum
+        grad_pooled_hw = grad_pooled_hw.to(dtype)
+        grad_mean_hw = (grad_pooled_hw[:batch] / (height * width)).view(batch, channels, 1, 1)
+        grad_peak_hw = grad_pooled_hw[batch:].reshape(batch, channels, 1, 1)
+        for part in slices:
+            xs = x[part]
+            n = xs.shape[0]
+            is_peak = torch.eq(xs, peak_hw[part].view(n, channels, 1, 1), out=mask_buffer[:n])
+            share = grad_peak_hw[part] / is_peak.sum((2, 3), keepdim=True)
+            grad_x[part].add_(torch.addcmul(grad_mean_hw[part], is_peak, share, out=is_peak))
+    return grad_x, channel_param_grads, spatial_param_grads
 
 
 def _small_backward(output, grad_output, leaf, params):
@@ -465,22 +514,39 @@ def cbam_refine(
         spatial_gate: torch.nn.Module,
         inplace: bool = False,
         tuning: Optional[GatingTuning] = None,
+        norm: Optional[torch.nn.BatchNorm2d] = None,
 ) -> torch.Tensor:
     """CBAM's `Ms(x * Mc(x)) * (x * Mc(x))` (eager mode): one autograd node where autograd records (see `_Cbam`),
     else written over x where `inplace` allows. The gates start from the pooled descriptors the node computes
     itself: `channel_gate.from_pooled` from the (2B, C) [mean; max] over H, W, and `spatial_gate.from_pooled` from
-    the (B, 2, H, W) [max, mean] over channels."""
+    the (B, 2, H, W) [max, mean] over channels.
+
+    `norm`: a training-mode, affine BatchNorm2d with running statistics, whose output the refinement takes (the
+    block's last); the node applies it (where autograd records; callers check `takes_norm`)."""
     tuning = tuning or tuning_for(x.device)
     if torch.is_grad_enabled():
         channel_params = list(channel_gate.parameters())
-        return _Cbam.apply(x, channel_gate, spatial_gate, tuning, len(channel_params), *channel_params,
-                           *spatial_gate.parameters())
+        norm_params = (None, None) if norm is None else (norm.weight, norm.bias)
+        return _Cbam.apply(x, *norm_params, channel_gate, spatial_gate, norm, tuning, len(channel_params),
+                           *channel_params, *spatial_gate.parameters())
+    if norm is not None:
+        x, inplace = norm(x), True
     channel = channel_gate.from_pooled(torch.cat([x.mean((2, 3)), x.amax((2, 3))], dim=0))
     refined = x.mul_(channel) if inplace and _keeps_dtype(x, channel) else x * channel
     pooled_c = torch.cat([channel_amax(refined, tuning.amax_group), refined.mean(1, keepdim=True)], dim=1)
     spatial = spatial_gate.from_pooled(pooled_c)
     # refined is this function's own, or x where `inplace` allows writing over it
     return refined.mul_(spatial) if _keeps_dtype(refined, spatial) else refined * spatial
+
+
+def takes_norm(x: torch.Tensor, norm: torch.nn.Module) -> bool:
+    """Whether `cbam_refine` can apply `norm` to x itself where autograd records: a training-mode, affine
+    BatchNorm2d (not a subclass: SyncBatchNorm, frozen norms) with running statistics, of x's dtype, without
+    forward hooks (they would not run), over more than one value per channel (BatchNorm's own error for one is
+    left to BatchNorm)."""
+    return (type(norm) is torch.nn.BatchNorm2d and norm.training and norm.affine and norm.track_running_stats
+            and not (norm._forward_hooks or norm._forward_pre_hooks)
+            and norm.weight.dtype == x.dtype and x.numel() > x.shape[1])
 
 
 def _keeps_dtype(x: torch.Tensor, factor: torch.Tensor) -> bool:
@@ -742,11 +808,12 @@ def _cbam_refine_setup(ctx, inputs, output):
 def _cbam_refine_backward(ctx, grads):
     (x, _, _, channel, spatial, peak_hw, peak_c), leaves, graphs, params = _small_graphs(
         ctx, [('pooled', 1), ('pooled', 2)])
-    node = types.SimpleNamespace(
-        saved_tensors=(x, channel, spatial, peak_hw, peak_c), graphs=(leaves[0], graphs[0], leaves[1], graphs[1]),
-        params=params, tuning=tuning_for(x.device), needs_input_grad=ctx.needs_input_grad[:1])
-    grad_x, *param_grads = _Cbam.backward(node, grads[0])
-    return (grad_x, *_state_grads(ctx, param_grads[4:]), None, None)  # after the node's four other inputs
+    node = types.SimpleNamespace(graphs=(leaves[0], graphs[0], leaves[1], graphs[1]), params=params,
+                                 tuning=tuning_for(x.device))
+    # only the output takes a gradient
+    grad_x, channel_grads, spatial_grads = _cbam_backward(
+        node, grads[0], x, channel, spatial, peak_hw, peak_c, ctx.needs_input_grad[0])
+    return (grad_x, *_state_grads(ctx, [*channel_grads, *spatial_grads]), None, None)
 
 
 cbam_refine_op.register_autograd(_cbam_refine_backward, setup_context=_cbam_refine_setup)

@@ -10,7 +10,9 @@ configured (dilation under output_stride < 32 included) is `bam_models.layers.pl
 follows too.
 
 CBAM (Woo et al. 2018) sits in every residual block after the last BN and before the residual add, which is
-timm's block attention slot (`layer1.0.se`).
+timm's block attention slot (`layer1.0.se`). The CBAM networks' blocks are timm's with one change: in a training
+step the CBAM applies that last BN itself (`CBAM.forward_after_norm`), so the block keeps the BN's input for
+backward and not its output besides; modules, parameter names and outputs are timm's.
 
 `wide_resnet18_150` / `wide_resnet18_200` are both papers' "WideResNet18 (widen=1.5 / 2.0)": ResNet-18 with
 every stage 1.5x / 2x wider (96-192-384-768 / 128-256-512-1024 channels) and the stem unchanged. They are
@@ -24,14 +26,85 @@ from timm.models import checkpoint_seq, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from bam_models.weights import build_model_with_weights
-from bam_models.layers import bam_stage_indices, cbam_layer, stage_bam
+from bam_models.layers import CBAM, bam_stage_indices, cbam_layer, stage_bam
 from bam_models.weights import manifest_default_cfgs
 from ._contract import AttentionModelContract, total_stride
 
-__all__ = ['AttentionResNet', 'bam_resnet_args', 'cbam_resnet_args']
+__all__ = ['AttentionResNet', 'CbamBasicBlock', 'CbamBottleneck', 'bam_resnet_args', 'cbam_resnet_args']
 
 # layer1-3: the stages followed by a downsampling (bam_stage_indices of timm's 4-8-16-32 stage reductions)
 BAM_STAGES = tuple(stage + 1 for stage in bam_stage_indices((4, 8, 16, 32)))
+
+
+class _AttentionAfterNorm:
+    """The last BN and the attention after it, for a timm block whose `last_norm` attribute names that BN."""
+    last_norm = ''
+
+    @torch.jit.unused
+    def _norm_attention(self, x: torch.Tensor) -> torch.Tensor:
+        norm = getattr(self, self.last_norm)
+        if isinstance(self.se, CBAM):
+            return self.se.forward_after_norm(x, norm)
+        x = norm(x)
+        return x if self.se is None else self.se(x)
+
+
+class CbamBasicBlock(_AttentionAfterNorm, BasicBlock):
+    """timm's BasicBlock whose CBAM applies bn2 in a training step (see the module docstring)."""
+    last_norm = 'bn2'
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.drop_block(x)
+        x = self.act1(x)
+        x = self.aa(x)
+        x = self.conv2(x)
+        if torch.jit.is_scripting():
+            x = self.bn2(x)
+            if self.se is not None:
+                x = self.se(x)
+        else:
+            x = self._norm_attention(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        x += shortcut
+        return self.act2(x)
+
+
+class CbamBottleneck(_AttentionAfterNorm, Bottleneck):
+    """timm's Bottleneck whose CBAM applies bn3 in a training step (see the module docstring)."""
+    last_norm = 'bn3'
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.conv1(x)
+        x = self.bn1(x)
+        x = self.act1(x)
+        x = self.conv2(x)
+        x = self.bn2(x)
+        x = self.drop_block(x)
+        x = self.act2(x)
+        x = self.aa(x)
+        x = self.conv3(x)
+        if torch.jit.is_scripting():
+            x = self.bn3(x)
+            if self.se is not None:
+                x = self.se(x)
+        else:
+            x = self._norm_attention(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        x += shortcut
+        return self.act3(x)
+
+
+_CBAM_BLOCKS = {BasicBlock: CbamBasicBlock, Bottleneck: CbamBottleneck}
 
 
 class AttentionResNet(AttentionModelContract, ResNet):
@@ -109,7 +182,7 @@ def cbam_resnet_args(block, layers, **kwargs) -> Dict[str, Any]:
     """Architecture kwargs of a CBAM ResNet; `cbam_args` configure every block's CBAM (timm's `attn_layer`)."""
     block_args = dict(kwargs.pop('block_args', None) or {})
     block_args.setdefault('attn_layer', cbam_layer(kwargs.pop('cbam_args', None)))
-    return dict(block=block, layers=layers, block_args=block_args, **kwargs)
+    return dict(block=_CBAM_BLOCKS.get(block, block), layers=layers, block_args=block_args, **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
