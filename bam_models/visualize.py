@@ -2,8 +2,8 @@
 
 `capture_attention(model, images)` runs one ordinary forward pass with forward hooks on every BAM / CBAM
 gate and returns what each module multiplied into its feature map, per module and grouped per stage. The
-model's output is returned unchanged (the hooks only copy the gates' small outputs) and every hook is removed
-before the function returns, also when the forward pass raises.
+model's output is returned as the model computed it (the hooks only copy the gates' small outputs) and every hook
+is removed before the function returns, also when the forward pass raises.
 
 Value definitions, all in [0, 1]:
 
@@ -145,8 +145,10 @@ def _group_by_stage(model: nn.Module, modules: Dict[str, AttentionMap]) -> Dict[
 def capture_attention(model: nn.Module, images: torch.Tensor) -> AttentionCapture:
     """Run `model(images)` once and return its output with every BAM / CBAM attention map.
 
-    The forward pass runs in the model's current mode (train or eval) and grad mode, exactly as a plain
-    call would, so the output is bit-identical to `model(images)`. Maps are detached float32 tensors on the
+    The forward pass runs in the model's current mode (train or eval) and grad mode, as a plain call would, so
+    the output is bit-identical to `model(images)`, except in a training-mode pass of a CBAM ResNet: there the
+    hooks make each block run its last BatchNorm and its CBAM as two calls (`CBAM.forward_after_norm`), which
+    differs from the plain call by float rounding. Maps are detached float32 tensors on the
     model's device; see the module docstring for their definitions. Modules that did not run (e.g. behind
     a features_only cut) are absent.
     """

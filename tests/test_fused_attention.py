@@ -330,6 +330,10 @@ def test_zoo_cbam_resnet_keeps_little_more_for_backward_than_its_trunk():
     # each CBAM applies its block's last BN and keeps the BN's input, not its output besides (1.267x before;
     # seresnet50 keeps 1.259x); what remains is the gates' small tensors
     assert trunk < cbam < 1.02 * trunk
+    # insert_cbam gives torchvision's blocks the same
+    import torchvision
+    from bam_models import insert_cbam
+    assert _saved_bytes(insert_cbam(torchvision.models.resnet50()).train(), x) == cbam
 
 
 def _cbam_block(block_cls, **norm_kwargs):

@@ -1,5 +1,6 @@
 """ insert_bam / insert_cbam on timm and torchvision CNNs: the zoo's placement for ResNets and MobileNetV1, the
 placement rule on a dozen other architectures (meta device), real training steps, feature maps, Hub folders. """
+import copy
 import json
 import re
 import sys
@@ -112,6 +113,15 @@ def test_torchvision_model_with_inserted_attention_computes_the_zoo_model(insert
     converted.load_state_dict(zoo.state_dict())
     x = torch.randn(2, 3, 64, 80)
     torch.testing.assert_close(converted(x), zoo(x), rtol=1e-5, atol=1e-5)
+    # a training step as well (CBAM applies the BN before it in both), on copies: it moves running statistics
+    steps = [copy.deepcopy(m).train() for m in (converted, zoo)]
+    outputs = [m(x) for m in steps]
+    torch.testing.assert_close(outputs[0], outputs[1], rtol=1e-5, atol=1e-5)
+    for out in outputs:
+        out.square().mean().backward()
+    grads = [dict((n, p.grad) for n, p in m.named_parameters()) for m in steps]
+    for name, grad in grads[1].items():
+        torch.testing.assert_close(grads[0][name], grad, rtol=1e-4, atol=1e-5, msg=name)
     # the inserted attention is part of the computation: disabling it changes the output
     for module in converted.modules():
         if isinstance(module, (BAM, CBAM)):

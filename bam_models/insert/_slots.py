@@ -14,6 +14,8 @@ import torchvision.models.resnet as tv_resnet
 from timm.models.resnet import BasicBlock as TimmBasicBlock, Bottleneck as TimmBottleneck
 from torchvision.ops.misc import SqueezeExcitation
 
+from bam_models.models.attention_resnet import CBAM_BLOCKS, AttentionAfterNorm
+
 __all__ = ['Slot', 'cbam_slots', 'fill', 'NO_SLOT_HELP']
 
 NO_SLOT_HELP = (
@@ -83,36 +85,41 @@ def cbam_slots(model: nn.Module) -> List[Slot]:
     return slots
 
 
-class _TorchvisionBasicBlockCbam(tv_resnet.BasicBlock):
+class _TorchvisionBasicBlockCbam(AttentionAfterNorm, tv_resnet.BasicBlock):
     """torchvision's BasicBlock with an attention module `se` before the residual add, as in timm's block."""
+    last_norm = 'bn2'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.se(self.bn2(self.conv2(out)))
+        out = self.conv2(self.relu(self.bn1(self.conv1(x))))
+        out = self.se(self.bn2(out)) if torch.jit.is_scripting() else self._norm_attention(out)
         return self.relu(out + shortcut)
 
 
-class _TorchvisionBottleneckCbam(tv_resnet.Bottleneck):
+class _TorchvisionBottleneckCbam(AttentionAfterNorm, tv_resnet.Bottleneck):
     """torchvision's Bottleneck with an attention module `se` before the residual add, as in timm's block."""
+    last_norm = 'bn3'
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.se(self.bn3(self.conv3(out)))
+        out = self.conv3(self.relu(self.bn2(self.conv2(out))))
+        out = self.se(self.bn3(out)) if torch.jit.is_scripting() else self._norm_attention(out)
         return self.relu(out + shortcut)
 
 
-_TORCHVISION_CBAM_BLOCKS = {
+# blocks whose forward changes with CBAM in their slot (parameters and buffers stay as they are): torchvision's
+# get the slot itself, timm's the CBAM that applies the BN before it
+_CBAM_BLOCKS = {
     tv_resnet.BasicBlock: _TorchvisionBasicBlockCbam,
     tv_resnet.Bottleneck: _TorchvisionBottleneckCbam,
+    **CBAM_BLOCKS,
 }
 
 
 def fill(slot: Slot, attention: nn.Module) -> None:
-    """Put `attention` into the slot; a torchvision ResNet block first gets the subclass that calls it."""
-    if type(slot.parent) in _TORCHVISION_CBAM_BLOCKS:
-        # parameters and buffers stay as they are; only forward changes
-        slot.parent.__class__ = _TORCHVISION_CBAM_BLOCKS[type(slot.parent)]
+    """Put `attention` into the slot; a ResNet block first gets the subclass whose forward calls it as the zoo's
+    blocks do."""
+    if type(slot.parent) in _CBAM_BLOCKS:
+        slot.parent.__class__ = _CBAM_BLOCKS[type(slot.parent)]
     setattr(slot.parent, slot.name, attention)

@@ -27,7 +27,7 @@ from timm.layers import make_divisible, register_notrace_module
 
 from .bounds import CBAM_BOUNDS, check_bounds
 from .config import exporting, use_fused_gating, use_gate_ops
-from .fused_gates import cbam_op_config, cbam_refine, cbam_refine_compiled, takes_norm
+from .fused_gates import cbam_op_config, cbam_refine, cbam_refine_compiled, has_forward_hooks, takes_norm
 from .gating_reference import (
     CBAM_POOL_TYPES, cbam_channel_descriptors, cbam_channel_weights_for_export, cbam_spatial_descriptors,
     mlp_pool_sum,
@@ -275,10 +275,11 @@ class CBAM(nn.Module):
         """`self(norm(x))`, for the BatchNorm whose output only this CBAM reads (a residual block's last). In an
         eager training step on the fused path, with `norm` a training-mode BatchNorm2d, one autograd node applies
         the norm too and keeps x for backward, which BatchNorm keeps anyway, instead of norm(x) besides it: one
-        full-size tensor fewer per block; outputs, gradients and running statistics are BatchNorm's."""
+        full-size tensor fewer per block; outputs, gradients and running statistics are BatchNorm's. Forward hooks
+        on either module keep both calls, so that the hooks run and see what they would see."""
         fx_tracing = isinstance(x, torch.fx.Proxy)  # FX records norm and this module as calls, as in the block
         if (not fx_tracing and torch.is_grad_enabled() and self.path == 'fused' and x.shape[0] > 0
-                and takes_norm(x, norm)):
+                and not has_forward_hooks(self) and takes_norm(x, norm)):
             return cbam_refine(x, self.channel_gate, self.spatial_gate, tuning=tuning_for(x.device), norm=norm)
         return self(norm(x))
 

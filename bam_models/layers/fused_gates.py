@@ -33,7 +33,7 @@ from .gating_tuning import GatingTuning, choose_kernel, gating_autotune, tuning_
 
 __all__ = [
     'bam_op_config', 'bam_refine', 'bam_refine_compiled', 'bam_refine_op', 'bam_single_branch', 'cbam_op_config',
-    'cbam_refine', 'cbam_refine_compiled', 'cbam_refine_op', 'channel_amax', 'takes_norm',
+    'cbam_refine', 'cbam_refine_compiled', 'cbam_refine_op', 'channel_amax', 'has_forward_hooks', 'takes_norm',
 ]
 
 
@@ -542,11 +542,18 @@ def cbam_refine(
 def takes_norm(x: torch.Tensor, norm: torch.nn.Module) -> bool:
     """Whether `cbam_refine` can apply `norm` to x itself where autograd records: a training-mode, affine
     BatchNorm2d (not a subclass: SyncBatchNorm, frozen norms) with running statistics, of x's dtype, without
-    forward hooks (they would not run), over more than one value per channel (BatchNorm's own error for one is
-    left to BatchNorm)."""
+    forward hooks (they would not run), on a device with kernels (not meta), over more than one value per channel
+    (BatchNorm's own error for one is left to BatchNorm)."""
     return (type(norm) is torch.nn.BatchNorm2d and norm.training and norm.affine and norm.track_running_stats
-            and not (norm._forward_hooks or norm._forward_pre_hooks)
-            and norm.weight.dtype == x.dtype and x.numel() > x.shape[1])
+            and not has_forward_hooks(norm) and norm.weight.dtype == x.dtype and not x.is_meta
+            and x.numel() > x.shape[1])
+
+
+def has_forward_hooks(module: torch.nn.Module) -> bool:
+    """Whether calling `module` runs forward hooks or pre-hooks, its own or global ones."""
+    from torch.nn.modules import module as nn_module
+    return bool(module._forward_hooks or module._forward_pre_hooks or nn_module._global_forward_hooks
+                or nn_module._global_forward_pre_hooks)
 
 
 def _keeps_dtype(x: torch.Tensor, factor: torch.Tensor) -> bool:

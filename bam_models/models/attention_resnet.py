@@ -30,14 +30,18 @@ from bam_models.layers import CBAM, bam_stage_indices, cbam_layer, stage_bam
 from bam_models.weights import manifest_default_cfgs
 from ._contract import AttentionModelContract, total_stride
 
-__all__ = ['AttentionResNet', 'CbamBasicBlock', 'CbamBottleneck', 'bam_resnet_args', 'cbam_resnet_args']
+__all__ = [
+    'AttentionAfterNorm', 'AttentionResNet', 'CBAM_BLOCKS', 'CbamBasicBlock', 'CbamBottleneck', 'bam_resnet_args',
+    'cbam_resnet_args',
+]
 
 # layer1-3: the stages followed by a downsampling (bam_stage_indices of timm's 4-8-16-32 stage reductions)
 BAM_STAGES = tuple(stage + 1 for stage in bam_stage_indices((4, 8, 16, 32)))
 
 
-class _AttentionAfterNorm:
-    """The last BN and the attention after it, for a timm block whose `last_norm` attribute names that BN."""
+class AttentionAfterNorm:
+    """The last BN and the attention module `se` after it, for a block whose `last_norm` names that BN: a CBAM
+    applies both where that keeps less for backward (`CBAM.forward_after_norm`)."""
     last_norm = ''
 
     @torch.jit.unused
@@ -49,7 +53,7 @@ class _AttentionAfterNorm:
         return x if self.se is None else self.se(x)
 
 
-class CbamBasicBlock(_AttentionAfterNorm, BasicBlock):
+class CbamBasicBlock(AttentionAfterNorm, BasicBlock):
     """timm's BasicBlock whose CBAM applies bn2 in a training step (see the module docstring)."""
     last_norm = 'bn2'
 
@@ -75,7 +79,7 @@ class CbamBasicBlock(_AttentionAfterNorm, BasicBlock):
         return self.act2(x)
 
 
-class CbamBottleneck(_AttentionAfterNorm, Bottleneck):
+class CbamBottleneck(AttentionAfterNorm, Bottleneck):
     """timm's Bottleneck whose CBAM applies bn3 in a training step (see the module docstring)."""
     last_norm = 'bn3'
 
@@ -104,7 +108,8 @@ class CbamBottleneck(_AttentionAfterNorm, Bottleneck):
         return self.act3(x)
 
 
-_CBAM_BLOCKS = {BasicBlock: CbamBasicBlock, Bottleneck: CbamBottleneck}
+# timm's blocks and their CBAM twins (insert_cbam gives a timm ResNet's blocks the same)
+CBAM_BLOCKS = {BasicBlock: CbamBasicBlock, Bottleneck: CbamBottleneck}
 
 
 class AttentionResNet(AttentionModelContract, ResNet):
@@ -182,7 +187,7 @@ def cbam_resnet_args(block, layers, **kwargs) -> Dict[str, Any]:
     """Architecture kwargs of a CBAM ResNet; `cbam_args` configure every block's CBAM (timm's `attn_layer`)."""
     block_args = dict(kwargs.pop('block_args', None) or {})
     block_args.setdefault('attn_layer', cbam_layer(kwargs.pop('cbam_args', None)))
-    return dict(block=_CBAM_BLOCKS.get(block, block), layers=layers, block_args=block_args, **kwargs)
+    return dict(block=CBAM_BLOCKS.get(block, block), layers=layers, block_args=block_args, **kwargs)
 
 
 def _cfg(**kwargs) -> Dict[str, Any]:
