@@ -259,20 +259,23 @@ def test_bam_taking_over_the_relu_keeps_only_its_output_for_backward():
     assert len(_full_size_saved(lambda t: _plain_bam(module, t), x)) == 4
 
 
+def _saved_bytes(model, x) -> int:
+    """Bytes of the distinct storages autograd keeps for backward, parameters aside."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(n for ptr, n in storages.items() if ptr not in params)
+
+
 def test_zoo_bam_resnet_keeps_little_more_for_backward_than_its_trunk():
-    def saved_bytes(model):
-        storages = {}
-
-        def pack(t):
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(torch.randn(2, 3, 128, 128))
-        return sum(n for ptr, n in storages.items() if ptr not in params)
-
-    trunk = saved_bytes(timm.create_model('resnet50').train())
-    bam = saved_bytes(timm.create_model('resnet50_bam').train())
+    x = torch.randn(2, 3, 128, 128)
+    trunk = _saved_bytes(timm.create_model('resnet50').train(), x)
+    bam = _saved_bytes(timm.create_model('resnet50_bam').train(), x)
     # three BAM outputs would be 4.3 % of the trunk's; BAM's small branches are under 1 %
     assert trunk < bam < 1.01 * trunk
 
@@ -308,19 +311,6 @@ def test_cbam_keeps_only_its_input_for_backward():
     x = torch.randn(2, 32, 8, 8, requires_grad=True)
     assert _full_size_saved(module, x) == {x.untyped_storage().data_ptr()}
     assert len(_full_size_saved(lambda t: _plain_cbam(module, t), x)) == 2
-
-
-def _saved_bytes(model, x) -> int:
-    """Bytes of the distinct storages autograd keeps for backward, parameters aside."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x)
-    return sum(n for ptr, n in storages.items() if ptr not in params)
 
 
 def test_zoo_cbam_resnet_keeps_little_more_for_backward_than_its_trunk():

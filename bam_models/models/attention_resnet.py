@@ -52,6 +52,15 @@ class AttentionAfterNorm:
         x = norm(x)
         return x if self.se is None else self.se(x)
 
+    def _shortcut_sum(self, x: torch.Tensor, shortcut: torch.Tensor) -> torch.Tensor:
+        """The residual branch's output `x` plus the (downsampled) shortcut, before the block's last activation."""
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        x += shortcut
+        return x
+
 
 class CbamBasicBlock(AttentionAfterNorm, BasicBlock):
     """timm's BasicBlock whose CBAM applies bn2 in a training step (see the module docstring)."""
@@ -67,16 +76,10 @@ class CbamBasicBlock(AttentionAfterNorm, BasicBlock):
         x = self.conv2(x)
         if torch.jit.is_scripting():
             x = self.bn2(x)
-            if self.se is not None:
-                x = self.se(x)
+            x = x if self.se is None else self.se(x)
         else:
             x = self._norm_attention(x)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        if self.downsample is not None:
-            shortcut = self.downsample(shortcut)
-        x += shortcut
-        return self.act2(x)
+        return self.act2(self._shortcut_sum(x, shortcut))
 
 
 class CbamBottleneck(AttentionAfterNorm, Bottleneck):
@@ -96,16 +99,10 @@ class CbamBottleneck(AttentionAfterNorm, Bottleneck):
         x = self.conv3(x)
         if torch.jit.is_scripting():
             x = self.bn3(x)
-            if self.se is not None:
-                x = self.se(x)
+            x = x if self.se is None else self.se(x)
         else:
             x = self._norm_attention(x)
-        if self.drop_path is not None:
-            x = self.drop_path(x)
-        if self.downsample is not None:
-            shortcut = self.downsample(shortcut)
-        x += shortcut
-        return self.act3(x)
+        return self.act3(self._shortcut_sum(x, shortcut))
 
 
 # timm's blocks and their CBAM twins (insert_cbam gives a timm ResNet's blocks the same)
