@@ -397,6 +397,14 @@ def test_cbam_leaves_norms_it_cannot_apply_to_themselves():
     assert not fused_gates.takes_norm(x, hooked.bn3)
     hooked(x.clone().requires_grad_()).sum().backward()
     assert seen == [(2, 32, 4, 4)]  # a hook on the norm still runs
+    # a hook on the CBAM too, and it sees the norm's output, as in timm's block
+    hooked, inputs_seen = copy.deepcopy(ours), []
+    hooked.se.register_forward_hook(lambda module, args, out: inputs_seen.append(args[0]))
+    hooked(x.clone().requires_grad_()).sum().backward()
+    reference, bn_outputs = copy.deepcopy(plain), []
+    reference.bn3.register_forward_hook(lambda module, args, out: bn_outputs.append(out))
+    reference(x)
+    torch.testing.assert_close(inputs_seen[0], bn_outputs[0])
     ours.bn3.eval()
     plain.bn3.eval()
     inputs = x.clone().requires_grad_()
