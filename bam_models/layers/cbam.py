@@ -275,8 +275,9 @@ class CBAM(nn.Module):
         """`self(norm(x))`, for the BatchNorm whose output only this CBAM reads (a residual block's last). In an
         eager training step on the fused path, with `norm` a training-mode BatchNorm2d, one autograd node applies
         the norm too and keeps x for backward, which BatchNorm keeps anyway, instead of norm(x) besides it: one
-        full-size tensor fewer per block; outputs, gradients and running statistics are BatchNorm's. Forward hooks
-        on either module keep both calls, so that the hooks run and see what they would see."""
+        full-size tensor fewer per block; outputs, gradients and running statistics are BatchNorm's up to float
+        rounding. Forward hooks on either module keep both calls, so that the hooks run and see what they would
+        see."""
         fx_tracing = isinstance(x, torch.fx.Proxy)  # FX records norm and this module as calls, as in the block
         if (not fx_tracing and torch.is_grad_enabled() and self.path == 'fused' and x.shape[0] > 0
                 and not has_forward_hooks(self) and takes_norm(x, norm)):

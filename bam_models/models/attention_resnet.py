@@ -12,7 +12,8 @@ follows too.
 CBAM (Woo et al. 2018) sits in every residual block after the last BN and before the residual add, which is
 timm's block attention slot (`layer1.0.se`). The CBAM networks' blocks are timm's with one change: in a training
 step the CBAM applies that last BN itself (`CBAM.forward_after_norm`), so the block keeps the BN's input for
-backward and not its output besides; modules, parameter names and outputs are timm's.
+backward and not its output besides; modules and parameter names are timm's, outputs too (in a training step up
+to float rounding).
 
 `wide_resnet18_150` / `wide_resnet18_200` are both papers' "WideResNet18 (widen=1.5 / 2.0)": ResNet-18 with
 every stage 1.5x / 2x wider (96-192-384-768 / 128-256-512-1024 channels) and the stem unchanged. They are
